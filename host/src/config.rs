@@ -1,0 +1,589 @@
+//! The one TOML config. Every key has a default except the listeners; an unknown
+//! or malformed key is an error that names it (serde's `deny_unknown_fields` plus
+//! the toml crate's line and column), prefixed with the file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+/// Config errors: each names the file and, where it applies, the key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("config {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a value of the wrong type.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The toml crate's message, naming the key, line and column.
+        message: String,
+    },
+    /// A value that parses but makes no sense.
+    #[error("config {path}: `{key}`: {message}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// The offending key, dotted.
+        key: String,
+        /// What was expected.
+        message: String,
+    },
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The name the relay gives itself in the banner, EHLO and `Received:`.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// Where the relay listens; at least one is required.
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// The spool.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    /// Who may relay where.
+    #[serde(default)]
+    pub relay: RelayConfig,
+    /// AUTH users.
+    #[serde(default, rename = "user")]
+    pub users: Vec<UserConfig>,
+    /// Protocol and resource limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// SMTP behaviour choices.
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    /// Outbound delivery.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// The plugins folder and runtime settings.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// The hook chain, in order.
+    #[serde(default, rename = "plugin")]
+    pub plugin_chain: Vec<PluginConfig>,
+    /// Log settings.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The folder the config file is in: relative paths in the config are
+    /// relative to it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The config file itself.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+fn default_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into a buffer we own and
+    // NUL-terminates it when it fits; we read only up to the first NUL.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
+}
+
+/// Port-25 relay rules or submission (AUTH required).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Port-25 rules: AUTH optional.
+    Relay,
+    /// AUTH required before MAIL.
+    Submission,
+}
+
+/// How a listener does TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// STARTTLS offered (needs a certificate).
+    Starttls,
+    /// TLS from the first byte (RFC 8314).
+    Implicit,
+    /// No TLS.
+    None,
+}
+
+/// One `[[listener]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `ip:port`; IPv6 as `[::1]:2525`.
+    pub address: SocketAddr,
+    /// `relay` (default) or `submission`.
+    #[serde(default = "default_mode")]
+    pub mode: ListenerMode,
+    /// Defaults to `starttls` when a certificate is given, else `none`.
+    #[serde(default)]
+    pub tls: Option<TlsMode>,
+    /// PEM certificate chain.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+}
+
+fn default_mode() -> ListenerMode {
+    ListenerMode::Relay
+}
+
+impl ListenerConfig {
+    /// The effective TLS mode.
+    pub fn tls_mode(&self) -> TlsMode {
+        self.tls.unwrap_or(if self.tls_cert.is_some() {
+            TlsMode::Starttls
+        } else {
+            TlsMode::None
+        })
+    }
+}
+
+/// `[spool]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// The spool folder (created if missing).
+    #[serde(default = "default_spool_path")]
+    pub path: PathBuf,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            path: default_spool_path(),
+        }
+    }
+}
+
+fn default_spool_path() -> PathBuf {
+    PathBuf::from("spool")
+}
+
+/// Valid recipients for the relay domains: a list, or a file with one address per line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RecipientList {
+    /// Inline list.
+    List(Vec<String>),
+    /// A file path.
+    File(PathBuf),
+}
+
+/// `[relay]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Clients that may relay anywhere.
+    #[serde(default)]
+    pub networks: Vec<IpNet>,
+    /// Domains anyone may send to.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// When set, only these addresses in `domains` are accepted (others 550 5.1.1).
+    #[serde(default)]
+    pub recipients: Option<RecipientList>,
+}
+
+/// One `[[user]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// Login name.
+    pub name: String,
+    /// argon2 or bcrypt PHC string (`postern passwd` prints one).
+    pub password_hash: String,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest message accepted, bytes.
+    pub max_message_size: usize,
+    /// Recipients per transaction.
+    pub max_recipients: usize,
+    /// Concurrent connections in all.
+    pub max_connections: usize,
+    /// Concurrent connections from one client address.
+    pub max_connections_per_client: usize,
+    /// Idle time allowed between commands.
+    pub command_timeout: HumanDuration,
+    /// Time allowed between two reads of message data.
+    pub data_timeout: HumanDuration,
+    /// Errors before the session is closed.
+    pub max_errors: usize,
+    /// Failed AUTH attempts per client address before AUTH is refused for a while.
+    pub max_auth_failures: usize,
+    /// Longest line accepted in message content before 552 (lines over 998 octets
+    /// are folded on the way out).
+    pub max_line_length: usize,
+    /// More `Received:` headers than this is a mail loop (554 5.4.6).
+    pub max_received_headers: usize,
+    /// How long in-flight transactions may take to finish on shutdown.
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 1000,
+            max_connections: 2000,
+            max_connections_per_client: 100,
+            command_timeout: HumanDuration(Duration::from_secs(300)),
+            data_timeout: HumanDuration(Duration::from_secs(600)),
+            max_errors: 20,
+            max_auth_failures: 5,
+            max_line_length: 64 * 1024,
+            max_received_headers: 100,
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// What to do with a bare CR or LF in message content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareNewline {
+    /// A bare LF is a line end, a stray CR is removed (like Postfix 3.9).
+    #[default]
+    Normalize,
+    /// The message is refused with a 5xx once it has ended.
+    Reject,
+}
+
+/// `[smtp]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// `normalize` (default) or `reject`.
+    pub bare_newline: BareNewline,
+    /// Name the authenticated user in the `Received:` header.
+    pub received_auth_user: bool,
+}
+
+/// `[delivery]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// `smtp://host:port` or `smtps://host:port`; absent means MX lookup.
+    pub smarthost: Option<String>,
+    /// Refuse to send without verified TLS.
+    pub require_tls: bool,
+    /// PEM CA bundle for verification instead of the system roots.
+    pub tls_ca: Option<PathBuf>,
+    /// `ip:port` nameservers; empty means the system's.
+    pub nameservers: Vec<String>,
+    /// Port for MX delivery.
+    pub mx_port: u16,
+    /// Retry intervals; the last repeats until `max_age`.
+    pub retry: Vec<HumanDuration>,
+    /// Give up and bounce after this long.
+    pub max_age: HumanDuration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            smarthost: None,
+            require_tls: false,
+            tls_ca: None,
+            nameservers: Vec::new(),
+            mx_port: 25,
+            retry: ["1m", "5m", "15m", "30m", "1h", "2h", "4h"]
+                .iter()
+                .map(|s| s.parse().expect("valid default"))
+                .collect(),
+            max_age: HumanDuration(Duration::from_secs(5 * 86400)),
+        }
+    }
+}
+
+/// `[plugins]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// The folder `[[plugin]] path`s are relative to.
+    pub dir: PathBuf,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: PathBuf::from("plugins"),
+        }
+    }
+}
+
+/// One `[[plugin]]` in the hook chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// `.wasm` file relative to `[plugins] dir`.
+    pub path: PathBuf,
+    /// Plugin configuration handed to `init` as JSON.
+    #[serde(default)]
+    pub config: Option<toml::Table>,
+    /// Everything else is read by the plugin runtime.
+    #[serde(flatten)]
+    pub settings: BTreeMap<String, toml::Value>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// tracing filter, e.g. `info` or `postern=debug`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// A duration written like `"30s"`, `"5m"`, `"4h"`, `"5d"` (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("expected a duration like \"30s\", \"5m\", \"4h\", got {s:?}"))?;
+        let secs = match unit.trim() {
+            "ms" => return Ok(HumanDuration(Duration::from_millis(n))),
+            "" | "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86400,
+            _ => {
+                return Err(format!(
+                    "unknown duration unit in {s:?} (use ms, s, m, h or d)"
+                ))
+            }
+        };
+        Ok(HumanDuration(Duration::from_secs(secs)))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.as_secs();
+        match s {
+            0 => write!(f, "{}ms", self.0.as_millis()),
+            s if s % 86400 == 0 => write!(f, "{}d", s / 86400),
+            s if s % 3600 == 0 => write!(f, "{}h", s / 3600),
+            s if s % 60 == 0 => write!(f, "{}m", s / 60),
+            s => write!(f, "{s}s"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(HumanDuration(Duration::from_secs(n))),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses config text; `path` is used for messages and relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        let mut config: Config = toml::from_str(text).map_err(|e| Error::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        config.path = path.into();
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.check()?;
+        Ok(config)
+    }
+
+    fn invalid(&self, key: &str, message: impl Into<String>) -> Error {
+        Error::Invalid {
+            path: self.path.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        if self.listeners.is_empty() {
+            return Err(self.invalid("listener", "at least one [[listener]] is required"));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = |k: &str| format!("listener[{i}].{k}");
+            match (l.tls_mode(), &l.tls_cert, &l.tls_key) {
+                (TlsMode::None, _, _) => {}
+                (_, Some(_), Some(_)) => {}
+                (_, None, _) => {
+                    return Err(self.invalid(&key("tls_cert"), "a certificate is required for TLS"))
+                }
+                (_, _, None) => {
+                    return Err(self.invalid(&key("tls_key"), "a private key is required for TLS"))
+                }
+            }
+            if l.mode == ListenerMode::Submission && l.tls_mode() == TlsMode::None {
+                return Err(self.invalid(
+                    &key("tls"),
+                    "a submission listener needs TLS, since AUTH is only offered over TLS",
+                ));
+            }
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            if crate::auth::parse_hash(&u.password_hash).is_err() {
+                return Err(self.invalid(
+                    &format!("user[{i}].password_hash"),
+                    "expected an argon2 or bcrypt PHC string (make one with `postern passwd`)",
+                ));
+            }
+        }
+        if self.limits.max_message_size == 0 {
+            return Err(self.invalid("limits.max_message_size", "must be more than 0"));
+        }
+        if self.limits.max_line_length < 1000 {
+            return Err(self.invalid(
+                "limits.max_line_length",
+                "must be at least 1000 (RFC 5321 allows 998 octets)",
+            ));
+        }
+        for d in &self.relay.domains {
+            if d.is_empty() || d.contains('@') {
+                return Err(self.invalid("relay.domains", format!("{d:?} is not a domain")));
+            }
+        }
+        if self.delivery.retry.is_empty() {
+            return Err(self.invalid("delivery.retry", "needs at least one interval"));
+        }
+        for ns in &self.delivery.nameservers {
+            if ns.parse::<SocketAddr>().is_err() {
+                return Err(
+                    self.invalid("delivery.nameservers", format!("{ns:?} is not \"ip:port\""))
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A path from the config, made absolute against the config's folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[[listener]]\naddress = \"127.0.0.1:2525\"\n";
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/postern/postern.toml")).unwrap();
+        assert_eq!(c.limits.max_message_size, 25 * 1024 * 1024);
+        assert_eq!(c.listeners[0].tls_mode(), TlsMode::None);
+        assert_eq!(
+            c.resolve(&c.spool.path),
+            PathBuf::from("/etc/postern/spool")
+        );
+        assert_eq!(c.delivery.mx_port, 25);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (text, needle) in [
+            ("", "listener"),
+            ("bogus = 1\n[[listener]]\naddress = \"127.0.0.1:25\"\n", "bogus"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\n[limits]\nmax_mesage_size = 5\n", "max_mesage_size"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\n[limits]\nmax_message_size = \"big\"\n", "max_message_size"),
+            ("[[listener]]\naddress = \"nowhere\"\n", "address"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\ntls = \"starttls\"\n", "tls_cert"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\n[relay]\nnetworks = [\"10.0.0.0/33\"]\n", "networks"),
+            (
+                "[[listener]]\naddress = \"127.0.0.1:25\"\n[[user]]\nname = \"a\"\npassword_hash = \"secret\"\n",
+                "password_hash",
+            ),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\nretry = [\"5 minutes\"]\n", "retry"),
+        ] {
+            let err = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(err.starts_with("config t.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        for (s, secs) in [
+            ("30s", 30),
+            ("5m", 300),
+            ("4h", 14400),
+            ("5d", 432000),
+            ("90", 90),
+        ] {
+            assert_eq!(
+                s.parse::<HumanDuration>().unwrap().0,
+                Duration::from_secs(secs)
+            );
+        }
+        assert!("5 parsecs".parse::<HumanDuration>().is_err());
+        assert!("".parse::<HumanDuration>().is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! Postern: a programmable SMTP relay whose policy lives in WebAssembly plugins.
+//!
+//! # Layout
+//!
+//! The modules follow one message through the relay:
+//!
+//! - [`config`]: the TOML config, checked on load.
+//! - [`server`]: listeners, connection limits, shutdown; hands each connection to a session.
+//! - [`smtp`]: the inbound protocol. [`smtp::codec`] and [`smtp::command`] do no I/O
+//!   (line framing, DATA/BDAT receivers closed to smuggling, command parsing);
+//!   [`smtp::session`] runs the dialogue, one file per verb; [`smtp::reply`] is
+//!   every reply the relay sends.
+//! - [`relay`]: who may relay where (built-in access rules, run before any plugin).
+//! - [`auth`]: AUTH users and the failure throttle.
+//! - [`policy`]: what a hook answers ([`policy::Verdict`], [`policy::Route`]).
+//! - [`plugins`]: the plugin chain run at each hook.
+//! - [`envelope`]: sender, recipients, parameters, client facts.
+//! - [`queue`]: the durable spool; a 250 after DATA means it is fsynced here.
+
+pub mod auth;
+pub mod config;
+pub mod envelope;
+pub mod plugins;
+pub mod policy;
+pub mod queue;
+pub mod relay;
+pub mod server;
+pub mod smtp;

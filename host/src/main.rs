@@ -1,0 +1,100 @@
+//! The `postern` command line.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+
+use postern::config::Config;
+use postern::server::Server;
+
+/// A programmable SMTP relay.
+#[derive(Debug, Parser)]
+#[command(name = "postern", version, about)]
+struct Cli {
+    /// The config file (accepted before or after the subcommand).
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "POSTERN_CONFIG",
+        default_value = "/etc/postern/postern.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay in the foreground; logs go to stderr.
+    Serve,
+    /// Read a password on stdin and print its hash for `[[user]] password_hash`.
+    Passwd,
+    /// Check the config file and print what it would run.
+    Check,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve => serve(&cli.config),
+        Command::Passwd => passwd(),
+        Command::Check => {
+            let config = Config::load(&cli.config)?;
+            println!(
+                "{}: ok, {} listener(s), spool {}",
+                cli.config.display(),
+                config.listeners.len(),
+                config.resolve(&config.spool.path).display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    init_logging(&config.log.level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let server = Server::bind_without_plugins(config).await?;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        server
+            .run(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            })
+            .await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+fn passwd() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!password.is_empty(), "empty password on stdin");
+    println!("{}", postern::auth::hash_password(password));
+    Ok(())
+}

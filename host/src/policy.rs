@@ -1,0 +1,68 @@
+//! What a hook answers. The session asks at connect, MAIL, RCPT and after DATA;
+//! the built-in relay access rules answer first, then the plugin chain.
+
+use crate::envelope::{Envelope, Recipient};
+use crate::smtp::reply::Reply;
+
+/// The answer of one hook (built-in rules or a plugin).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No opinion: ask the next in the chain, or apply the host default.
+    Continue,
+    /// Accept now; later plugins in this hook are not asked.
+    Accept,
+    /// Permanent rejection (5xx).
+    Reject(Reply),
+    /// Temporary rejection (4xx).
+    Tempfail(Reply),
+    /// Reply, then close the connection.
+    Disconnect(Reply),
+}
+
+impl Verdict {
+    /// True for `Continue` and `Accept`.
+    pub fn lets_through(&self) -> bool {
+        matches!(self, Verdict::Continue | Verdict::Accept)
+    }
+}
+
+/// A message after DATA, as the data hook sees and may change it.
+#[derive(Debug, Clone)]
+pub struct DataTransaction {
+    /// The envelope; the data hook may add or remove recipients.
+    pub envelope: Envelope,
+    /// The whole message as it will be spooled (CRLF line ends, our `Received:` first).
+    pub message: Vec<u8>,
+    /// Set by a plugin that quarantines the message: it is spooled on hold
+    /// with this reason instead of being delivered.
+    pub quarantine: Option<String>,
+}
+
+/// Where one recipient goes, as the route hook decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// The host default (the configured smart host or MX lookup).
+    Default,
+    /// MX lookup for this domain instead of the recipient's.
+    Mx(String),
+    /// A smart host URL (`smtp://host:port` or `smtps://host:port`).
+    Smarthost(String),
+    /// Write the message as `.eml` into this folder (relative to the plugin's
+    /// archive grant).
+    LocalFolder(String),
+    /// Drop the recipient silently (counts as delivered).
+    Discard,
+    /// Fail the recipient permanently: it bounces with this reply.
+    Reject(Reply),
+}
+
+/// The recipient the route hook is asked about, with its envelope.
+#[derive(Debug, Clone)]
+pub struct RouteQuery<'a> {
+    /// The queued message's envelope.
+    pub envelope: &'a Envelope,
+    /// The recipient being routed.
+    pub recipient: &'a Recipient,
+    /// The message's header section (up to the empty line).
+    pub headers: &'a [u8],
+}

@@ -1,0 +1,15 @@
+//! The durable spool: every accepted message lives here, fsynced, until delivery
+//! is done with all its recipients.
+//!
+//! Layout of the spool folder:
+//! - `lock`: held (flock) by the running relay, so a second `serve` refuses to start.
+//! - `queue/<id>`: one file per message: a JSON line with [`QueuedMeta`] (envelope,
+//!   client, hold reason), then the message bytes exactly as received (CRLF).
+//!   Written as `queue/<id>.tmp`, fsynced, renamed, then the folder fsynced:
+//!   a crash leaves either the whole message or a `.tmp` that recovery removes.
+
+mod id;
+mod spool;
+
+pub use id::QueueId;
+pub use spool::{Error, QueuedMeta, Spool, StoredMessage};

@@ -1,0 +1,416 @@
+//! Writing, reading and removing spooled messages, with group commit for the
+//! folder fsync that makes a new message's name durable.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::QueueId;
+use crate::envelope::{Envelope, SessionInfo};
+
+/// Spool errors. Any of them during acceptance becomes `452 4.3.1`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another process holds the spool lock.
+    #[error("spool {0} is in use by another postern process (lock held on {0}/lock)")]
+    Locked(PathBuf),
+    /// I/O on a spool path.
+    #[error("spool {path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A spool file that cannot be read back.
+    #[error("spool file {path} is damaged: {reason}")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No message with this id.
+    #[error("no message {0} in the spool")]
+    NotFound(QueueId),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the spool keeps about a message besides its bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueuedMeta {
+    /// Format version of this record.
+    pub version: u32,
+    /// The queue id.
+    pub id: String,
+    /// When the message was accepted, seconds since the epoch.
+    pub received: u64,
+    /// Sender, recipients and parameters.
+    pub envelope: Envelope,
+    /// The session that handed it over.
+    pub client: Option<SessionInfo>,
+    /// Set when the message is on hold (quarantine or `postern queue hold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<String>,
+    /// Size of the message bytes.
+    pub size: u64,
+}
+
+/// A spooled message as read back: its record and where its bytes start.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    /// The record.
+    pub meta: QueuedMeta,
+    /// The spool file.
+    pub path: PathBuf,
+    /// Offset of the message bytes in the file.
+    pub body_offset: u64,
+}
+
+impl StoredMessage {
+    /// Reads the message bytes.
+    pub fn read_message(&self) -> Result<Vec<u8>, Error> {
+        let mut f = File::open(&self.path).map_err(io_err(&self.path))?;
+        let mut out = Vec::with_capacity(self.meta.size as usize);
+        io::Seek::seek(&mut f, io::SeekFrom::Start(self.body_offset))
+            .map_err(io_err(&self.path))?;
+        f.read_to_end(&mut out).map_err(io_err(&self.path))?;
+        Ok(out)
+    }
+}
+
+/// The open, locked spool.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    queue: PathBuf,
+    queue_dir: File,
+    dir_sync: DirSync,
+    /// Held for the life of the process: the flock is the "one relay per spool" rule.
+    _lock: File,
+}
+
+const SPOOL_VERSION: u32 = 1;
+
+impl Spool {
+    /// Opens (creating if needed) and locks the spool, and removes debris of
+    /// writes that a crash interrupted.
+    pub fn open(root: &Path) -> Result<Spool, Error> {
+        let queue = root.join("queue");
+        fs::create_dir_all(&queue).map_err(io_err(&queue))?;
+        restrict_to_owner(root).map_err(io_err(root))?;
+        let lock_path = root.join("lock");
+        let mut lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked(root.to_path_buf())),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
+        lock.set_len(0)
+            .and_then(|_| writeln!(lock, "{}", std::process::id()))
+            .map_err(io_err(&lock_path))?;
+        let queue_dir = File::open(&queue).map_err(io_err(&queue))?;
+        let spool = Spool {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                queue: queue.clone(),
+                queue_dir,
+                dir_sync: DirSync::default(),
+                _lock: lock,
+            }),
+        };
+        spool.remove_partial_writes()?;
+        Ok(spool)
+    }
+
+    /// The spool folder.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn remove_partial_writes(&self) -> Result<(), Error> {
+        for entry in fs::read_dir(&self.inner.queue).map_err(io_err(&self.inner.queue))? {
+            let entry = entry.map_err(io_err(&self.inner.queue))?;
+            let name = entry.file_name();
+            if name.to_string_lossy().ends_with(".tmp") {
+                let path = entry.path();
+                tracing::info!(path = %path.display(), "removing a spool file whose write did not finish");
+                fs::remove_file(&path).map_err(io_err(&path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Path of a message's spool file.
+    pub fn message_path(&self, id: &QueueId) -> PathBuf {
+        self.inner.queue.join(id.as_str())
+    }
+
+    /// Stores a message durably: when this returns `Ok`, file and folder are
+    /// fsynced and the message survives a crash. Only then may the relay say 250.
+    pub async fn store(
+        &self,
+        id: &QueueId,
+        envelope: &Envelope,
+        client: Option<&SessionInfo>,
+        hold: Option<String>,
+        message: Arc<Vec<u8>>,
+    ) -> Result<(), Error> {
+        let meta = QueuedMeta {
+            version: SPOOL_VERSION,
+            id: id.to_string(),
+            received: unix_now(),
+            envelope: envelope.clone(),
+            client: client.cloned(),
+            hold,
+            size: message.len() as u64,
+        };
+        let mut header = serde_json::to_vec(&meta).expect("spool record serializes");
+        header.push(b'\n');
+        let final_path = self.message_path(id);
+        let tmp_path = final_path.with_extension("tmp");
+        let (f, t) = (final_path.clone(), tmp_path.clone());
+        tokio::task::spawn_blocking(move || write_synced(&t, &f, &header, &message))
+            .await
+            .map_err(|e| Error::Io {
+                path: tmp_path.clone(),
+                source: io::Error::other(e),
+            })??;
+        // The rename is durable once the folder is fsynced; one fsync covers every
+        // message renamed before it started (group commit).
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.dir_sync.sync(&inner.queue_dir))
+            .await
+            .map_err(|e| Error::Io {
+                path: final_path.clone(),
+                source: io::Error::other(e),
+            })?
+            .map_err(io_err(&final_path))
+    }
+
+    /// Ids of every message in the spool, oldest first.
+    pub fn list(&self) -> Result<Vec<QueueId>, Error> {
+        list_ids(&self.inner.queue)
+    }
+
+    /// Reads a message's record.
+    pub fn load(&self, id: &QueueId) -> Result<StoredMessage, Error> {
+        load(&self.message_path(id), id)
+    }
+
+    /// Removes a message whose recipients are all done. The removal need not be
+    /// durable at once: after a crash the message is just delivered again.
+    pub fn remove(&self, id: &QueueId) -> Result<(), Error> {
+        let path = self.message_path(id);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NotFound(id.clone())),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+}
+
+/// Ids of the messages in a spool `queue/` folder, oldest first.
+pub fn list_ids(queue: &Path) -> Result<Vec<QueueId>, Error> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(queue).map_err(io_err(queue))? {
+        let entry = entry.map_err(io_err(queue))?;
+        if let Some(id) = entry.file_name().to_str().and_then(QueueId::parse) {
+            ids.push(id);
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// Reads one spool file's record.
+pub fn load(path: &Path, id: &QueueId) -> Result<StoredMessage, Error> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Error::NotFound(id.clone())),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mut reader = BufReader::new(f);
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line).map_err(io_err(path))?;
+    let meta: QueuedMeta = serde_json::from_slice(&line).map_err(|e| Error::Damaged {
+        path: path.into(),
+        reason: format!("bad record: {e}"),
+    })?;
+    if meta.version != SPOOL_VERSION {
+        return Err(Error::Damaged {
+            path: path.into(),
+            reason: format!("unknown version {}", meta.version),
+        });
+    }
+    Ok(StoredMessage {
+        meta,
+        path: path.into(),
+        body_offset: line.len() as u64,
+    })
+}
+
+fn write_synced(tmp: &Path, dest: &Path, header: &[u8], message: &[u8]) -> Result<(), Error> {
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
+        f.write_all(header)?;
+        f.write_all(message)?;
+        f.sync_all()?;
+        fs::rename(tmp, dest)
+    })();
+    result.map_err(|source| {
+        let _ = fs::remove_file(tmp);
+        Error::Io {
+            path: tmp.to_path_buf(),
+            source,
+        }
+    })
+}
+
+fn restrict_to_owner(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Group commit for folder fsyncs. A caller needs an fsync that *starts* after
+/// its rename; while one runs, every caller arriving meanwhile waits for the
+/// next, which then covers all of them with one system call.
+#[derive(Debug, Default)]
+struct DirSync {
+    state: Mutex<DirSyncState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct DirSyncState {
+    /// Number of fsyncs started so far.
+    started: u64,
+    /// Number of fsyncs finished so far (successful or not).
+    finished: u64,
+    running: bool,
+    /// Result of the last finished fsync.
+    last_error: Option<io::ErrorKind>,
+}
+
+impl DirSync {
+    fn sync(&self, dir: &File) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // The first fsync to start from now on covers this caller.
+        let needed = st.started + 1;
+        loop {
+            if st.finished >= needed {
+                return match st.last_error {
+                    None => Ok(()),
+                    Some(kind) => Err(io::Error::new(kind, "fsync of the spool folder failed")),
+                };
+            }
+            if !st.running {
+                st.running = true;
+                st.started += 1;
+                let ticket = st.started;
+                drop(st);
+                let result = dir.sync_all();
+                st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.running = false;
+                st.finished = ticket;
+                st.last_error = result.err().map(|e| e.kind());
+                self.done.notify_all();
+                continue;
+            }
+            st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Address, MailParams, Recipient};
+
+    fn envelope() -> Envelope {
+        let mut e = Envelope::new(Address("a@example.org".into()), MailParams::default());
+        e.recipients.push(Recipient::new("b@example.net"));
+        e
+    }
+
+    #[tokio::test]
+    async fn store_load_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = QueueId::generate();
+        let msg = Arc::new(b"Subject: hi\r\n\r\nbody\r\n".to_vec());
+        spool
+            .store(&id, &envelope(), None, None, msg.clone())
+            .await
+            .unwrap();
+        assert_eq!(spool.list().unwrap(), vec![id.clone()]);
+        let stored = spool.load(&id).unwrap();
+        assert_eq!(stored.meta.envelope, envelope());
+        assert_eq!(stored.read_message().unwrap(), *msg);
+        spool.remove(&id).unwrap();
+        assert!(matches!(spool.load(&id), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn second_open_is_refused_and_debris_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert!(matches!(Spool::open(dir.path()), Err(Error::Locked(_))));
+        drop(spool);
+        fs::write(dir.path().join("queue/0000000000000AAAA.tmp"), b"half").unwrap();
+        let _spool = Spool::open(dir.path()).unwrap();
+        assert!(!dir.path().join("queue/0000000000000AAAA.tmp").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_stores_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let spool = spool.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = QueueId::generate();
+                let msg = Arc::new(format!("Subject: {i}\r\n\r\n").into_bytes());
+                spool
+                    .store(&id, &envelope(), None, None, msg)
+                    .await
+                    .map(|_| id)
+            }));
+        }
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.unwrap().unwrap());
+        }
+        ids.sort();
+        assert_eq!(spool.list().unwrap(), ids);
+    }
+}

@@ -1,0 +1,374 @@
+//! Listeners, connection limits and shutdown: accepts connections and hands each
+//! to a [`Session`], through TLS where the listener asks for it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, ListenerConfig, TlsMode};
+use crate::envelope::SessionInfo;
+use crate::plugins::{Chain, ChainHandle};
+use crate::queue::{QueueId, Spool};
+use crate::relay::AccessRules;
+use crate::smtp::reply::Reply;
+use crate::smtp::session::{Flow, Session};
+use crate::smtp::tls;
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spool could not be opened or locked.
+    #[error(transparent)]
+    Spool(#[from] crate::queue::Error),
+    /// A listener's certificate or key.
+    #[error("listener {address}: {source}")]
+    Tls {
+        /// The listener.
+        address: SocketAddr,
+        /// What is wrong.
+        source: tls::Error,
+    },
+    /// A listener could not bind.
+    #[error("listener {address}: cannot listen: {source}")]
+    Bind {
+        /// The listener.
+        address: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The relay access rules (the recipients file).
+    #[error(transparent)]
+    Access(#[from] crate::relay::Error),
+}
+
+/// What every session shares.
+pub struct Context {
+    /// The config the relay started with.
+    pub config: Arc<Config>,
+    /// The spool.
+    pub spool: Spool,
+    /// Relay access rules.
+    pub access: AccessRules,
+    /// AUTH users.
+    pub auth: Authenticator,
+    /// The plugin chain; sessions take the current one when they start.
+    pub chain: Arc<ChainHandle>,
+    /// Becomes true when the relay is shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Told about each newly queued message (the delivery scheduler listens).
+    pub on_queued: OnceLock<mpsc::UnboundedSender<QueueId>>,
+}
+
+impl Context {
+    /// Tells delivery about a newly spooled message.
+    pub fn queued(&self, id: &QueueId) {
+        if let Some(tx) = self.on_queued.get() {
+            let _ = tx.send(id.clone());
+        }
+    }
+}
+
+/// One listening socket's settings.
+pub struct Listener {
+    /// The `[[listener]]` table.
+    pub config: ListenerConfig,
+    /// Present when the listener does TLS (STARTTLS or implicit).
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Listener {
+    /// STARTTLS is offered on this listener (before TLS is active).
+    pub fn offers_starttls(&self) -> bool {
+        self.tls.is_some() && self.config.tls_mode() == TlsMode::Starttls
+    }
+}
+
+/// Counts connections in all and per client address.
+struct ConnectionLimits {
+    total: Arc<Semaphore>,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    max_per_client: usize,
+}
+
+/// Held for the life of a connection; releases its slots on drop.
+struct ConnectionSlot {
+    _total: OwnedSemaphorePermit,
+    ip: IpAddr,
+    limits: Arc<ConnectionLimits>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .limits
+            .per_client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ConnectionLimits {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+        let permit = self.total.clone().try_acquire_owned().ok()?;
+        let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.max_per_client {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            _total: permit,
+            ip,
+            limits: self.clone(),
+        })
+    }
+}
+
+/// A bound, ready relay.
+pub struct Server {
+    ctx: Arc<Context>,
+    listeners: Vec<(TcpListener, Arc<Listener>)>,
+    shutdown_tx: watch::Sender<bool>,
+    limits: Arc<ConnectionLimits>,
+}
+
+impl Server {
+    /// Opens the spool and binds every listener. Fails before accepting
+    /// anything if a certificate, the spool lock or an address is unusable.
+    pub async fn bind(config: Config, chain: Arc<ChainHandle>) -> Result<Server, Error> {
+        let config = Arc::new(config);
+        let spool = Spool::open(&config.resolve(&config.spool.path))?;
+        let access = AccessRules::from_config(&config)?;
+        let auth = Authenticator::new(&config.users, config.limits.max_auth_failures);
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let acceptor = match (l.tls_mode(), &l.tls_cert, &l.tls_key) {
+                (TlsMode::None, _, _) => None,
+                (_, Some(cert), Some(key)) => Some(
+                    tls::acceptor(&config.resolve(cert), &config.resolve(key)).map_err(
+                        |source| Error::Tls {
+                            address: l.address,
+                            source,
+                        },
+                    )?,
+                ),
+                _ => unreachable!("config check requires both files when TLS is on"),
+            };
+            let socket = bind(l.address).map_err(|source| Error::Bind {
+                address: l.address,
+                source,
+            })?;
+            listeners.push((
+                socket,
+                Arc::new(Listener {
+                    config: l.clone(),
+                    tls: acceptor,
+                }),
+            ));
+        }
+        let limits = Arc::new(ConnectionLimits {
+            total: Arc::new(Semaphore::new(config.limits.max_connections)),
+            per_client: Mutex::default(),
+            max_per_client: config.limits.max_connections_per_client,
+        });
+        let ctx = Arc::new(Context {
+            config,
+            spool,
+            access,
+            auth,
+            chain,
+            shutdown,
+            on_queued: OnceLock::new(),
+        });
+        Ok(Server {
+            ctx,
+            listeners,
+            shutdown_tx,
+            limits,
+        })
+    }
+
+    /// A server with an empty plugin chain.
+    pub async fn bind_without_plugins(config: Config) -> Result<Server, Error> {
+        Server::bind(config, Arc::new(ChainHandle::new(Chain::empty()))).await
+    }
+
+    /// The shared context (for wiring delivery and plugins to it).
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// The addresses actually bound (port 0 in the config picks a free port).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Accepts connections until `stop` resolves, then stops accepting, lets
+    /// transactions in flight finish for up to `limits.shutdown_grace`, and returns.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let tracker = TaskTracker::new();
+        for (socket, listener) in self.listeners {
+            tracing::info!(address = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                mode = ?listener.config.mode, tls = ?listener.config.tls_mode(), "listening");
+            let ctx = self.ctx.clone();
+            let limits = self.limits.clone();
+            let sessions = tracker.clone();
+            tracker.spawn(accept_loop(socket, listener, ctx, limits, sessions));
+        }
+        stop.await;
+        tracing::info!("shutting down: no new connections, finishing transactions in flight");
+        let _ = self.shutdown_tx.send(true);
+        tracker.close();
+        let grace = self.ctx.config.limits.shutdown_grace.0;
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                sessions = tracker.len(),
+                "shutdown grace period over; closing remaining sessions"
+            );
+        }
+    }
+}
+
+fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
+}
+
+async fn accept_loop(
+    socket: TcpListener,
+    listener: Arc<Listener>,
+    ctx: Arc<Context>,
+    limits: Arc<ConnectionLimits>,
+    sessions: TaskTracker,
+) {
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = socket.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let (conn, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = conn.set_nodelay(true);
+        let Some(slot) = limits.admit(peer.ip()) else {
+            tracing::info!(%peer, "connection limit reached");
+            sessions.spawn(async move {
+                let mut conn = conn;
+                let mut out = Vec::new();
+                Reply::TOO_MANY_CONNECTIONS.write_to(&mut out);
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&out)).await;
+            });
+            continue;
+        };
+        let ctx = ctx.clone();
+        let listener = listener.clone();
+        sessions.spawn(async move {
+            connection(conn, peer, listener, ctx).await;
+            drop(slot);
+        });
+    }
+}
+
+/// How long a client may take for the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn connection(conn: TcpStream, peer: SocketAddr, listener: Arc<Listener>, ctx: Arc<Context>) {
+    let local = conn.local_addr().unwrap_or(peer);
+    let info = SessionInfo {
+        peer,
+        local,
+        helo: None,
+        tls: None,
+        auth_user: None,
+        may_relay: ctx.access.trusted_network(peer.ip()),
+    };
+    match (listener.config.tls_mode(), listener.tls.clone()) {
+        (TlsMode::Implicit, Some(acceptor)) => {
+            let Some(stream) = handshake(&acceptor, conn, peer).await else {
+                return;
+            };
+            let mut session = Session::new(stream, ctx, listener, info);
+            let tls_info = tls::info(session_tls(&session));
+            session.info_mut().tls = Some(tls_info);
+            if session.greet().await {
+                session.run().await;
+            }
+        }
+        (_, acceptor) => {
+            let mut session = Session::new(conn, ctx, listener, info);
+            if !session.greet().await {
+                return;
+            }
+            if session.run().await != Flow::StartTls {
+                return;
+            }
+            let Some(acceptor) = acceptor else { return };
+            let (conn, carry) = session.into_parts();
+            let Some(stream) = handshake(&acceptor, conn, peer).await else {
+                return;
+            };
+            let tls_info = tls::info(stream.get_ref().1);
+            let mut session = Session::resume(stream, carry);
+            session.info_mut().tls = Some(tls_info);
+            // A second STARTTLS is refused inside the session, so this ends it.
+            session.run().await;
+        }
+    }
+}
+
+fn session_tls<S>(
+    session: &Session<tokio_rustls::server::TlsStream<S>>,
+) -> &rustls::ServerConnection
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    session.stream().get_ref().1
+}
+
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    conn: TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! Byte-level framing with no I/O: command lines, and message content for DATA
+//! and BDAT. Everything here is fed byte slices and is table-tested.
+//!
+//! SMTP smuggling is closed here: only `<CR><LF>.<CR><LF>` ends DATA. A bare LF
+//! or a bare CR never takes part in an end of data, and what comes out has CRLF
+//! line ends only, so nothing downstream can read a different message boundary
+//! than we did.
+
+use crate::config::BareNewline;
+
+/// Longest command line accepted (RFC 5321 says 512; extensions make it longer,
+/// Postfix allows 2048).
+pub const MAX_COMMAND_LINE: usize = 4096;
+
+/// Result of looking for the next command line in the input buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CommandLine {
+    /// A full line (with its LF) of this many bytes is at the front of the buffer.
+    Line(usize),
+    /// No full line yet.
+    Incomplete,
+    /// The line exceeds [`MAX_COMMAND_LINE`]; these many bytes should be dropped.
+    TooLong(usize),
+}
+
+/// Finds the first command line in `buf`. `skipping` is true while the rest of
+/// an over-long line is being discarded.
+pub fn next_command_line(buf: &[u8]) -> CommandLine {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) if i < MAX_COMMAND_LINE => CommandLine::Line(i + 1),
+        Some(i) => CommandLine::TooLong(i + 1),
+        None if buf.len() > MAX_COMMAND_LINE => CommandLine::TooLong(buf.len()),
+        None => CommandLine::Incomplete,
+    }
+}
+
+/// What went wrong with message content. The message is read to its end either
+/// way, so the client gets its reply in step and the session goes on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContentFlags {
+    /// A bare CR or bare LF was seen.
+    pub bare_newline: bool,
+    /// A line exceeded the ceiling.
+    pub line_too_long: bool,
+    /// The message exceeded the size limit.
+    pub too_big: bool,
+}
+
+/// Limits applied while receiving content.
+#[derive(Debug, Clone, Copy)]
+pub struct ContentLimits {
+    /// Size limit of the stored message in bytes.
+    pub max_size: usize,
+    /// Longest line accepted.
+    pub max_line: usize,
+    /// Bare CR/LF policy.
+    pub bare_newline: BareNewline,
+}
+
+/// How the current line ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Eol {
+    Crlf,
+    BareLf,
+}
+
+/// Splits content into lines, normalizes their ends to CRLF, and applies the
+/// limits. Shared by DATA (with dot handling) and BDAT (without).
+#[derive(Debug)]
+struct Lines {
+    limits: ContentLimits,
+    /// The current line's content so far (without its end).
+    line: Vec<u8>,
+    /// Length of the current line including bytes dropped past the ceiling.
+    line_len: usize,
+    /// A CR was the last byte seen; whether it is part of CRLF depends on the next byte.
+    pending_cr: bool,
+    /// The current line had a stray CR removed, so it is not what the client
+    /// sent byte for byte (and cannot be the end-of-data line).
+    line_dirty: bool,
+    out: Vec<u8>,
+    flags: ContentFlags,
+}
+
+impl Lines {
+    fn new(limits: ContentLimits) -> Lines {
+        Lines {
+            limits,
+            line: Vec::with_capacity(256),
+            line_len: 0,
+            pending_cr: false,
+            line_dirty: false,
+            out: Vec::with_capacity(8192),
+            flags: ContentFlags::default(),
+        }
+    }
+
+    fn push_byte(&mut self, b: u8) {
+        self.line_len += 1;
+        if self.line_len > self.limits.max_line {
+            self.flags.line_too_long = true;
+        } else {
+            self.line.push(b);
+        }
+    }
+
+    /// A CR not followed by LF: removed (normalize) and noted.
+    fn stray_cr(&mut self) {
+        self.flags.bare_newline = true;
+        self.line_dirty = true;
+    }
+
+    /// Feeds bytes; calls `on_line` with each complete line and its end. Stops
+    /// early (returning the bytes consumed) when `on_line` returns true.
+    fn feed(&mut self, input: &[u8], mut on_line: impl FnMut(&mut Lines, Eol) -> bool) -> usize {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            i += 1;
+            if self.pending_cr {
+                self.pending_cr = false;
+                if b == b'\n' {
+                    if on_line(self, Eol::Crlf) {
+                        return i;
+                    }
+                    continue;
+                }
+                self.stray_cr();
+            }
+            match b {
+                b'\r' => self.pending_cr = true,
+                b'\n' => {
+                    self.flags.bare_newline = true;
+                    if on_line(self, Eol::BareLf) {
+                        return i;
+                    }
+                }
+                _ => self.push_byte(b),
+            }
+        }
+        input.len()
+    }
+
+    /// Appends a finished line to the output as `line` + CRLF and starts the next.
+    fn emit_line(&mut self, skip: usize) {
+        if !self.flags.too_big {
+            let content = &self.line[skip.min(self.line.len())..];
+            if self.out.len() + content.len() + 2 > self.limits.max_size {
+                self.flags.too_big = true;
+                // Nothing more is kept; the rest is only read and counted.
+                self.out = Vec::new();
+            } else {
+                self.out.extend_from_slice(content);
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+        self.line.clear();
+        self.line_len = 0;
+        self.line_dirty = false;
+    }
+}
+
+/// Receives DATA content up to `<CR><LF>.<CR><LF>`, removing dot-stuffing.
+#[derive(Debug)]
+pub struct DataReceiver {
+    lines: Lines,
+    /// How the previous line ended; DATA starts after the command's CRLF.
+    prev_eol: Eol,
+    done: bool,
+}
+
+impl DataReceiver {
+    /// A receiver for one message.
+    pub fn new(limits: ContentLimits) -> DataReceiver {
+        DataReceiver {
+            lines: Lines::new(limits),
+            prev_eol: Eol::Crlf,
+            done: false,
+        }
+    }
+
+    /// Feeds bytes. Returns how many were consumed; once the end of data was
+    /// found, [`DataReceiver::is_done`] is true and the rest of `input` (the next
+    /// pipelined commands) was not consumed.
+    pub fn feed(&mut self, input: &[u8]) -> usize {
+        let prev_eol = &mut self.prev_eol;
+        let done = &mut self.done;
+        self.lines.feed(input, |lines, eol| {
+            // The end of data is a line of exactly "." between two real CRLFs.
+            if eol == Eol::Crlf
+                && *prev_eol == Eol::Crlf
+                && !lines.line_dirty
+                && lines.line_len == 1
+                && lines.line[0] == b'.'
+            {
+                *done = true;
+                return true;
+            }
+            // Dot-stuffing: a line starting with "." had one added by the client.
+            let skip = usize::from(lines.line.first() == Some(&b'.'));
+            lines.emit_line(skip);
+            *prev_eol = eol;
+            false
+        })
+    }
+
+    /// True once the end of data was seen.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The message (CRLF line ends) and what went wrong with it.
+    pub fn finish(self) -> (Vec<u8>, ContentFlags) {
+        (self.lines.out, self.lines.flags)
+    }
+}
+
+/// Receives the chunks of a BDAT transaction (RFC 3030). Chunk boundaries are
+/// counted by the session; this normalizes line ends across them.
+#[derive(Debug)]
+pub struct BdatReceiver {
+    lines: Lines,
+}
+
+impl BdatReceiver {
+    /// A receiver for one message.
+    pub fn new(limits: ContentLimits) -> BdatReceiver {
+        BdatReceiver {
+            lines: Lines::new(limits),
+        }
+    }
+
+    /// Feeds chunk bytes (all of them are content).
+    pub fn feed(&mut self, input: &[u8]) {
+        self.lines.feed(input, |lines, _eol| {
+            lines.emit_line(0);
+            false
+        });
+    }
+
+    /// After `BDAT n LAST`: the message and what went wrong with it. A last line
+    /// without an end gets CRLF, so what is stored always ends in one.
+    pub fn finish(mut self) -> (Vec<u8>, ContentFlags) {
+        if self.lines.pending_cr {
+            self.lines.pending_cr = false;
+            self.lines.stray_cr();
+        }
+        if self.lines.line_len > 0 {
+            self.lines.emit_line(0);
+        }
+        (self.lines.out, self.lines.flags)
+    }
+}
+
+/// Counts the `Received:` fields in the header section of a message.
+pub fn count_received_headers(message: &[u8]) -> usize {
+    let mut count = 0;
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ContentLimits = ContentLimits {
+        max_size: 1 << 20,
+        max_line: 1000,
+        bare_newline: BareNewline::Normalize,
+    };
+
+    /// Feeds `input` one byte at a time and all at once; both must agree.
+    fn data(input: &[u8]) -> (Option<(Vec<u8>, ContentFlags)>, usize) {
+        let mut whole = DataReceiver::new(LIMITS);
+        let used = whole.feed(input);
+        let mut bytewise = DataReceiver::new(LIMITS);
+        let mut used_bytewise = 0;
+        for b in input {
+            if bytewise.is_done() {
+                break;
+            }
+            used_bytewise += bytewise.feed(std::slice::from_ref(b));
+        }
+        assert_eq!(
+            used, used_bytewise,
+            "consumed differs when fed byte by byte: {input:?}"
+        );
+        assert_eq!(whole.is_done(), bytewise.is_done());
+        let done = whole.is_done();
+        let (a, b) = (whole.finish(), bytewise.finish());
+        assert_eq!(a, b);
+        (done.then_some(a), used)
+    }
+
+    #[test]
+    fn end_of_data_only_at_crlf_dot_crlf() {
+        let clean = ContentFlags::default();
+        let bare = ContentFlags {
+            bare_newline: true,
+            ..clean
+        };
+        for (input, message, flags, rest) in [
+            (
+                &b"a\r\n.\r\nQUIT\r\n"[..],
+                &b"a\r\n"[..],
+                clean,
+                &b"QUIT\r\n"[..],
+            ),
+            (b".\r\n", b"", clean, b""),
+            (b"..x\r\n..\r\n.\r\n", b".x\r\n.\r\n", clean, b""),
+            // The smuggling family: none of these ends the message; the
+            // "MAIL FROM" after them stays content.
+            (
+                b"a\n.\nMAIL FROM:<x@y>\r\n.\r\n",
+                b"a\r\n\r\nMAIL FROM:<x@y>\r\n",
+                bare,
+                b"",
+            ),
+            (
+                b"a\r.\rMAIL FROM:<x@y>\r\n.\r\n",
+                b"a.MAIL FROM:<x@y>\r\n",
+                bare,
+                b"",
+            ),
+            (
+                b"a\n.\r\nMAIL FROM:<x@y>\r\n.\r\n",
+                b"a\r\n\r\nMAIL FROM:<x@y>\r\n",
+                bare,
+                b"",
+            ),
+            (
+                b"a\r\n.\nMAIL FROM:<x@y>\r\n.\r\n",
+                b"a\r\n\r\nMAIL FROM:<x@y>\r\n",
+                bare,
+                b"",
+            ),
+            (
+                b"a\r.\r\nMAIL FROM:<x@y>\r\n.\r\n",
+                b"a.\r\nMAIL FROM:<x@y>\r\n",
+                bare,
+                b"",
+            ),
+            (
+                b"a\r\n.\rMAIL FROM:<x@y>\r\n.\r\n",
+                b"a\r\nMAIL FROM:<x@y>\r\n",
+                bare,
+                b"",
+            ),
+            (
+                b"a\r\n\0.\r\nMAIL\r\n.\r\n",
+                b"a\r\n\0.\r\nMAIL\r\n",
+                clean,
+                b"",
+            ),
+            (
+                b"a\r\n.\0\r\nMAIL\r\n.\r\n",
+                b"a\r\n\0\r\nMAIL\r\n",
+                clean,
+                b"",
+            ),
+            (
+                b"a\r\n. \r\nMAIL\r\n.\r\n",
+                b"a\r\n \r\nMAIL\r\n",
+                clean,
+                b"",
+            ),
+            (b"a\r\r\n.\r\n", b"a\r\n", bare, b""),
+            (b"a\r\n.\r\r\n.\r\n", b"a\r\n\r\n", bare, b""),
+        ] {
+            let (got, used) = data(input);
+            let (got_msg, got_flags) = got.unwrap_or_else(|| panic!("no end found in {input:?}"));
+            assert_eq!(
+                String::from_utf8_lossy(&got_msg),
+                String::from_utf8_lossy(message),
+                "{input:?}"
+            );
+            assert_eq!(got_flags, flags, "{input:?}");
+            assert_eq!(&input[used..], rest, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn no_end_without_crlf_dot_crlf() {
+        for input in [
+            &b"a\r\n.\r\r\nx"[..],
+            b"a\n.\n",
+            b"a\r.\r",
+            b"a\n.\r\n",
+            b"a\r\n.\n",
+            b"a\r.\r\n",
+            b"a\r\n.",
+            b"a\r\n.\r",
+        ] {
+            let (got, used) = data(input);
+            assert!(got.is_none(), "{input:?} ended the message");
+            assert_eq!(used, input.len());
+        }
+    }
+
+    #[test]
+    fn limits() {
+        let small = ContentLimits {
+            max_size: 10,
+            ..LIMITS
+        };
+        let mut r = DataReceiver::new(small);
+        r.feed(b"0123456789abc\r\n.\r\n");
+        assert!(r.is_done());
+        let (msg, flags) = r.finish();
+        assert!(flags.too_big && msg.is_empty());
+
+        let mut r = DataReceiver::new(LIMITS);
+        let long = vec![b'x'; 1001];
+        r.feed(&long);
+        r.feed(b"\r\nshort\r\n.\r\n");
+        assert!(r.is_done());
+        let (msg, flags) = r.finish();
+        assert!(flags.line_too_long && !flags.too_big);
+        assert!(msg.ends_with(b"\r\nshort\r\n"));
+    }
+
+    #[test]
+    fn bdat_normalizes_across_chunks() {
+        let clean = ContentFlags::default();
+        let bare = ContentFlags {
+            bare_newline: true,
+            ..clean
+        };
+        for (chunks, message, flags) in [
+            (&[&b"a\r"[..], b"\nb\r\n"][..], &b"a\r\nb\r\n"[..], clean),
+            (&[b"a\nb"], b"a\r\nb\r\n", bare),
+            (&[b"a\r", b"b"], b"ab\r\n", bare),
+            (
+                &[b"a\r\n.\r\n", b"MAIL FROM:<x@y>\r\n"],
+                b"a\r\n.\r\nMAIL FROM:<x@y>\r\n",
+                clean,
+            ),
+            (&[b"x\r"], b"x\r\n", bare),
+        ] {
+            let mut r = BdatReceiver::new(LIMITS);
+            for c in chunks {
+                r.feed(c);
+            }
+            let (msg, got) = r.finish();
+            assert_eq!(
+                String::from_utf8_lossy(&msg),
+                String::from_utf8_lossy(message),
+                "{chunks:?}"
+            );
+            assert_eq!(got, flags, "{chunks:?}");
+        }
+    }
+
+    #[test]
+    fn command_lines() {
+        for (input, expected) in [
+            (&b"EHLO x\r\nMAIL"[..], CommandLine::Line(8)),
+            (b"NOOP\n", CommandLine::Line(5)),
+            (b"EHLO", CommandLine::Incomplete),
+        ] {
+            assert_eq!(next_command_line(input), expected);
+        }
+        let long = vec![b'a'; MAX_COMMAND_LINE + 1];
+        assert_eq!(next_command_line(&long), CommandLine::TooLong(long.len()));
+    }
+
+    #[test]
+    fn received_headers_counted_in_header_section_only() {
+        let msg =
+            b"Received: a\r\nreceived: b\r\n\tcontinued\r\nSubject: x\r\n\r\nReceived: body\r\n";
+        assert_eq!(count_received_headers(msg), 2);
+    }
+}

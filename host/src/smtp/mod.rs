@@ -1,0 +1,7 @@
+//! The inbound SMTP protocol.
+
+pub mod codec;
+pub mod command;
+pub mod reply;
+pub mod session;
+pub mod tls;

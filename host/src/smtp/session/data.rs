@@ -1,0 +1,232 @@
+//! DATA and BDAT, and what happens once a message has ended: limits, the loop
+//! check, our `Received:` header, the data hook, and the spool.
+
+use std::sync::Arc;
+
+use bytes::Buf;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::ehlo::printable;
+use super::{Flow, Session};
+use crate::config::BareNewline;
+use crate::envelope::SessionInfo;
+use crate::policy::{DataTransaction, Verdict};
+use crate::queue::QueueId;
+use crate::smtp::codec::{self, BdatReceiver, ContentFlags, ContentLimits, DataReceiver};
+use crate::smtp::reply::Reply;
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    fn content_limits(&self) -> ContentLimits {
+        let l = &self.ctx.config.limits;
+        ContentLimits {
+            max_size: l.max_message_size,
+            max_line: l.max_line_length,
+            bare_newline: self.ctx.config.smtp.bare_newline,
+        }
+    }
+
+    pub(super) async fn data(&mut self) -> Flow {
+        if self.bdat.is_some() {
+            return self.error_reply(Reply::BAD_SEQUENCE.with_text("DATA not allowed during BDAT"));
+        }
+        match &self.tx {
+            None => return self.error_reply(Reply::NEED_MAIL),
+            Some(tx) if tx.recipients.is_empty() => {
+                return self.error_reply(Reply::NO_VALID_RECIPIENTS)
+            }
+            Some(_) => {}
+        }
+        // RFC 2920: DATA ends a pipelined group. Content that arrived before our
+        // 354 was sent blind; Postfix 3.9 answers it the same way.
+        if !self.input.is_empty() {
+            tracing::info!(peer = %self.info.peer, "content sent before the 354 reply, closing");
+            Reply::PIPELINING_VIOLATION.write_to(&mut self.output);
+            return Flow::Close;
+        }
+        self.reply(Reply::START_DATA);
+        let mut receiver = DataReceiver::new(self.content_limits());
+        let data_timeout = self.ctx.config.limits.data_timeout.0;
+        loop {
+            let used = receiver.feed(&self.input);
+            self.input.advance(used);
+            if receiver.is_done() {
+                break;
+            }
+            if self.read_more_within(data_timeout, false).await.is_err() {
+                return Flow::Close;
+            }
+        }
+        let (message, flags) = receiver.finish();
+        self.end_of_message(message, flags).await
+    }
+
+    pub(super) async fn bdat(&mut self, size: usize, last: bool) -> Flow {
+        // The chunk follows the command whatever we answer, so it is always read
+        // (RFC 3030 4.2); only then is the reply given.
+        let refusal = match &self.tx {
+            None => Some(Reply::NEED_MAIL),
+            Some(tx) if tx.recipients.is_empty() => Some(Reply::NO_VALID_RECIPIENTS),
+            Some(_) => None,
+        };
+        if refusal.is_none() && self.bdat.is_none() {
+            self.bdat = Some(BdatReceiver::new(self.content_limits()));
+        }
+        let data_timeout = self.ctx.config.limits.data_timeout.0;
+        let mut left = size;
+        while left > 0 {
+            if self.input.is_empty() && self.read_more_within(data_timeout, false).await.is_err() {
+                return Flow::Close;
+            }
+            let take = left.min(self.input.len());
+            if let Some(receiver) = &mut self.bdat {
+                receiver.feed(&self.input[..take]);
+            }
+            self.input.advance(take);
+            left -= take;
+        }
+        if let Some(reply) = refusal {
+            return self.error_reply(reply);
+        }
+        if !last {
+            return self.reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
+        }
+        let receiver = self.bdat.take().expect("created above");
+        let (message, flags) = receiver.finish();
+        self.end_of_message(message, flags).await
+    }
+
+    /// The message has ended: check it, run the data hook, spool it, reply.
+    async fn end_of_message(&mut self, message: Vec<u8>, flags: ContentFlags) -> Flow {
+        let Some(envelope) = self.tx.take() else {
+            return self.error_reply(Reply::NEED_MAIL);
+        };
+        self.bdat = None;
+        if flags.bare_newline && self.ctx.config.smtp.bare_newline == BareNewline::Reject {
+            return self.error_reply(Reply::BARE_NEWLINE);
+        }
+        if flags.too_big {
+            return self.error_reply(Reply::MESSAGE_TOO_BIG);
+        }
+        if flags.line_too_long {
+            return self.error_reply(Reply::DATA_LINE_TOO_LONG);
+        }
+        if codec::count_received_headers(&message) > self.ctx.config.limits.max_received_headers {
+            return self.error_reply(Reply::MAIL_LOOP);
+        }
+        let id = QueueId::generate();
+        let received = received_header(
+            &self.info,
+            &self.ctx.config.hostname,
+            self.esmtp,
+            &id,
+            &envelope,
+            self.ctx.config.smtp.received_auth_user,
+        );
+        let mut full = Vec::with_capacity(received.len() + message.len());
+        full.extend_from_slice(received.as_bytes());
+        full.extend_from_slice(&message);
+
+        let mut tx = DataTransaction {
+            envelope,
+            message: full,
+            quarantine: None,
+        };
+        let verdict = self.chain.data(&self.info, &mut tx).await;
+        if !matches!(verdict, Verdict::Continue | Verdict::Accept) {
+            tracing::info!(queue_id = %id, peer = %self.info.peer, verdict = ?verdict, "message refused by policy");
+            return self.refused(verdict).unwrap_or(Flow::Continue);
+        }
+        if tx.envelope.recipients.is_empty() {
+            tracing::info!(queue_id = %id, peer = %self.info.peer, "every recipient removed by policy; message dropped");
+            return self.reply(Reply::new(
+                250,
+                "2.0.0",
+                format!("Ok: {id} accepted, no recipients left"),
+            ));
+        }
+        let size = tx.message.len();
+        let message = Arc::new(tx.message);
+        match self
+            .ctx
+            .spool
+            .store(
+                &id,
+                &tx.envelope,
+                Some(&self.info),
+                tx.quarantine.clone(),
+                message,
+            )
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(
+                    queue_id = %id,
+                    peer = %self.info.peer,
+                    helo = self.info.helo.as_deref().unwrap_or(""),
+                    tls = self.info.tls.as_ref().map(|t| t.version.as_str()).unwrap_or("none"),
+                    auth = self.info.auth_user.as_deref().unwrap_or(""),
+                    sender = %tx.envelope.sender,
+                    recipients = tx.envelope.recipients.len(),
+                    size,
+                    quarantine = tx.quarantine.as_deref().unwrap_or(""),
+                    "queued"
+                );
+                self.ctx.queued(&id);
+                self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")))
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %id, peer = %self.info.peer, error = %e, "could not spool message");
+                self.error_reply(Reply::SPOOL_ERROR)
+            }
+        }
+    }
+}
+
+/// Our trace header (RFC 5321 4.4), with the protocol keywords of RFC 3848.
+fn received_header(
+    info: &SessionInfo,
+    hostname: &str,
+    esmtp: bool,
+    id: &QueueId,
+    envelope: &crate::envelope::Envelope,
+    name_auth_user: bool,
+) -> String {
+    let helo = printable(info.helo.as_deref().unwrap_or("unknown"));
+    let protocol = match (esmtp, info.tls.is_some(), info.auth_user.is_some()) {
+        (false, _, _) => "SMTP",
+        (true, false, false) => "ESMTP",
+        (true, true, false) => "ESMTPS",
+        (true, false, true) => "ESMTPA",
+        (true, true, true) => "ESMTPSA",
+    };
+    let protocol = if envelope.params.smtputf8 {
+        format!("UTF8{protocol}")
+    } else {
+        protocol.to_string()
+    };
+    let mut h = format!(
+        "Received: from {helo} ([{}])\r\n\tby {hostname} (Postern) with {protocol} id {id}",
+        info.peer.ip()
+    );
+    if let Some(tls) = &info.tls {
+        h.push_str(&format!(
+            "\r\n\t(using {} with cipher {})",
+            tls.version, tls.cipher
+        ));
+    }
+    if let (true, Some(user)) = (name_auth_user, &info.auth_user) {
+        h.push_str(&format!("\r\n\t(authenticated as {})", printable(user)));
+    }
+    if let [only] = envelope.recipients.as_slice() {
+        h.push_str(&format!("\r\n\tfor <{}>", printable(only.address.as_str())));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    h.push_str(&format!(
+        ";\r\n\t{}\r\n",
+        mail_parser::DateTime::from_timestamp(now).to_rfc822()
+    ));
+    h
+}
