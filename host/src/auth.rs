@@ -27,7 +27,10 @@ pub fn parse_hash(s: &str) -> Result<(), String> {
 
 fn stored_hash(s: &str) -> Result<StoredHash, String> {
     if s.starts_with("$argon2") {
-        PasswordHash::new(s).map_err(|e| e.to_string())?;
+        let parsed = PasswordHash::new(s).map_err(|e| e.to_string())?;
+        if parsed.salt.is_none() || parsed.hash.is_none() {
+            return Err("argon2 hash without salt or hash value".into());
+        }
         Ok(StoredHash::Argon2(s.to_string()))
     } else if s.starts_with("$2a$") || s.starts_with("$2b$") || s.starts_with("$2y$") {
         Ok(StoredHash::Bcrypt(s.to_string()))

@@ -68,6 +68,15 @@ pub struct Context {
 }
 
 impl Context {
+    /// Opens the spool and builds the access rules and users from the config.
+    pub fn new(config: Config, chain: Arc<ChainHandle>, shutdown: watch::Receiver<bool>) -> Result<Context, Error> {
+        let config = Arc::new(config);
+        let spool = Spool::open(&config.resolve(&config.spool.path))?;
+        let access = AccessRules::from_config(&config)?;
+        let auth = Authenticator::new(&config.users, config.limits.max_auth_failures);
+        Ok(Context { config, spool, access, auth, chain, shutdown, on_queued: OnceLock::new() })
+    }
+
     /// Tells delivery about a newly spooled message.
     pub fn queued(&self, id: &QueueId) {
         if let Some(tx) = self.on_queued.get() {
@@ -150,11 +159,9 @@ impl Server {
     /// Opens the spool and binds every listener. Fails before accepting
     /// anything if a certificate, the spool lock or an address is unusable.
     pub async fn bind(config: Config, chain: Arc<ChainHandle>) -> Result<Server, Error> {
-        let config = Arc::new(config);
-        let spool = Spool::open(&config.resolve(&config.spool.path))?;
-        let access = AccessRules::from_config(&config)?;
-        let auth = Authenticator::new(&config.users, config.limits.max_auth_failures);
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let ctx = Arc::new(Context::new(config, chain, shutdown)?);
+        let config = &ctx.config;
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let acceptor = match (l.tls_mode(), &l.tls_cert, &l.tls_key) {
@@ -185,15 +192,6 @@ impl Server {
             total: Arc::new(Semaphore::new(config.limits.max_connections)),
             per_client: Mutex::default(),
             max_per_client: config.limits.max_connections_per_client,
-        });
-        let ctx = Arc::new(Context {
-            config,
-            spool,
-            access,
-            auth,
-            chain,
-            shutdown,
-            on_queued: OnceLock::new(),
         });
         Ok(Server {
             ctx,

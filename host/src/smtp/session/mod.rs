@@ -387,3 +387,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

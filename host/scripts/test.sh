@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs first what the tests use: Debian's swaks,
+# postfix (for smtp-source/smtp-sink) and redis-server as real peers, Python for
+# smtplib clients, and the wasm32-wasip2 target for the plugins.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+command -v swaks >/dev/null || missing+=(swaks)
+command -v smtp-source >/dev/null || missing+=(postfix)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v python3 >/dev/null || missing+=(python3)
+command -v openssl >/dev/null || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}" >&2
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+cargo build --release -p postern
+cargo test -p postern "$@"
