@@ -69,12 +69,24 @@ pub struct Context {
 
 impl Context {
     /// Opens the spool and builds the access rules and users from the config.
-    pub fn new(config: Config, chain: Arc<ChainHandle>, shutdown: watch::Receiver<bool>) -> Result<Context, Error> {
+    pub fn new(
+        config: Config,
+        chain: Arc<ChainHandle>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Context, Error> {
         let config = Arc::new(config);
         let spool = Spool::open(&config.resolve(&config.spool.path))?;
         let access = AccessRules::from_config(&config)?;
         let auth = Authenticator::new(&config.users, config.limits.max_auth_failures);
-        Ok(Context { config, spool, access, auth, chain, shutdown, on_queued: OnceLock::new() })
+        Ok(Context {
+            config,
+            spool,
+            access,
+            auth,
+            chain,
+            shutdown,
+            on_queued: OnceLock::new(),
+        })
     }
 
     /// Tells delivery about a newly spooled message.

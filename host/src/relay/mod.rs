@@ -106,11 +106,10 @@ impl AccessRules {
         if rcpt.local_part().eq_ignore_ascii_case("postmaster") {
             return Ok(rcpt.clone());
         }
-        let key = format!("{}@{}", rcpt.local_part(), domain.trim_end_matches('.')).to_ascii_lowercase();
+        let key =
+            format!("{}@{}", rcpt.local_part(), domain.trim_end_matches('.')).to_ascii_lowercase();
         match &self.recipients {
-            Some(valid) if !valid.contains(&key) => {
-                Err(Reply::UNKNOWN_USER)
-            }
+            Some(valid) if !valid.contains(&key) => Err(Reply::UNKNOWN_USER),
             _ => Ok(rcpt.clone()),
         }
     }

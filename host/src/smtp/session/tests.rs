@@ -36,9 +36,14 @@ async fn start(peer: &str, extra: &str) -> Client {
 
 async fn start_with(peer: &str, text: &str, spool: tempfile::TempDir) -> Client {
     let config = Config::parse(text, Path::new("test.toml")).unwrap();
-    let listener = Arc::new(Listener { config: config.listeners[0].clone(), tls: None });
+    let listener = Arc::new(Listener {
+        config: config.listeners[0].clone(),
+        tls: None,
+    });
     let (_tx, shutdown) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(Context::new(config, Arc::new(ChainHandle::new(Chain::empty())), shutdown).unwrap());
+    let ctx = Arc::new(
+        Context::new(config, Arc::new(ChainHandle::new(Chain::empty())), shutdown).unwrap(),
+    );
     let peer = peer.parse().unwrap();
     let info = SessionInfo {
         peer,
@@ -57,7 +62,11 @@ async fn start_with(peer: &str, text: &str, spool: tempfile::TempDir) -> Client 
         }
     });
     let (r, w) = tokio::io::split(client);
-    let mut c = Client { reader: BufReader::new(r), writer: w, spool };
+    let mut c = Client {
+        reader: BufReader::new(r),
+        writer: w,
+        spool,
+    };
     assert!(c.reply().await.starts_with("220 mx.ours.test"));
     c
 }
@@ -97,7 +106,10 @@ impl Client {
     fn spooled(&self) -> Vec<String> {
         let mut out = Vec::new();
         let dir = self.spool.path().join("queue");
-        let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         names.sort();
         for path in names {
             let bytes = std::fs::read(&path).unwrap();
@@ -116,11 +128,27 @@ fn code(reply: &str) -> &str {
 async fn ehlo_advertises_extensions_without_tls_or_auth() {
     let mut c = start("192.0.2.1:1000", "").await;
     let ehlo = c.cmd("EHLO client.test").await;
-    for kw in ["PIPELINING", "SIZE 26214400", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"] {
-        assert!(ehlo.contains(&format!("250-{kw}\r\n")) || ehlo.contains(&format!("250 {kw}\r\n")), "{kw}: {ehlo}");
+    for kw in [
+        "PIPELINING",
+        "SIZE 26214400",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+    ] {
+        assert!(
+            ehlo.contains(&format!("250-{kw}\r\n")) || ehlo.contains(&format!("250 {kw}\r\n")),
+            "{kw}: {ehlo}"
+        );
     }
-    assert!(!ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"), "{ehlo}");
-    assert!(c.cmd("HELO client.test").await.starts_with("250 mx.ours.test"));
+    assert!(
+        !ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
+        "{ehlo}"
+    );
+    assert!(c
+        .cmd("HELO client.test")
+        .await
+        .starts_with("250 mx.ours.test"));
 }
 
 #[tokio::test]
@@ -185,16 +213,23 @@ async fn pipelined_transaction_is_answered_in_one_batch_and_spooled() {
         let reply = c.reply().await;
         assert!(reply.starts_with(expected), "{expected}: {reply}");
     }
-    c.send(b"Subject: t\r\n\r\n..leading dot\r\nbody\r\n.\r\nQUIT\r\n").await;
+    c.send(b"Subject: t\r\n\r\n..leading dot\r\nbody\r\n.\r\nQUIT\r\n")
+        .await;
     let queued = c.reply().await;
     assert!(queued.starts_with("250 2.0.0 Ok: queued as "), "{queued}");
     assert!(c.reply().await.starts_with("221"));
     let spooled = c.spooled();
     assert_eq!(spooled.len(), 1);
     let id = queued.trim_end().rsplit(' ').next().unwrap();
-    assert!(spooled[0].starts_with("Received: from client.test ([192.0.2.1])\r\n\tby mx.ours.test (Postern) with ESMTP id "));
+    assert!(spooled[0].starts_with(
+        "Received: from client.test ([192.0.2.1])\r\n\tby mx.ours.test (Postern) with ESMTP id "
+    ));
     assert!(spooled[0].contains(id));
-    assert!(spooled[0].ends_with("Subject: t\r\n\r\n.leading dot\r\nbody\r\n"), "{}", spooled[0]);
+    assert!(
+        spooled[0].ends_with("Subject: t\r\n\r\n.leading dot\r\nbody\r\n"),
+        "{}",
+        spooled[0]
+    );
 }
 
 #[tokio::test]
@@ -211,7 +246,15 @@ async fn content_sent_before_354_is_refused_and_the_session_closed() {
 
 #[tokio::test]
 async fn smuggled_end_of_data_stays_content() {
-    for smuggle in [&b"\n.\n"[..], b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n\0.\r\n", b"\r\n.\0\r\n"] {
+    for smuggle in [
+        &b"\n.\n"[..],
+        b"\r.\r",
+        b"\n.\r\n",
+        b"\r\n.\n",
+        b"\r.\r\n",
+        b"\r\n\0.\r\n",
+        b"\r\n.\0\r\n",
+    ] {
         let mut c = start("192.0.2.1:1000", "").await;
         c.cmd("EHLO client.test").await;
         c.cmd("MAIL FROM:<a@client.test>").await;
@@ -222,11 +265,21 @@ async fn smuggled_end_of_data_stays_content() {
         msg.extend_from_slice(b"MAIL FROM:<evil@client.test>\r\nRCPT TO:<victim@other.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n");
         c.send(&msg).await;
         let reply = c.reply().await;
-        assert!(reply.starts_with("250 2.0.0 Ok: queued"), "{smuggle:?}: {reply}");
-        assert!(c.cmd("NOOP").await.starts_with("250 2.0.0 Ok"), "{smuggle:?}: a second message was started");
+        assert!(
+            reply.starts_with("250 2.0.0 Ok: queued"),
+            "{smuggle:?}: {reply}"
+        );
+        assert!(
+            c.cmd("NOOP").await.starts_with("250 2.0.0 Ok"),
+            "{smuggle:?}: a second message was started"
+        );
         let spooled = c.spooled();
         assert_eq!(spooled.len(), 1, "{smuggle:?}");
-        assert!(spooled[0].contains("Subject: smuggled"), "{smuggle:?}: {}", spooled[0]);
+        assert!(
+            spooled[0].contains("Subject: smuggled"),
+            "{smuggle:?}: {}",
+            spooled[0]
+        );
         // What is stored has CRLF line ends only.
         let body = spooled[0].as_bytes();
         for (i, &b) in body.iter().enumerate() {
@@ -264,18 +317,26 @@ async fn bdat_chunks_make_one_message() {
     // BDAT without a transaction: the chunk is still read, then refused.
     c.send(b"BDAT 5\r\nhello").await;
     assert!(c.reply().await.starts_with("503 5.5.1"));
-    c.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@other.test>\r\nBDAT 11\r\nSubject: x\r").await;
+    c.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@other.test>\r\nBDAT 11\r\nSubject: x\r")
+        .await;
     assert!(c.reply().await.starts_with("250 2.1.0"));
     assert!(c.reply().await.starts_with("250 2.1.5"));
     assert!(c.reply().await.starts_with("250 2.0.0 11 octets"));
     c.send(b"BDAT 10\r\n\n\r\n.\r\nQUIT").await;
     assert!(c.reply().await.starts_with("250 2.0.0 10 octets"));
-    assert!(c.cmd("DATA").await.starts_with("503 5.5.1"), "DATA in the middle of BDAT");
+    assert!(
+        c.cmd("DATA").await.starts_with("503 5.5.1"),
+        "DATA in the middle of BDAT"
+    );
     c.send(b"BDAT 8 LAST\r\nline\r\n\r\n").await;
     assert!(c.reply().await.starts_with("250 2.0.0 Ok: queued"));
     let spooled = c.spooled();
     assert_eq!(spooled.len(), 1);
-    assert!(spooled[0].ends_with("Subject: x\r\n\r\n.\r\nQUITline\r\n\r\n"), "{:?}", spooled[0]);
+    assert!(
+        spooled[0].ends_with("Subject: x\r\n\r\n.\r\nQUITline\r\n\r\n"),
+        "{:?}",
+        spooled[0]
+    );
 }
 
 #[tokio::test]
@@ -286,24 +347,33 @@ async fn size_recipient_loop_and_error_limits() {
     )
     .await;
     c.cmd("EHLO client.test").await;
-    assert!(c.cmd("MAIL FROM:<a@client.test> SIZE=2001").await.starts_with("552 5.3.4"));
+    assert!(c
+        .cmd("MAIL FROM:<a@client.test> SIZE=2001")
+        .await
+        .starts_with("552 5.3.4"));
     c.cmd("MAIL FROM:<a@client.test>").await;
     c.cmd("RCPT TO:<b@other.test>").await;
     c.cmd("RCPT TO:<c@other.test>").await;
-    assert!(c.cmd("RCPT TO:<d@other.test>").await.starts_with("452 4.5.3"));
+    assert!(c
+        .cmd("RCPT TO:<d@other.test>")
+        .await
+        .starts_with("452 4.5.3"));
     c.cmd("DATA").await;
     let big = format!("{}\r\n", "x".repeat(900)).repeat(3);
-    c.send(format!("Subject: big\r\n\r\n{big}.\r\n").as_bytes()).await;
+    c.send(format!("Subject: big\r\n\r\n{big}.\r\n").as_bytes())
+        .await;
     assert!(c.reply().await.starts_with("552 5.3.4"));
     c.cmd("MAIL FROM:<a@client.test>").await;
     c.cmd("RCPT TO:<b@other.test>").await;
     c.cmd("DATA").await;
-    c.send(format!("Subject: long\r\n\r\n{}\r\n.\r\n", "y".repeat(1001)).as_bytes()).await;
+    c.send(format!("Subject: long\r\n\r\n{}\r\n.\r\n", "y".repeat(1001)).as_bytes())
+        .await;
     assert!(c.reply().await.starts_with("552 5.3.4"));
     c.cmd("MAIL FROM:<a@client.test>").await;
     c.cmd("RCPT TO:<b@other.test>").await;
     c.cmd("DATA").await;
-    c.send(b"Received: a\r\nReceived: b\r\nReceived: c\r\nReceived: d\r\n\r\nloop\r\n.\r\n").await;
+    c.send(b"Received: a\r\nReceived: b\r\nReceived: c\r\nReceived: d\r\n\r\nloop\r\n.\r\n")
+        .await;
     let reply = c.reply().await;
     assert!(reply.starts_with("554 5.4.6"), "{reply}");
     assert!(c.spooled().is_empty());
@@ -334,6 +404,12 @@ async fn auth_needs_tls_and_submission_needs_auth() {
     let mut c = start_with("192.0.2.1:1000", &text, spool).await;
     let ehlo = c.cmd("EHLO client.test").await;
     assert!(!ehlo.contains("AUTH"), "AUTH offered in clear text: {ehlo}");
-    assert!(c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await.starts_with("538 5.7.11"));
-    assert!(c.cmd("MAIL FROM:<alice@ours.test>").await.starts_with("530 5.7.0"));
+    assert!(c
+        .cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==")
+        .await
+        .starts_with("538 5.7.11"));
+    assert!(c
+        .cmd("MAIL FROM:<alice@ours.test>")
+        .await
+        .starts_with("530 5.7.0"));
 }

@@ -1,0 +1,4 @@
+//! Integration tests: the real `postern` binary over real TCP, with real clients.
+
+mod core;
+mod support;
