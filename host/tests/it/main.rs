@@ -1,4 +1,5 @@
 //! Integration tests: the real `postern` binary over real TCP, with real clients.
 
 mod core;
+mod crash;
 mod support;
