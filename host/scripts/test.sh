@@ -20,5 +20,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-cargo build --release -p postern
 cargo test -p postern "$@"

@@ -34,7 +34,7 @@ pub enum Error {
         /// The listener.
         address: SocketAddr,
         /// What is wrong.
-        source: tls::Error,
+        source: Box<tls::Error>,
     },
     /// A listener could not bind.
     #[error("listener {address}: cannot listen: {source}")]
@@ -182,11 +182,12 @@ impl Server {
                     tls::acceptor(&config.resolve(cert), &config.resolve(key)).map_err(
                         |source| Error::Tls {
                             address: l.address,
-                            source,
+                            source: Box::new(source),
                         },
                     )?,
                 ),
-                _ => unreachable!("config check requires both files when TLS is on"),
+                // The config check requires both files when TLS is on.
+                _ => None,
             };
             let socket = bind(l.address).map_err(|source| Error::Bind {
                 address: l.address,

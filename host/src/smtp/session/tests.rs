@@ -120,10 +120,6 @@ impl Client {
     }
 }
 
-fn code(reply: &str) -> &str {
-    reply.get(..9).unwrap_or(reply)
-}
-
 #[tokio::test]
 async fn ehlo_advertises_extensions_without_tls_or_auth() {
     let mut c = start("192.0.2.1:1000", "").await;
