@@ -247,6 +247,10 @@ pub struct LimitsConfig {
     pub max_received_headers: usize,
     /// How long in-flight transactions may take to finish on shutdown.
     pub shutdown_grace: HumanDuration,
+    /// Memory all sessions together may hold for messages being received, in
+    /// bytes. A message that finds none left is read to its end and answered
+    /// `452 4.3.1`, so many large messages at once cannot exhaust memory.
+    pub max_message_memory: usize,
 }
 
 impl Default for LimitsConfig {
@@ -263,6 +267,7 @@ impl Default for LimitsConfig {
             max_line_length: 64 * 1024,
             max_received_headers: 100,
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
+            max_message_memory: 1 << 30,
         }
     }
 }
@@ -494,6 +499,12 @@ impl Config {
         }
         if self.limits.max_message_size == 0 {
             return Err(self.invalid("limits.max_message_size", "must be more than 0"));
+        }
+        if self.limits.max_message_memory < self.limits.max_message_size {
+            return Err(self.invalid(
+                "limits.max_message_memory",
+                "must be at least limits.max_message_size, or the largest messages could never be taken",
+            ));
         }
         if self.limits.max_line_length < 1000 {
             return Err(self.invalid(

@@ -65,6 +65,8 @@ pub struct Context {
     pub shutdown: watch::Receiver<bool>,
     /// Told about each newly queued message (the delivery scheduler listens).
     pub on_queued: OnceLock<mpsc::UnboundedSender<QueueId>>,
+    /// Memory for messages being received, in KiB permits (`limits.max_message_memory`).
+    pub message_memory: Arc<Semaphore>,
 }
 
 impl Context {
@@ -78,6 +80,7 @@ impl Context {
         let spool = Spool::open(&config.resolve(&config.spool.path))?;
         let access = AccessRules::from_config(&config)?;
         let auth = Authenticator::new(&config.users, config.limits.max_auth_failures);
+        let message_memory = Arc::new(Semaphore::new(config.limits.max_message_memory / 1024));
         Ok(Context {
             config,
             spool,
@@ -86,6 +89,7 @@ impl Context {
             chain,
             shutdown,
             on_queued: OnceLock::new(),
+            message_memory,
         })
     }
 

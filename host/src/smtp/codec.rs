@@ -44,6 +44,8 @@ pub struct ContentFlags {
     pub line_too_long: bool,
     /// The message exceeded the size limit.
     pub too_big: bool,
+    /// The relay had no memory to spare for it (see [`DataReceiver::abandon`]).
+    pub no_memory: bool,
 }
 
 /// Limits applied while receiving content.
@@ -143,7 +145,7 @@ impl Lines {
 
     /// Appends a finished line to the output as `line` + CRLF and starts the next.
     fn emit_line(&mut self, skip: usize) {
-        if !self.flags.too_big {
+        if !self.flags.too_big && !self.flags.no_memory {
             let content = &self.line[skip.min(self.line.len())..];
             if self.out.len() + content.len() + 2 > self.limits.max_size {
                 self.flags.too_big = true;
@@ -157,6 +159,13 @@ impl Lines {
         self.line.clear();
         self.line_len = 0;
         self.line_dirty = false;
+    }
+}
+
+impl Lines {
+    fn abandon(&mut self) {
+        self.flags.no_memory = true;
+        self.out = Vec::new();
     }
 }
 
@@ -209,6 +218,17 @@ impl DataReceiver {
         self.done
     }
 
+    /// Bytes of message kept so far.
+    pub fn kept(&self) -> usize {
+        self.lines.out.len()
+    }
+
+    /// Drops what was kept and keeps nothing more: the rest is only read to
+    /// its end, so the session stays in step, and the message is refused.
+    pub fn abandon(&mut self) {
+        self.lines.abandon();
+    }
+
     /// The message (CRLF line ends) and what went wrong with it.
     pub fn finish(self) -> (Vec<u8>, ContentFlags) {
         (self.lines.out, self.lines.flags)
@@ -236,6 +256,16 @@ impl BdatReceiver {
             lines.emit_line(0);
             false
         });
+    }
+
+    /// Bytes of message kept so far.
+    pub fn kept(&self) -> usize {
+        self.lines.out.len()
+    }
+
+    /// As [`DataReceiver::abandon`].
+    pub fn abandon(&mut self) {
+        self.lines.abandon();
     }
 
     /// After `BDAT n LAST`: the message and what went wrong with it. A last line
@@ -416,6 +446,15 @@ mod tests {
         assert!(r.is_done());
         let (msg, flags) = r.finish();
         assert!(flags.too_big && msg.is_empty());
+
+        let mut r = DataReceiver::new(LIMITS);
+        r.feed(b"kept\r\n");
+        assert_eq!(r.kept(), 6);
+        r.abandon();
+        r.feed(b"more\r\n.\r\n");
+        assert!(r.is_done());
+        let (msg, flags) = r.finish();
+        assert!(flags.no_memory && msg.is_empty());
 
         let mut r = DataReceiver::new(LIMITS);
         let long = vec![b'x'; 1001];

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ehlo::printable;
 use super::{Flow, Session};
@@ -46,9 +47,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(Reply::START_DATA);
         let mut receiver = DataReceiver::new(self.content_limits());
         let data_timeout = self.ctx.config.limits.data_timeout.0;
+        let mut memory = MemoryReservation::new(self.ctx.message_memory.clone());
         loop {
             let used = receiver.feed(&self.input);
             self.input.advance(used);
+            if !memory.cover(receiver.kept()) {
+                receiver.abandon();
+            }
             if receiver.is_done() {
                 break;
             }
@@ -70,6 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if refusal.is_none() && self.bdat.is_none() {
             self.bdat = Some(BdatReceiver::new(self.content_limits()));
+            self.bdat_memory = Some(MemoryReservation::new(self.ctx.message_memory.clone()));
         }
         let data_timeout = self.ctx.config.limits.data_timeout.0;
         let mut left = size;
@@ -78,8 +84,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Flow::Close;
             }
             let take = left.min(self.input.len());
-            if let Some(receiver) = &mut self.bdat {
+            if let (Some(receiver), Some(memory)) = (&mut self.bdat, &mut self.bdat_memory) {
                 receiver.feed(&self.input[..take]);
+                if !memory.cover(receiver.kept()) {
+                    receiver.abandon();
+                }
             }
             self.input.advance(take);
             left -= take;
@@ -90,7 +99,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !last {
             return self.reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
         }
-        let receiver = self.bdat.take().expect("created above");
+        let Some(receiver) = self.bdat.take() else {
+            return self.error_reply(Reply::NEED_MAIL);
+        };
+        // Held until the message is spooled or refused.
+        let _memory = self.bdat_memory.take();
         let (message, flags) = receiver.finish();
         self.end_of_message(message, flags).await
     }
@@ -106,6 +119,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if flags.too_big {
             return self.error_reply(Reply::MESSAGE_TOO_BIG);
+        }
+        if flags.no_memory {
+            tracing::warn!(peer = %self.info.peer, "limits.max_message_memory exhausted; message refused for now");
+            return self.error_reply(Reply::SPOOL_ERROR);
         }
         if flags.line_too_long {
             return self.error_reply(Reply::DATA_LINE_TOO_LONG);
@@ -229,4 +246,49 @@ fn received_header(
         mail_parser::DateTime::from_timestamp(now).to_rfc822()
     ));
     h
+}
+
+/// Memory reserved from `limits.max_message_memory` for one message being
+/// received, grown in steps as the message grows and given back on drop.
+pub(super) struct MemoryReservation {
+    pool: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+    held_kib: usize,
+}
+
+/// Reservations grow in steps of this many KiB, so a message takes the
+/// semaphore a few times, not once per line.
+const MEMORY_STEP_KIB: usize = 64;
+
+impl MemoryReservation {
+    fn new(pool: Arc<Semaphore>) -> MemoryReservation {
+        MemoryReservation {
+            pool,
+            held: None,
+            held_kib: 0,
+        }
+    }
+
+    /// Makes sure `bytes` are covered; false when the pool has not enough left.
+    fn cover(&mut self, bytes: usize) -> bool {
+        let need_kib = bytes.div_ceil(1024);
+        if need_kib <= self.held_kib {
+            return true;
+        }
+        let want = (need_kib - self.held_kib).div_ceil(MEMORY_STEP_KIB) * MEMORY_STEP_KIB;
+        let Ok(n) = u32::try_from(want) else {
+            return false;
+        };
+        match self.pool.clone().try_acquire_many_owned(n) {
+            Ok(permit) => {
+                match &mut self.held {
+                    Some(held) => held.merge(permit),
+                    None => self.held = Some(permit),
+                }
+                self.held_kib += want;
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }

@@ -66,6 +66,8 @@ pub struct Session<S> {
     tx: Option<Envelope>,
     /// Set while a BDAT transaction collects its chunks.
     bdat: Option<BdatReceiver>,
+    /// The memory reserved for the BDAT message being collected.
+    bdat_memory: Option<data::MemoryReservation>,
     errors: usize,
     /// Still discarding the rest of an over-long command line.
     skipping_long_line: bool,
@@ -117,6 +119,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             esmtp: false,
             tx: None,
             bdat: None,
+            bdat_memory: None,
             errors: carry.errors,
             skipping_long_line: false,
         }
@@ -285,6 +288,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn reset_transaction(&mut self) {
         self.tx = None;
         self.bdat = None;
+        self.bdat_memory = None;
     }
 
     /// Queues a reply. Replies of 400 and up count as errors.

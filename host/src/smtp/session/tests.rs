@@ -409,3 +409,28 @@ async fn auth_needs_tls_and_submission_needs_auth() {
         .await
         .starts_with("530 5.7.0"));
 }
+
+#[tokio::test]
+async fn messages_beyond_the_memory_budget_get_452_and_the_session_goes_on() {
+    let mut c = start(
+        "192.0.2.1:1000",
+        "[limits]\nmax_message_memory = 131072\nmax_message_size = 131072",
+    )
+    .await;
+    c.cmd("EHLO client.test").await;
+    c.cmd("MAIL FROM:<a@client.test>").await;
+    c.cmd("RCPT TO:<b@other.test>").await;
+    c.cmd("DATA").await;
+    let line = format!("{}\r\n", "z".repeat(998));
+    c.send(format!("Subject: big\r\n\r\n{}.\r\n", line.repeat(200)).as_bytes())
+        .await;
+    assert!(c.reply().await.starts_with("452 4.3.1"));
+    // The budget was given back: a message that fits is taken.
+    c.cmd("MAIL FROM:<a@client.test>").await;
+    c.cmd("RCPT TO:<b@other.test>").await;
+    c.cmd("DATA").await;
+    c.send(format!("Subject: fits\r\n\r\n{}.\r\n", line.repeat(50)).as_bytes())
+        .await;
+    assert!(c.reply().await.starts_with("250 2.0.0 Ok: queued"));
+    assert_eq!(c.spooled().len(), 1);
+}
