@@ -15,6 +15,7 @@ struct Client {
     reader: BufReader<ReadHalf<DuplexStream>>,
     writer: WriteHalf<DuplexStream>,
     spool: tempfile::TempDir,
+    server: Relay,
 }
 
 const BASE: &str = r#"
@@ -40,10 +41,28 @@ async fn start_with(peer: &str, text: &str, spool: tempfile::TempDir) -> Client 
         config: config.listeners[0].clone(),
         tls: None,
     });
-    let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    let (tx, shutdown) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(
         Context::new(config, Arc::new(ChainHandle::new(Chain::empty())), shutdown).unwrap(),
     );
+    connect(peer, (ctx, listener, Arc::new(tx)), spool).await
+}
+
+/// Opens another session on the same relay as `other`.
+async fn connect_again(peer: &str, other: &Client) -> Client {
+    connect(peer, other.server.clone(), tempfile::tempdir().unwrap()).await
+}
+
+/// The relay a test client talks to; the shutdown sender lives as long as it
+/// (a dropped sender would read as a shutdown).
+type Relay = (
+    Arc<Context>,
+    Arc<Listener>,
+    Arc<tokio::sync::watch::Sender<bool>>,
+);
+
+async fn connect(peer: &str, server: Relay, spool: tempfile::TempDir) -> Client {
+    let (ctx, listener) = (server.0.clone(), server.1.clone());
     let peer = peer.parse().unwrap();
     let info = SessionInfo {
         peer,
@@ -53,10 +72,9 @@ async fn start_with(peer: &str, text: &str, spool: tempfile::TempDir) -> Client 
         auth_user: None,
         may_relay: ctx.access.trusted_network(peer.ip()),
     };
-    let (client, server) = tokio::io::duplex(1 << 16);
+    let (client, server_io) = tokio::io::duplex(1 << 16);
     tokio::spawn(async move {
-        let _keep = _tx;
-        let mut session = Session::new(server, ctx, listener, info);
+        let mut session = Session::new(server_io, ctx, listener, info);
         if session.greet().await {
             session.run().await;
         }
@@ -66,6 +84,7 @@ async fn start_with(peer: &str, text: &str, spool: tempfile::TempDir) -> Client 
         reader: BufReader::new(r),
         writer: w,
         spool,
+        server,
     };
     assert!(c.reply().await.starts_with("220 mx.ours.test"));
     c
@@ -412,25 +431,41 @@ async fn auth_needs_tls_and_submission_needs_auth() {
 
 #[tokio::test]
 async fn messages_beyond_the_memory_budget_get_452_and_the_session_goes_on() {
-    let mut c = start(
+    // 128 KiB for all messages in flight together.
+    let mut a = start(
         "192.0.2.1:1000",
         "[limits]\nmax_message_memory = 131072\nmax_message_size = 131072",
     )
     .await;
-    c.cmd("EHLO client.test").await;
-    c.cmd("MAIL FROM:<a@client.test>").await;
-    c.cmd("RCPT TO:<b@other.test>").await;
-    c.cmd("DATA").await;
+    let mut b = connect_again("192.0.2.2:1000", &a).await;
     let line = format!("{}\r\n", "z".repeat(998));
-    c.send(format!("Subject: big\r\n\r\n{}.\r\n", line.repeat(200)).as_bytes())
+    for c in [&mut a, &mut b] {
+        c.cmd("EHLO client.test").await;
+        c.cmd("MAIL FROM:<a@client.test>").await;
+        c.cmd("RCPT TO:<b@other.test>").await;
+        assert!(c.cmd("DATA").await.starts_with("354"));
+    }
+    // A holds 100 KB without finishing; B's message finds no memory left.
+    a.send(format!("Subject: a\r\n\r\n{}", line.repeat(100)).as_bytes())
         .await;
-    assert!(c.reply().await.starts_with("452 4.3.1"));
-    // The budget was given back: a message that fits is taken.
-    c.cmd("MAIL FROM:<a@client.test>").await;
-    c.cmd("RCPT TO:<b@other.test>").await;
-    c.cmd("DATA").await;
-    c.send(format!("Subject: fits\r\n\r\n{}.\r\n", line.repeat(50)).as_bytes())
+    let memory = a.server.0.message_memory.clone();
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while memory.available_permits() >= 64 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("A's message takes the memory");
+    b.send(format!("Subject: b\r\n\r\n{}.\r\n", line.repeat(40)).as_bytes())
         .await;
-    assert!(c.reply().await.starts_with("250 2.0.0 Ok: queued"));
-    assert_eq!(c.spooled().len(), 1);
+    assert!(b.reply().await.starts_with("452 4.3.1"));
+    a.send(b".\r\n").await;
+    assert!(a.reply().await.starts_with("250 2.0.0 Ok: queued"));
+    // A's memory was given back: B's retry fits.
+    b.cmd("MAIL FROM:<a@client.test>").await;
+    b.cmd("RCPT TO:<b@other.test>").await;
+    b.cmd("DATA").await;
+    b.send(format!("Subject: b\r\n\r\n{}.\r\n", line.repeat(40)).as_bytes())
+        .await;
+    assert!(b.reply().await.starts_with("250 2.0.0 Ok: queued"));
 }
