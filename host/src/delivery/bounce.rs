@@ -76,7 +76,10 @@ pub fn build(
     for (rcpt, state) in items {
         status.push_str("\r\n");
         if let Some(orcpt) = &rcpt.orcpt {
-            status.push_str(&format!("Original-Recipient: {}\r\n", one_line(orcpt)));
+            status.push_str(&format!(
+                "Original-Recipient: {}\r\n",
+                one_line(&orcpt_with_type(orcpt))
+            ));
         }
         let addr_type = if rcpt.address.is_utf8() {
             "utf-8"
@@ -179,6 +182,16 @@ fn header_end(message: &[u8]) -> usize {
         .position(|w| w == b"\r\n\r\n")
         .map(|p| p + 2)
         .unwrap_or(message.len())
+}
+
+/// ORCPT as `addr-type;address`: the session keeps only the address when the
+/// client used the common `rfc822` type.
+pub fn orcpt_with_type(orcpt: &str) -> String {
+    if orcpt.contains(';') {
+        orcpt.to_string()
+    } else {
+        format!("rfc822;{orcpt}")
+    }
 }
 
 fn one_line(s: &str) -> String {

@@ -433,8 +433,10 @@ impl Client {
                         rcpt.push_str(&format!(" NOTIFY={}", list.join(",")));
                     }
                 }
-                if let Some(orcpt) = r.orcpt.as_deref().filter(|o| clean(o) && !o.contains(' ')) {
-                    rcpt.push_str(&format!(" ORCPT={orcpt}"));
+                if let Some(orcpt) = r.orcpt.as_deref().filter(|o| clean(o)) {
+                    let full = super::bounce::orcpt_with_type(orcpt);
+                    let (kind, addr) = full.split_once(';').unwrap_or(("rfc822", &full));
+                    rcpt.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
                 }
             }
             rcpt.push_str("\r\n");

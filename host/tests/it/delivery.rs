@@ -83,3 +83,427 @@ async fn smarthost_retry_after_4xx_then_success() {
     assert!(files.is_empty(), "{files:?}");
     relay.stop().await;
 }
+
+/// Binds sinks on several loopback addresses sharing one port (MX delivery
+/// uses one `mx_port` for every host).
+async fn sinks_on_one_port(specs: &[(&str, Behavior)]) -> (u16, Vec<Sink>) {
+    for _ in 0..20 {
+        let first = Sink::start(specs[0].0, Options::new(specs[0].1)).await;
+        let port = first.addr.port();
+        let mut sinks = vec![first];
+        let mut ok = true;
+        for (ip, b) in &specs[1..] {
+            let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+            if std::net::TcpListener::bind(addr).is_err() {
+                ok = false;
+                break;
+            }
+            sinks.push(Sink::start_on(addr, Options::new(*b)).await);
+        }
+        if ok {
+            return (port, sinks);
+        }
+    }
+    panic!("no common free port");
+}
+
+fn mx_config(dns: &DnsServer, port: u16, extra: &str) -> String {
+    format!(
+        "nameservers = [\"{}\"]\nmx_port = {port}\nretry = [\"1s\"]\n{extra}",
+        dns.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_delivery_fallback_order_and_nodata() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, sinks) = sinks_on_one_port(&[
+        ("127.0.0.2", Behavior::Greeting421),
+        ("127.0.0.3", Behavior::Accept),
+        ("127.0.0.4", Behavior::Accept),
+        ("127.0.0.5", Behavior::Accept),
+    ])
+    .await;
+    let dns = DnsServer::start().await;
+    // Best MX refuses at the greeting, the second takes the mail, the third
+    // must not be used; order in the answer is not order of preference.
+    dns.mx(
+        "dest.test",
+        &[
+            (30, "mx3.dest.test"),
+            (10, "mx1.dest.test"),
+            (20, "mx2.dest.test"),
+        ],
+    )
+    .a("mx1.dest.test", &["127.0.0.2"])
+    .a("mx2.dest.test", &["127.0.0.3"])
+    .a("mx3.dest.test", &["127.0.0.4"]);
+    // No MX at all (NODATA): the domain's own address is the mail host.
+    dns.a("plain.test", &["127.0.0.5"]);
+    let relay = Relay::start(dir.path(), &mx_config(&dns, port, "")).await;
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["b@dest.test", "c@plain.test"],
+        "",
+        "",
+        &body("mx"),
+    )
+    .await
+    .unwrap();
+    let got = sinks[1].wait_for(1, WAIT).await;
+    assert_eq!(got[0].rcpts, vec!["b@dest.test"]);
+    let got = sinks[3].wait_for(1, WAIT).await;
+    assert_eq!(got[0].rcpts, vec!["c@plain.test"]);
+    assert!(
+        sinks[0]
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1,
+        "best MX tried first"
+    );
+    assert!(
+        sinks[2].messages().is_empty(),
+        "third MX used although the second took the mail"
+    );
+    assert!(
+        eventually(WAIT, || relay.spooled().is_empty().then_some(()))
+            .await
+            .is_some()
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nxdomain_and_null_mx_bounce_servfail_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, sinks) = sinks_on_one_port(&[("127.0.0.6", Behavior::Accept)]).await;
+    let dns = DnsServer::start().await;
+    dns.mx("origin.test", &[(10, "mx.origin.test")])
+        .a("mx.origin.test", &["127.0.0.6"]);
+    dns.add("servfail.test", Answer::ServFail);
+    dns.mx("nullmx.test", &[(0, ".")]);
+    let relay = Relay::start(dir.path(), &mx_config(&dns, port, "")).await;
+    let id = relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["x@nx.test", "y@servfail.test", "z@nullmx.test"],
+        "",
+        "",
+        &body("dns"),
+    )
+    .await
+    .unwrap();
+    // One bounce to the sender's own MX, about the two permanent failures only.
+    let got = sinks[0].wait_for(1, WAIT).await;
+    assert_eq!(got[0].from, "", "bounces come from the null sender");
+    assert_eq!(got[0].rcpts, vec!["a@origin.test"]);
+    let status = dsn_status(&got[0].data);
+    assert!(
+        status.contains("Final-Recipient: rfc822; x@nx.test"),
+        "{status}"
+    );
+    assert!(status.contains("Status: 5.1.2"), "{status}");
+    assert!(
+        status.contains("Final-Recipient: rfc822; z@nullmx.test"),
+        "{status}"
+    );
+    assert!(status.contains("Status: 5.1.10"), "{status}");
+    assert!(
+        !status.contains("servfail.test"),
+        "SERVFAIL must not bounce: {status}"
+    );
+    // The SERVFAIL recipient stays queued for a retry.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(relay.spooled(), vec![id.clone()]);
+    let list = relay::queue_cmd(&relay.config, &["show", &id, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let rcpts = v["recipients"].as_array().unwrap();
+    let state_of = |addr: &str| {
+        rcpts
+            .iter()
+            .find(|r| r["address"] == addr)
+            .map(|r| r["state"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        state_of("y@servfail.test").as_deref(),
+        Some("deferred"),
+        "{v}"
+    );
+    assert_eq!(state_of("x@nx.test").as_deref(), Some("failed"), "{v}");
+    assert_eq!(
+        sinks[0].messages().len(),
+        1,
+        "bounced once, not on every retry"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounce_after_5xx_is_an_rfc3464_report_honouring_dsn_params() {
+    let dir = tempfile::tempdir().unwrap();
+    let rejecting = Sink::start("127.0.0.1", Options::new(Behavior::Reject)).await;
+    let sender_sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let relay = Relay::start(
+        dir.path(),
+        &format!(
+            "[delivery.routes]\n\"dest.test\" = \"smtp://{}\"\n\"origin.test\" = \"smtp://{}\"\n",
+            rejecting.addr, sender_sink.addr
+        ),
+    )
+    .await;
+    // Full message returned by default.
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["nobody@dest.test"],
+        "",
+        "",
+        &body("full return"),
+    )
+    .await
+    .unwrap();
+    // RET=HDRS, ENVID and ORCPT honoured.
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["nobody2@dest.test"],
+        " RET=HDRS ENVID=env-42",
+        " NOTIFY=FAILURE ORCPT=rfc822;orig@dest.test",
+        "Subject: headers only\n\nSECRET-BODY\n",
+    )
+    .await
+    .unwrap();
+    // NOTIFY=NEVER: no bounce.
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["nobody3@dest.test"],
+        "",
+        " NOTIFY=NEVER",
+        &body("never"),
+    )
+    .await
+    .unwrap();
+    let got = sender_sink.wait_for(2, WAIT).await;
+    assert!(
+        eventually(WAIT, || relay.spooled().is_empty().then_some(()))
+            .await
+            .is_some(),
+        "{:?}",
+        relay.spooled()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = if sender_sink.messages().len() > got.len() {
+        sender_sink.messages()
+    } else {
+        got
+    };
+    assert_eq!(got.len(), 2, "NOTIFY=NEVER must not bounce");
+    let find = |needle: &str| {
+        got.iter()
+            .find(|m| String::from_utf8_lossy(&m.data).contains(needle))
+            .unwrap_or_else(|| panic!("no bounce about {needle}"))
+    };
+    let full = find("nobody@dest.test");
+    assert_eq!(full.from, "");
+    let status = dsn_status(&full.data);
+    assert!(status.contains("Action: failed"), "{status}");
+    assert!(status.contains("Status: 5.1.1"), "{status}");
+    assert!(
+        status.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user here"),
+        "{status}"
+    );
+    assert!(status.contains("Remote-MTA: dns; 127.0.0.1"), "{status}");
+    let full_text = String::from_utf8_lossy(&full.data);
+    assert!(
+        full_text.contains("message/rfc822") && full_text.contains("Subject: full return"),
+        "{full_text}"
+    );
+
+    let hdrs = find("nobody2@dest.test");
+    let text = String::from_utf8_lossy(&hdrs.data);
+    assert!(text.contains("Original-Envelope-Id: env-42"), "{text}");
+    assert!(
+        text.contains("Original-Recipient: rfc822;orig@dest.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("text/rfc822-headers") && text.contains("Subject: headers only"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("SECRET-BODY"),
+        "RET=HDRS returned the body: {text}"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_bounce_for_the_null_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let rejecting = Sink::start("127.0.0.1", Options::new(Behavior::Reject)).await;
+    let relay = Relay::start(
+        dir.path(),
+        &format!("smarthost = \"smtp://{}\"\n", rejecting.addr),
+    )
+    .await;
+    relay::send(
+        relay.addr,
+        "",
+        &["nobody@dest.test"],
+        "",
+        "",
+        &body("a bounce that bounces"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        eventually(WAIT, || relay.spooled().is_empty().then_some(()))
+            .await
+            .is_some(),
+        "{:?}",
+        relay.spooled()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One transaction (the message itself, refused); a bounce would be a second.
+    assert_eq!(
+        rejecting
+            .transactions
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert!(relay.spooled().is_empty());
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_bounces_with_4_4_7() {
+    let dir = tempfile::tempdir().unwrap();
+    let deferring = Sink::start("127.0.0.1", Options::new(Behavior::TempFail)).await;
+    let sender_sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let relay = Relay::start(
+        dir.path(),
+        &format!(
+            "retry = [\"1s\"]\nmax_age = \"3s\"\n[delivery.routes]\n\"dest.test\" = \"smtp://{}\"\n\"origin.test\" = \"smtp://{}\"\n",
+            deferring.addr, sender_sink.addr
+        ),
+    )
+    .await;
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["late@dest.test"],
+        "",
+        "",
+        &body("too late"),
+    )
+    .await
+    .unwrap();
+    let got = sender_sink.wait_for(1, WAIT).await;
+    let status = dsn_status(&got[0].data);
+    assert!(
+        status.contains("Final-Recipient: rfc822; late@dest.test"),
+        "{status}"
+    );
+    assert!(
+        status.contains("Action: failed") && status.contains("Status: 4.4.7"),
+        "{status}"
+    );
+    assert!(
+        status.contains("451 4.3.0 try later"),
+        "last reply reported: {status}"
+    );
+    assert!(
+        deferring
+            .transactions
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 2,
+        "retried before expiry"
+    );
+    assert!(
+        eventually(WAIT, || relay.spooled().is_empty().then_some(()))
+            .await
+            .is_some()
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smarthost_auth_only_over_verified_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (acceptor, ca) = sink::tls_acceptor(dir.path(), &["sink.test"]);
+    let mut opts = Options::new(Behavior::Accept);
+    opts.tls = Some(acceptor);
+    opts.auth = Some(("relayuser".into(), "s3cret:pw".into()));
+    let tls_sink = Sink::start("127.0.0.1", opts).await;
+    // A sink that offers AUTH in clear text and no STARTTLS: must never get the password.
+    let mut clear = Options::new(Behavior::Accept);
+    clear.auth = Some(("relayuser".into(), "s3cret:pw".into()));
+    clear.auth_in_clear = true;
+    let clear_sink = Sink::start("127.0.0.1", clear).await;
+    let dns = DnsServer::start().await;
+    dns.a("sink.test", &["127.0.0.1"]);
+    let relay = Relay::start(
+        dir.path(),
+        &format!(
+            "nameservers = [\"{}\"]\ntls_ca = \"{}\"\nretry = [\"1h\"]\n[delivery.routes]\n\"dest.test\" = \"smtp://relayuser:s3cret%3Apw@sink.test:{}\"\n\"clear.test\" = \"smtp://relayuser:s3cret%3Apw@127.0.0.1:{}\"\n",
+            dns.addr,
+            ca.display(),
+            tls_sink.addr.port(),
+            clear_sink.addr.port()
+        ),
+    )
+    .await;
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["b@dest.test"],
+        "",
+        "",
+        &body("auth"),
+    )
+    .await
+    .unwrap();
+    let id = relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["b@clear.test"],
+        "",
+        "",
+        &body("no auth"),
+    )
+    .await
+    .unwrap();
+    let got = tls_sink.wait_for(1, WAIT).await;
+    assert!(got[0].tls, "delivered over TLS");
+    assert_eq!(got[0].auth.as_deref(), Some("relayuser"));
+    // The clear-text hop: deferred, no AUTH attempt, no transaction.
+    let deferred = eventually(WAIT, || {
+        let out = relay::queue_cmd(&relay.config, &["show", &id, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (v["state"] == "deferred").then_some(v)
+    })
+    .await
+    .expect("deferred");
+    assert!(
+        deferred["last_reply"]
+            .as_str()
+            .unwrap()
+            .contains("only sent over TLS"),
+        "{deferred}"
+    );
+    assert_eq!(
+        clear_sink
+            .auth_attempts
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert_eq!(
+        clear_sink
+            .transactions
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    relay.stop().await;
+}
