@@ -507,3 +507,212 @@ async fn smarthost_auth_only_over_verified_tls() {
     );
     relay.stop().await;
 }
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_commands_on_a_running_and_a_stopped_relay() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start("127.0.0.1", Options::new(Behavior::TempFail)).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", relay::free_port()).parse().unwrap();
+    let config = relay::write_config(
+        dir.path(),
+        addr,
+        &format!("smarthost = \"smtp://{}\"\nretry = [\"1h\"]\n", sink.addr),
+    );
+    let bin = Binary::serve(&config, addr, &dir.path().join("relay.log")).await;
+    let id = relay::send(
+        addr,
+        "a@origin.test",
+        &["b@dest.test", "c@dest.test"],
+        "",
+        "",
+        &body("q"),
+    )
+    .await
+    .unwrap();
+    let listed = eventually(WAIT, || {
+        let v = json(&relay::queue_cmd(&config, &["list", "--json"]));
+        (v[0]["state"] == "deferred").then_some(v)
+    })
+    .await
+    .expect("deferred after the first attempt");
+    let e = &listed[0];
+    assert_eq!(e["id"], id.as_str());
+    assert_eq!(e["sender"], "a@origin.test");
+    assert_eq!(e["attempts"], 1);
+    assert!(e["next_attempt"].as_u64().unwrap() > 0);
+    assert!(
+        e["last_reply"].as_str().unwrap().contains("451 4.3.0"),
+        "{e}"
+    );
+    assert_eq!(e["recipients"].as_array().unwrap().len(), 2);
+    assert_eq!(e["recipients"][0]["state"], "deferred");
+    let sock = dir.path().join("spool/control.sock");
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = relay::queue_cmd(&config, &["list"]);
+    assert!(
+        text.contains(&id) && text.contains("b@dest.test") && text.contains("deferred"),
+        "{text}"
+    );
+
+    relay::queue_cmd(&config, &["hold", &id]);
+    assert_eq!(
+        json(&relay::queue_cmd(&config, &["show", &id, "--json"]))["state"],
+        "held"
+    );
+    let before = sink.transactions.load(SeqCst);
+    relay::queue_cmd(&config, &["flush"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sink.transactions.load(SeqCst),
+        before,
+        "a held message was tried"
+    );
+    relay::queue_cmd(&config, &["release", &id]);
+    assert!(
+        eventually(WAIT, || (sink.transactions.load(SeqCst) > before)
+            .then_some(()))
+        .await
+        .is_some(),
+        "release retries now"
+    );
+    let after_release = sink.transactions.load(SeqCst);
+    eventually(WAIT, || {
+        (json(&relay::queue_cmd(&config, &["show", &id, "--json"]))["attempts"] == 2).then_some(())
+    })
+    .await
+    .expect("second pass recorded");
+    relay::queue_cmd(&config, &["flush", &id]);
+    assert!(
+        eventually(WAIT, || (sink.transactions.load(SeqCst) > after_release)
+            .then_some(()))
+        .await
+        .is_some(),
+        "flush retries now"
+    );
+
+    // Stopped relay: the command works on the files.
+    bin.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v = json(&relay::queue_cmd(&config, &["list", "--json"]));
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    relay::queue_cmd(&config, &["hold", &id]);
+    assert_eq!(
+        json(&relay::queue_cmd(&config, &["show", &id, "--json"]))["state"],
+        "held"
+    );
+    relay::queue_cmd(&config, &["release", &id]);
+    assert_eq!(
+        json(&relay::queue_cmd(&config, &["show", &id, "--json"]))["state"],
+        "queued"
+    );
+    relay::queue_cmd(&config, &["delete", &id]);
+    assert_eq!(
+        json(&relay::queue_cmd(&config, &["list", "--json"])),
+        serde_json::json!([])
+    );
+    assert!(relay::spooled(&dir.path().join("spool")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_delivery_loses_nothing_acknowledged() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    const SENDERS: usize = 8;
+    const PER_SENDER: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", relay::free_port()).parse().unwrap();
+    let config = relay::write_config(
+        dir.path(),
+        addr,
+        &format!("smarthost = \"smtp://{}\"\nretry = [\"1s\"]\n", sink.addr),
+    );
+    let bin = Binary::serve(&config, addr, &dir.path().join("relay1.log")).await;
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut tasks = Vec::new();
+    for s in 0..SENDERS {
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..PER_SENDER {
+                let subject = format!("msg-{s}-{n}");
+                match relay::send(
+                    addr,
+                    "a@origin.test",
+                    &["b@dest.test"],
+                    "",
+                    "",
+                    &body(&subject),
+                )
+                .await
+                {
+                    Ok(_) => acked.lock().unwrap().push(subject),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    // Kill while messages are both arriving and being delivered.
+    eventually(WAIT, || (sink.messages().len() >= 40).then_some(()))
+        .await
+        .expect("delivery under way");
+    bin.kill();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 40);
+    let _bin = Binary::serve(&config, addr, &dir.path().join("relay2.log")).await;
+    let subject_of = |data: &[u8]| {
+        let text = String::from_utf8_lossy(data);
+        text.lines()
+            .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+            .unwrap_or_default()
+    };
+    let counts = eventually(Duration::from_secs(60), || {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for m in sink.messages() {
+            *counts.entry(subject_of(&m.data)).or_default() += 1;
+        }
+        acked
+            .iter()
+            .all(|s| counts.contains_key(s))
+            .then_some(counts)
+    })
+    .await;
+    let Some(counts) = counts else {
+        let counts: std::collections::HashSet<String> = sink
+            .messages()
+            .iter()
+            .map(|m| subject_of(&m.data))
+            .collect();
+        let missing: Vec<_> = acked.iter().filter(|s| !counts.contains(*s)).collect();
+        panic!(
+            "{} acknowledged message(s) never delivered: {missing:?}",
+            missing.len()
+        );
+    };
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    eprintln!(
+        "sigkill test: {} acknowledged, {} delivered, {} distinct, {} duplicate(s)",
+        acked.len(),
+        sink.messages().len(),
+        counts.len(),
+        duplicates
+    );
+    assert!(
+        eventually(WAIT, || relay::spooled(&dir.path().join("spool"))
+            .is_empty()
+            .then_some(()))
+        .await
+        .is_some()
+    );
+}
