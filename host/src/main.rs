@@ -186,7 +186,7 @@ fn queue(path: &std::path::Path, command: QueueCommand) -> anyhow::Result<()> {
 fn print_entry(e: &Entry) {
     let sender = if e.sender.is_empty() { "<>" } else { &e.sender };
     let next = match e.next_attempt {
-        Some(t) => format!("next in {}s", t.saturating_sub(e.received + e.age).max(0)),
+        Some(t) => format!("next in {}s", t.saturating_sub(e.received + e.age)),
         None => String::new(),
     };
     println!(

@@ -62,7 +62,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 fn notify(flags: u64) -> Option<Notify> {
     use smtp_proto::*;
     let any = RCPT_NOTIFY_NEVER | RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY;
-    (flags & any != 0).then(|| Notify {
+    (flags & any != 0).then_some(Notify {
         never: flags & RCPT_NOTIFY_NEVER != 0,
         success: flags & RCPT_NOTIFY_SUCCESS != 0,
         failure: flags & RCPT_NOTIFY_FAILURE != 0,

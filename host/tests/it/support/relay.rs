@@ -123,9 +123,11 @@ impl Binary {
             .stderr(log)
             .spawn()
             .unwrap();
+        // Owned by `Binary` at once, so its Drop reaps the child on every path.
+        let bin = Binary { child };
         for _ in 0..200 {
             if TcpStream::connect(addr).await.is_ok() {
-                return Binary { child };
+                return bin;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -223,7 +225,7 @@ pub async fn send(
     if !data.ends_with("\r\n") {
         data.push_str("\r\n");
     }
-    data.push_str(".");
+    data.push('.');
     let done = cmd(&mut conn, &data, "250").await?;
     let _ = cmd(&mut conn, "QUIT", "221").await;
     done.trim_end()
