@@ -119,9 +119,10 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let server = Server::bind_without_plugins(config).await?;
-        Delivery::start(server.context(), server.local_addrs())
+        let delivery = Delivery::start(server.context(), server.local_addrs())
             .await
             .context("starting delivery")?;
+        let grace = server.context().config.limits.shutdown_grace.0;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         server
@@ -132,6 +133,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
                 }
             })
             .await;
+        delivery.shutdown(grace).await;
         tracing::info!("stopped");
         anyhow::Ok(())
     })

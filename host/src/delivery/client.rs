@@ -350,18 +350,6 @@ impl Client {
                 ),
             )));
         }
-        // Turning 8-bit content into 7-bit would mean re-encoding MIME parts,
-        // which can break signatures: refuse instead, as RFC 6152 allows.
-        if eight_bit && !self.has(EXT_8BIT_MIME) {
-            return Err(Error::Unsupported(Reply::new(
-                554,
-                "5.6.3",
-                format!(
-                    "{} does not support 8BITMIME and the message has 8-bit content",
-                    self.host
-                ),
-            )));
-        }
         let utf8 = self.has(EXT_SMTP_UTF8);
         let no_utf8 = |what: &str| {
             Error::Unsupported(Reply::new(
@@ -449,6 +437,25 @@ impl Client {
                 .collect());
         }
 
+        // Checked after the addresses: a recipient that needs SMTPUTF8 gets
+        // 5.6.7, the more precise reason, even when the content is 8-bit too.
+        // Turning 8-bit content into 7-bit would mean re-encoding MIME parts,
+        // which can break signatures: refuse instead, as RFC 6152 allows.
+        if eight_bit && !self.has(EXT_8BIT_MIME) {
+            let host = self.host.clone();
+            return Ok(outcomes
+                .into_iter()
+                .map(|o| {
+                    o.unwrap_or_else(|| {
+                        Err(Error::Unsupported(Reply::new(
+                            554,
+                            "5.6.3",
+                            format!("{host} does not support 8BITMIME and the message has 8-bit content"),
+                        )))
+                    })
+                })
+                .collect());
+        }
         let pipelined = self.has(EXT_PIPELINING);
         let mut accepted = Vec::new();
         let mut data_reply = None;

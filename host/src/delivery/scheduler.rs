@@ -73,8 +73,15 @@ struct Sched {
     dests: HashMap<String, Dest>,
     /// Retry timers: (unix seconds, id).
     deferred: BinaryHeap<Reverse<(u64, QueueId)>>,
+    /// The ids in `deferred`, so a scan does not add a second timer.
+    timed: HashSet<QueueId>,
     /// Some messages are in the spool but neither active nor timed.
     scan_needed: bool,
+    /// ... because the active set was full: scan again soon, not every
+    /// `SCAN_INTERVAL`.
+    scan_soon: bool,
+    /// Shutting down: no new jobs start.
+    stopping: bool,
     last_scan: Option<Instant>,
     connections: usize,
     /// Destinations with jobs that wait for a global connection slot.
@@ -196,6 +203,21 @@ impl Delivery {
         Ok(delivery)
     }
 
+    /// Stops starting deliveries and waits up to `grace` for the transactions
+    /// in flight to finish and record their outcome, so that a clean restart
+    /// delivers nothing twice.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shared.lock().stopping = true;
+        let deadline = Instant::now() + grace;
+        while self.shared.lock().connections > 0 {
+            if Instant::now() >= deadline {
+                tracing::warn!("delivery shutdown grace period over; connections cut");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The spool folder.
     pub fn spool_root(&self) -> PathBuf {
         self.shared.spool.root().to_path_buf()
@@ -272,10 +294,14 @@ impl Shared {
     }
 
     fn push_deferred(&self, s: &mut Sched, at: u64, id: QueueId) {
+        if s.timed.contains(&id) {
+            return;
+        }
         if s.deferred.len() >= self.max_deferred() {
             s.scan_needed = true;
             return;
         }
+        s.timed.insert(id.clone());
         let earliest = s.deferred.peek().map(|Reverse((t, _))| *t);
         s.deferred.push(Reverse((at, id)));
         if earliest.is_none_or(|t| at < t) {
@@ -288,11 +314,12 @@ impl Shared {
     async fn admit(self: Arc<Self>, id: QueueId, force: bool) {
         {
             let mut s = self.lock();
-            if s.active.contains_key(&id) || s.admitting.contains(&id) {
+            if s.stopping || s.active.contains_key(&id) || s.admitting.contains(&id) {
                 return;
             }
             if s.active.len() + s.admitting.len() >= self.config.delivery.max_active {
                 s.scan_needed = true;
+                s.scan_soon = true;
                 return;
             }
             s.admitting.insert(id.clone());
@@ -529,6 +556,9 @@ impl Shared {
         loop {
             let next = {
                 let mut s = self.lock();
+                if s.stopping {
+                    break;
+                }
                 let Some(d) = s.dests.get_mut(&key) else {
                     break;
                 };
@@ -810,7 +840,11 @@ impl Shared {
             }
             a.jobs_left = a.jobs_left.saturating_sub(1);
             if a.jobs_left == 0 {
-                s.active.remove(id)
+                let a = s.active.remove(id);
+                if s.scan_soon && s.active.len() < self.config.delivery.max_active / 2 + 1 {
+                    self.timer.notify_one();
+                }
+                a
             } else {
                 None
             }
@@ -973,22 +1007,37 @@ impl Shared {
                         break;
                     }
                     if let Some(Reverse((_, id))) = s.deferred.pop() {
+                        s.timed.remove(&id);
                         due.push(id);
                     }
                 }
+                let every = if s.scan_soon {
+                    Duration::from_secs(1)
+                } else {
+                    SCAN_INTERVAL
+                };
                 let wait = s
                     .deferred
                     .peek()
                     .map(|Reverse((t, _))| Duration::from_secs(t.saturating_sub(now)))
                     .unwrap_or(SCAN_INTERVAL)
-                    .min(SCAN_INTERVAL);
+                    .min(every);
                 let scan = s.scan_needed
+                    && !s.stopping
                     && s.active.len() < self.config.delivery.max_active / 2 + 1
-                    && s.last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
+                    && s.last_scan.is_none_or(|t| t.elapsed() >= every);
                 if scan {
                     s.scan_needed = false;
+                    s.scan_soon = false;
                     s.last_scan = Some(Instant::now());
                 }
+                // Destinations idle since their backoff ended are forgotten.
+                let now_i = Instant::now();
+                s.dests.retain(|_, d| {
+                    d.connections > 0
+                        || !d.queue.is_empty()
+                        || d.backoff_until.is_some_and(|u| u > now_i)
+                });
                 (due, wait, scan)
             };
             for id in due {

@@ -716,3 +716,134 @@ async fn sigkill_during_delivery_loses_nothing_acknowledged() {
         .is_some()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_restart_during_delivery_delivers_nothing_twice() {
+    use std::collections::HashMap;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", relay::free_port()).parse().unwrap();
+    let config = relay::write_config(
+        dir.path(),
+        addr,
+        &format!("smarthost = \"smtp://{}\"\nretry = [\"1s\"]\n", sink.addr),
+    );
+    let bin = Binary::serve(&config, addr, &dir.path().join("relay1.log")).await;
+    let mut tasks = Vec::new();
+    for s in 0..4 {
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0..30 {
+                let subject = format!("msg-{s}-{n}");
+                if relay::send(
+                    addr,
+                    "a@origin.test",
+                    &["b@dest.test"],
+                    "",
+                    "",
+                    &body(&subject),
+                )
+                .await
+                .is_ok()
+                {
+                    acked.push(subject);
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert_eq!(acked.len(), 120);
+    // Stop while deliveries may still be in flight, then start again.
+    let status = bin.terminate();
+    assert!(status.success(), "{status:?}");
+    let _bin = Binary::serve(&config, addr, &dir.path().join("relay2.log")).await;
+    let subject_of = |data: &[u8]| {
+        let text = String::from_utf8_lossy(data);
+        text.lines()
+            .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+            .unwrap_or_default()
+    };
+    eventually(WAIT, || {
+        (sink.messages().len() >= acked.len()).then_some(())
+    })
+    .await
+    .expect("all delivered");
+    assert!(
+        eventually(WAIT, || relay::spooled(&dir.path().join("spool"))
+            .is_empty()
+            .then_some(()))
+        .await
+        .is_some()
+    );
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for m in sink.messages() {
+        *counts.entry(subject_of(&m.data)).or_default() += 1;
+    }
+    let dups: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(dups.is_empty(), "delivered twice: {dups:?}");
+    assert!(acked.iter().all(|s| counts.contains_key(s)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_hop_lacking_8bitmime_smtputf8_or_size_fails_with_the_right_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = Options::new(Behavior::Accept);
+    opts.minimal = true;
+    let old = Sink::start("127.0.0.1", opts).await;
+    let sender_sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let relay = Relay::start(
+        dir.path(),
+        &format!(
+            "[delivery.routes]\n\"dest.test\" = \"smtp://{}\"\n\"origin.test\" = \"smtp://{}\"\n",
+            old.addr, sender_sink.addr
+        ),
+    )
+    .await;
+    let send = |rcpt: &'static str, params: &'static str, text: String| {
+        let addr = relay.addr;
+        async move {
+            relay::send(addr, "a@origin.test", &[rcpt], params, "", &text)
+                .await
+                .unwrap()
+        }
+    };
+    send(
+        "eight@dest.test",
+        " BODY=8BITMIME",
+        "Subject: 8bit\n\nCaf\u{e9}\n".into(),
+    )
+    .await;
+    send("\u{fc}ser@dest.test", " SMTPUTF8", body("utf8 address")).await;
+    send(
+        "big@dest.test",
+        "",
+        format!("Subject: big\n\n{}\n", "x".repeat(3000)),
+    )
+    .await;
+    // 7-bit content declared 8BITMIME goes through without the parameter.
+    send("seven@dest.test", " BODY=8BITMIME", body("plain ascii")).await;
+    let bounces = sender_sink.wait_for(3, WAIT).await;
+    let all: String = bounces.iter().map(|m| dsn_status(&m.data)).collect();
+    for (rcpt, code) in [
+        ("eight@dest.test", "5.6.3"),
+        ("\u{fc}ser@dest.test", "5.6.7"),
+        ("big@dest.test", "5.3.4"),
+    ] {
+        let block = all
+            .split("\r\n\r\n")
+            .find(|b| b.contains(&format!("; {rcpt}")))
+            .unwrap_or_else(|| panic!("no report about {rcpt}: {all}"));
+        assert!(
+            block.contains(&format!("Status: {code}")),
+            "{rcpt}: {block}"
+        );
+    }
+    let got = old.wait_for(1, WAIT).await;
+    assert_eq!(got[0].rcpts, vec!["seven@dest.test"]);
+    assert!(!got[0].mail.contains("BODY="), "{}", got[0].mail);
+    relay.stop().await;
+}

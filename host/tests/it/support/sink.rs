@@ -60,6 +60,8 @@ pub struct Options {
     pub auth: Option<(String, String)>,
     /// Offer AUTH before TLS too (to check that the client does not use it).
     pub auth_in_clear: bool,
+    /// Advertise only PIPELINING and SIZE 2000 (no 8BITMIME, SMTPUTF8, DSN).
+    pub minimal: bool,
 }
 
 impl Options {
@@ -70,6 +72,7 @@ impl Options {
             tls: None,
             auth: None,
             auth_in_clear: false,
+            minimal: false,
         }
     }
 }
@@ -179,15 +182,19 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
         let cmd = line.trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") {
-            let mut caps = vec![
-                "sink.test",
-                "PIPELINING",
-                "8BITMIME",
-                "SMTPUTF8",
-                "DSN",
-                "SIZE 10000000",
-                "ENHANCEDSTATUSCODES",
-            ];
+            let mut caps = if sh.opts.minimal {
+                vec!["sink.test", "PIPELINING", "SIZE 2000"]
+            } else {
+                vec![
+                    "sink.test",
+                    "PIPELINING",
+                    "8BITMIME",
+                    "SMTPUTF8",
+                    "DSN",
+                    "SIZE 10000000",
+                    "ENHANCEDSTATUSCODES",
+                ]
+            };
             if sh.opts.tls.is_some() && !tls {
                 caps.push("STARTTLS");
             }
