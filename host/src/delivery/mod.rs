@@ -96,6 +96,9 @@ pub enum Error {
     /// The spool could not be read or written.
     #[error(transparent)]
     Spool(#[from] crate::queue::Error),
+    /// Delivery could not start (resolver, CA file).
+    #[error("delivery setup: {0}")]
+    Setup(String),
     /// A local-folder route could not be written.
     #[error("local folder {path}: {source}")]
     LocalFolder {
@@ -111,7 +114,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Dns { transient, .. } => *transient,
-            Error::NullMx(_) | Error::Loop(_) | Error::Unsupported(_) => false,
+            Error::NullMx(_) | Error::Loop(_) | Error::Unsupported(_) | Error::Setup(_) => false,
             Error::Rejected { reply, .. } => reply.code < 500,
             Error::Connect { .. }
             | Error::Timeout { .. }
@@ -141,7 +144,9 @@ impl Error {
             Error::Io { .. } => Reply::new(451, "4.4.2", text),
             Error::Tls(_) => Reply::new(451, "4.7.5", text),
             Error::Protocol(_) => Reply::new(451, "4.5.0", text),
-            Error::Spool(_) | Error::LocalFolder { .. } => Reply::new(451, "4.3.0", text),
+            Error::Spool(_) | Error::LocalFolder { .. } | Error::Setup(_) => {
+                Reply::new(451, "4.3.0", text)
+            }
         }
     }
 }

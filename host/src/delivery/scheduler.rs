@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::bounce;
 use super::client::{Client, Hop, Outgoing, Timeouts, TlsUse};
@@ -39,6 +39,9 @@ use crate::smtp::reply::Reply;
 const CACHE_BODY_MAX: u64 = 128 * 1024;
 /// Addresses tried per destination per connection attempt (Postfix: 5).
 const MAX_ADDRESSES: usize = 5;
+/// How long a connection with nothing to do stays open for the next message
+/// to its destination (Postfix's `smtp_connection_cache_time_limit`).
+const IDLE_TIME: Duration = Duration::from_secs(2);
 /// How often the spool is scanned for messages that did not fit in memory.
 const SCAN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -109,6 +112,9 @@ struct Dest {
     backoff_until: Option<Instant>,
     backoff: Duration,
     last_error: Option<Reply>,
+    /// Connections with nothing to do, waiting up to `IDLE_TIME` for a job
+    /// (Postfix's connection cache): a send wakes one.
+    idle: VecDeque<oneshot::Sender<()>>,
 }
 
 struct Job {
@@ -165,9 +171,9 @@ impl Delivery {
     pub async fn start(ctx: &Arc<Context>, own: Vec<SocketAddr>) -> Result<Delivery, Error> {
         let config = ctx.config.clone();
         let d = &config.delivery;
-        let dns = Dns::new(&d.nameservers).map_err(Error::Tls)?;
+        let dns = Dns::new(&d.nameservers).map_err(Error::Setup)?;
         let tls = ClientTls::new(d.tls_ca.as_ref().map(|p| config.resolve(p)).as_deref())
-            .map_err(Error::Tls)?;
+            .map_err(Error::Setup)?;
         let queue_dir = ctx.spool.root().join("queue");
         let removed = state::remove_orphans(&queue_dir)?;
         if removed > 0 {
@@ -207,7 +213,16 @@ impl Delivery {
     /// in flight to finish and record their outcome, so that a clean restart
     /// delivers nothing twice.
     pub async fn shutdown(&self, grace: Duration) {
-        self.shared.lock().stopping = true;
+        {
+            let mut s = self.shared.lock();
+            s.stopping = true;
+            // Idle connections wake, see `stopping` and close.
+            for d in s.dests.values_mut() {
+                for waiter in d.idle.drain(..) {
+                    let _ = waiter.send(());
+                }
+            }
+        }
         let deadline = Instant::now() + grace;
         while self.shared.lock().connections > 0 {
             if Instant::now() >= deadline {
@@ -449,6 +464,7 @@ impl Shared {
                 backoff_until: None,
                 backoff: Duration::ZERO,
                 last_error: None,
+                idle: VecDeque::new(),
             });
             dest.queue.push_back(Job {
                 id: id.clone(),
@@ -535,8 +551,19 @@ impl Shared {
             }
             d.backoff_until = None;
         }
+        // Idle connections first: reuse beats a new TCP and SMTP handshake.
+        let mut unserved = d.queue.len();
+        while unserved > 0 {
+            let Some(waiter) = d.idle.pop_front() else {
+                break;
+            };
+            if waiter.send(()).is_ok() {
+                unserved -= 1;
+            }
+        }
         let mut starved = false;
-        while d.connections < per_dest.min(d.queue.len().max(1)) && !d.queue.is_empty() {
+        while unserved > 0 && d.connections < per_dest {
+            unserved -= 1;
             if s.connections >= global {
                 starved = true;
                 break;
@@ -569,13 +596,25 @@ impl Shared {
                             .active
                             .get(&job.id)
                             .map(|a| (a.meta.clone(), a.body.clone(), a.cancel));
-                        Some((job, target, info))
+                        Ok((job, target, info))
                     }
-                    None => None,
+                    // Registered under the same lock that found the queue empty,
+                    // so a job queued right after finds this connection.
+                    None if client.as_ref().is_some_and(Client::is_usable) => {
+                        let (tx, rx) = oneshot::channel();
+                        d.idle.push_back(tx);
+                        Err(Some(rx))
+                    }
+                    None => Err(None),
                 }
             };
-            let Some((job, target, info)) = next else {
-                break;
+            let (job, target, info) = match next {
+                Ok(next) => next,
+                Err(Some(wake)) => match tokio::time::timeout(IDLE_TIME, wake).await {
+                    Ok(Ok(())) => continue,
+                    _ => break,
+                },
+                Err(None) => break,
             };
             let Some((meta, body, cancel)) = info else {
                 continue;
@@ -679,6 +718,9 @@ impl Shared {
         let remove = match s.dests.get_mut(&key) {
             Some(d) => {
                 d.connections -= 1;
+                if d.connections == 0 {
+                    d.idle.clear();
+                }
                 d.connections == 0 && d.queue.is_empty() && d.backoff_until.is_none()
             }
             None => false,

@@ -847,3 +847,40 @@ async fn next_hop_lacking_8bitmime_smtputf8_or_size_fails_with_the_right_code() 
     assert!(!got[0].mail.contains("BODY="), "{}", got[0].mail);
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_to_the_relay_itself_bounces_as_a_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let sender_sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", relay::free_port()).parse().unwrap();
+    let config = relay::write_config(
+        dir.path(),
+        addr,
+        &format!(
+            "[delivery.routes]\n\"loop.test\" = \"smtp://{addr}\"\n\"origin.test\" = \"smtp://{}\"\n",
+            sender_sink.addr
+        ),
+    );
+    let _bin = Binary::serve(&config, addr, &dir.path().join("relay.log")).await;
+    relay::send(
+        addr,
+        "a@origin.test",
+        &["b@loop.test"],
+        "",
+        "",
+        &body("loop"),
+    )
+    .await
+    .unwrap();
+    let got = sender_sink.wait_for(1, WAIT).await;
+    let status = dsn_status(&got[0].data);
+    assert!(status.contains("Status: 5.4.6"), "{status}");
+    assert!(status.contains("loops back"), "{status}");
+    assert!(
+        eventually(WAIT, || relay::spooled(&dir.path().join("spool"))
+            .is_empty()
+            .then_some(()))
+        .await
+        .is_some()
+    );
+}
