@@ -517,6 +517,9 @@ impl Shared {
         let per_dest = self.config.delivery.max_per_destination;
         let global = self.config.delivery.max_connections;
         let now = Instant::now();
+        if s.stopping {
+            return;
+        }
         let Some(d) = s.dests.get_mut(key) else {
             return;
         };
