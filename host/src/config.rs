@@ -311,6 +311,21 @@ pub struct DeliveryConfig {
     pub retry: Vec<HumanDuration>,
     /// Give up and bounce after this long.
     pub max_age: HumanDuration,
+    /// Per-domain routes: recipient domain (lowercase) to `"mx"`, `"mx:other.domain"`,
+    /// `"smtp://host:port"` or `"smtps://host:port"`. Takes precedence over `smarthost`.
+    pub routes: BTreeMap<String, String>,
+    /// Outbound connections open at once, over all destinations.
+    pub max_connections: usize,
+    /// Outbound connections open at once to one destination (Postfix's default is 20).
+    pub max_per_destination: usize,
+    /// Messages held in memory for delivery at once; the rest wait in the spool.
+    pub max_active: usize,
+    /// Where failed mail from the null sender goes (absent: logged and dropped).
+    pub postmaster: Option<String>,
+    /// Time allowed to open a TCP connection to a next hop.
+    pub connect_timeout: HumanDuration,
+    /// The folder that `local-folder` routes are relative to.
+    pub local_folder: PathBuf,
 }
 
 impl Default for DeliveryConfig {
@@ -326,6 +341,13 @@ impl Default for DeliveryConfig {
                 .map(|s| s.parse().expect("valid default"))
                 .collect(),
             max_age: HumanDuration(Duration::from_secs(5 * 86400)),
+            routes: BTreeMap::new(),
+            max_connections: 100,
+            max_per_destination: 20,
+            max_active: 10_000,
+            postmaster: None,
+            connect_timeout: HumanDuration(Duration::from_secs(30)),
+            local_folder: PathBuf::from("local"),
         }
     }
 }
@@ -527,6 +549,33 @@ impl Config {
                 );
             }
         }
+        if let Some(url) = &self.delivery.smarthost {
+            crate::delivery::NextHop::parse(url)
+                .map_err(|e| self.invalid("delivery.smarthost", e))?;
+        }
+        for (domain, route) in &self.delivery.routes {
+            crate::delivery::NextHop::parse(route)
+                .map_err(|e| self.invalid(&format!("delivery.routes.{domain}"), e))?;
+        }
+        for (key, n) in [
+            ("delivery.max_connections", self.delivery.max_connections),
+            (
+                "delivery.max_per_destination",
+                self.delivery.max_per_destination,
+            ),
+            ("delivery.max_active", self.delivery.max_active),
+        ] {
+            if n == 0 {
+                return Err(self.invalid(key, "must be more than 0"));
+            }
+        }
+        if let Some(pm) = &self.delivery.postmaster {
+            if !pm.contains('@') {
+                return Err(
+                    self.invalid("delivery.postmaster", format!("{pm:?} is not an address"))
+                );
+            }
+        }
         Ok(())
     }
 
@@ -573,6 +622,9 @@ mod tests {
                 "password_hash",
             ),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\nretry = [\"5 minutes\"]\n", "retry"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\nsmarthost = \"ftp://x\"\n", "delivery.smarthost"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery.routes]\n\"a.test\" = \"smtp://\"\n", "delivery.routes.a.test"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\nmax_per_destination = 0\n", "max_per_destination"),
         ] {
             let err = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");

@@ -16,9 +16,12 @@
 //! - [`plugins`]: the plugin chain run at each hook.
 //! - [`envelope`]: sender, recipients, parameters, client facts.
 //! - [`queue`]: the durable spool; a 250 after DATA means it is fsynced here.
+//! - [`delivery`]: the queue manager and SMTP client that take spooled mail to
+//!   the next hop, retry it, bounce it, and the `postern queue` commands.
 
 pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod envelope;
 pub mod plugins;
 pub mod policy;

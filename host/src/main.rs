@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
 use postern::config::Config;
+use postern::delivery::control::{self, Entry, Request};
+use postern::delivery::Delivery;
 use postern::server::Server;
 
 /// A programmable SMTP relay.
@@ -35,6 +37,50 @@ enum Command {
     Passwd,
     /// Check the config file and print what it would run.
     Check,
+    /// Inspect and control the queue (of a running or a stopped relay).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Every message: id, age, size, sender, recipients with state, attempts,
+    /// next attempt, last reply.
+    List {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One message.
+    Show {
+        /// Queue id.
+        id: String,
+        /// Print a JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retry now: one message, or every one.
+    Flush {
+        /// Queue id (all when absent).
+        id: Option<String>,
+    },
+    /// Remove a message without a bounce.
+    Delete {
+        /// Queue id.
+        id: String,
+    },
+    /// Keep a message from being delivered until released.
+    Hold {
+        /// Queue id.
+        id: String,
+    },
+    /// Release a held (or quarantined) message and try it now.
+    Release {
+        /// Queue id.
+        id: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +88,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve(&cli.config),
         Command::Passwd => passwd(),
+        Command::Queue { command } => queue(&cli.config, command),
         Command::Check => {
             let config = Config::load(&cli.config)?;
             println!(
@@ -72,6 +119,10 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let server = Server::bind_without_plugins(config).await?;
+        let delivery = Delivery::start(server.context(), server.local_addrs())
+            .await
+            .context("starting delivery")?;
+        let grace = server.context().config.limits.shutdown_grace.0;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         server
@@ -82,6 +133,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
                 }
             })
             .await;
+        delivery.shutdown(grace).await;
         tracing::info!("stopped");
         anyhow::Ok(())
     })
@@ -97,4 +149,68 @@ fn passwd() -> anyhow::Result<()> {
     anyhow::ensure!(!password.is_empty(), "empty password on stdin");
     println!("{}", postern::auth::hash_password(password));
     Ok(())
+}
+
+fn queue(path: &std::path::Path, command: QueueCommand) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let spool = config.resolve(&config.spool.path);
+    let (req, json, single) = match command {
+        QueueCommand::List { json } => (Request::List, json, false),
+        QueueCommand::Show { id, json } => (Request::Show { id }, json, true),
+        QueueCommand::Flush { id } => (Request::Flush { id }, false, false),
+        QueueCommand::Delete { id } => (Request::Delete { id }, false, false),
+        QueueCommand::Hold { id } => (Request::Hold { id }, false, false),
+        QueueCommand::Release { id } => (Request::Release { id }, false, false),
+    };
+    let listing = matches!(req, Request::List | Request::Show { .. });
+    let entries = control::run(&spool, req).map_err(anyhow::Error::msg)?;
+    if !listing {
+        return Ok(());
+    }
+    if json {
+        let text = if single {
+            serde_json::to_string_pretty(&entries.first())?
+        } else {
+            serde_json::to_string_pretty(&entries)?
+        };
+        println!("{text}");
+        return Ok(());
+    }
+    for e in &entries {
+        print_entry(e);
+    }
+    if !single {
+        println!("-- {} message(s)", entries.len());
+    }
+    Ok(())
+}
+
+fn print_entry(e: &Entry) {
+    let sender = if e.sender.is_empty() { "<>" } else { &e.sender };
+    let next = match e.next_attempt {
+        Some(t) => format!("next in {}s", t.saturating_sub(e.received + e.age)),
+        None => String::new(),
+    };
+    println!(
+        "{}  {:>6}s {:>8}B  {:<8} attempts={} {}  {}",
+        e.id, e.age, e.size, e.state, e.attempts, next, sender
+    );
+    if let Some(reason) = &e.hold_reason {
+        println!("    held: {reason}");
+    }
+    for r in &e.recipients {
+        println!(
+            "    {} ({}, {} attempt(s)){}",
+            r.address,
+            serde_json::to_value(r.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            r.attempts,
+            r.last_reply
+                .as_deref()
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default()
+        );
+    }
 }

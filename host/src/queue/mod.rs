@@ -12,4 +12,4 @@ mod id;
 mod spool;
 
 pub use id::QueueId;
-pub use spool::{Error, QueuedMeta, Spool, StoredMessage};
+pub use spool::{list_ids, load as spool_load, Error, QueuedMeta, Spool, StoredMessage};

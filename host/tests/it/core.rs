@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::relay::{base_config, free_port, Relay};
+use crate::support::relay::{base_config, free_port, Relay, NO_DELIVERY};
 use crate::support::smtp::{queue_id, send_message, Raw};
 use crate::support::tls::make_cert;
 
@@ -82,6 +82,7 @@ path = "spool"
 domains = ["ours.test"]
 [smtp]
 received_auth_user = true
+{NO_DELIVERY}
 [[user]]
 name = "alice"
 password_hash = "{hash}"

@@ -1,5 +1,7 @@
-//! Integration tests: the real `postern` binary over real TCP, with real clients.
+//! Integration tests: one binary, modules per area, helpers in `support/`.
+//! The real `postern` binary or the library over real TCP, with real clients.
 
 mod core;
 mod crash;
+mod delivery;
 mod support;

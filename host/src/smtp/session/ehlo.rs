@@ -29,6 +29,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             "8BITMIME".into(),
             "SMTPUTF8".into(),
             "ENHANCEDSTATUSCODES".into(),
+            "DSN".into(),
             "CHUNKING".into(),
         ];
         if self.info.tls.is_none() && self.listener.offers_starttls() {

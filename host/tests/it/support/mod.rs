@@ -1,5 +1,27 @@
-//! Helpers shared by the integration tests.
+//! Test helpers: a DNS server, capture sinks, a relay started as a library or
+//! as the binary, minimal SMTP clients, and certificates.
 
+#![allow(dead_code)]
+
+pub mod dns;
+pub mod inprocess;
 pub mod relay;
+pub mod sink;
 pub mod smtp;
 pub mod tls;
+
+use std::time::Duration;
+
+/// Polls `f` until it returns `Some`, for at most `timeout`.
+pub async fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

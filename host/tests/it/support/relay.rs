@@ -29,8 +29,10 @@ pub struct Relay {
 }
 
 /// The config used by most tests: a relay listener on `port`, trusted
-/// 127.0.0.0/8, relay domain `ours.test`, spool in `dir`. `extra` is appended
-/// (more listeners, other sections).
+/// 127.0.0.0/8, relay domain `ours.test`, spool in `dir`, and delivery to a
+/// smart host on a loopback port where nothing listens, so messages stay
+/// queued (deferred) and no test looks anything up outside this machine.
+/// `extra` is appended (more listeners, other sections).
 pub fn base_config(port: u16, extra: &str) -> String {
     format!(
         r#"hostname = "mx.ours.test"
@@ -41,10 +43,15 @@ path = "spool"
 [relay]
 networks = ["127.0.0.0/8"]
 domains = ["ours.test"]
+{NO_DELIVERY}
 {extra}
 "#
     )
 }
+
+/// A `[delivery]` table that keeps messages queued: the smart host is a
+/// loopback port with nothing behind it.
+pub const NO_DELIVERY: &str = "[delivery]\nsmarthost = \"smtp://127.0.0.1:9\"\n";
 
 impl Relay {
     /// Starts a relay with [`base_config`] and waits until it listens.

@@ -1,0 +1,311 @@
+//! Where one recipient goes: the plugin route hook first, then the per-domain
+//! route table, then the smart host, then MX lookup of the recipient's domain.
+
+use std::fmt;
+
+use crate::config::DeliveryConfig;
+use crate::envelope::Recipient;
+use crate::policy::Route;
+use crate::smtp::reply::Reply;
+
+/// A configured next hop: MX lookup, or a smart host URL.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NextHop {
+    /// MX lookup: of the recipient's domain, or of the given one.
+    Mx(Option<String>),
+    /// A smart host.
+    Smarthost(SmartHost),
+}
+
+/// `smtp://[user:password@]host[:port]` or `smtps://...`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SmartHost {
+    /// `smtps://`: TLS from the first byte (RFC 8314).
+    pub implicit_tls: bool,
+    /// Host name or IP address (without brackets).
+    pub host: String,
+    /// TCP port (default 25 for `smtp://`, 465 for `smtps://`).
+    pub port: u16,
+    /// AUTH credentials; only ever sent over TLS.
+    pub credentials: Option<(String, String)>,
+}
+
+// Credentials stay out of logs and debug output.
+impl fmt::Debug for SmartHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for SmartHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.implicit_tls { "smtps" } else { "smtp" };
+        let user = match &self.credentials {
+            Some((u, _)) => format!("{u}@"),
+            None => String::new(),
+        };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://{user}[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{user}{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Debug for NextHop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NextHop::Mx(None) => f.write_str("mx"),
+            NextHop::Mx(Some(d)) => write!(f, "mx:{d}"),
+            NextHop::Smarthost(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+impl NextHop {
+    /// Parses `mx`, `mx:domain`, `smtp://...` or `smtps://...`.
+    pub fn parse(s: &str) -> Result<NextHop, String> {
+        if s == "mx" {
+            return Ok(NextHop::Mx(None));
+        }
+        if let Some(domain) = s.strip_prefix("mx:") {
+            if domain.is_empty() || domain.contains(['@', '/', ' ']) {
+                return Err(format!("{s:?}: expected mx:domain"));
+            }
+            return Ok(NextHop::Mx(Some(domain.to_ascii_lowercase())));
+        }
+        SmartHost::parse(s).map(NextHop::Smarthost)
+    }
+}
+
+impl SmartHost {
+    /// Parses a smart host URL.
+    pub fn parse(url: &str) -> Result<SmartHost, String> {
+        let bad = |why: &str| {
+            format!("{url:?}: {why} (expected smtp://[user:password@]host[:port] or smtps://...)")
+        };
+        let (implicit_tls, rest) = if let Some(r) = url.strip_prefix("smtps://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("smtp://") {
+            (false, r)
+        } else {
+            return Err(bad("unknown scheme"));
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') {
+            return Err(bad("a path is not allowed"));
+        }
+        let (credentials, hostport) = match rest.rsplit_once('@') {
+            Some((userinfo, hp)) => {
+                let (u, p) = userinfo
+                    .split_once(':')
+                    .ok_or_else(|| bad("credentials need user:password"))?;
+                (Some((percent_decode(u)?, percent_decode(p)?)), hp)
+            }
+            None => (None, rest),
+        };
+        let default_port = if implicit_tls { 465 } else { 25 };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+                None if after.is_empty() => default_port,
+                None => return Err(bad("junk after ]")),
+            };
+            (h.to_string(), port)
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad("bad port"))?),
+                None => (hostport.to_string(), default_port),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        Ok(SmartHost {
+            implicit_tls,
+            host,
+            port,
+            credentials,
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("credentials in {s:?} are not UTF-8"))
+}
+
+/// A destination: the unit that has its own queue, connection limit and backoff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// MX lookup of this domain (lowercase).
+    Mx(String),
+    /// A smart host.
+    Smarthost(SmartHost),
+}
+
+impl Target {
+    /// The destination's name in queues and logs (never with a password).
+    pub fn key(&self) -> String {
+        match self {
+            Target::Mx(d) => format!("mx:{d}"),
+            Target::Smarthost(s) => s.to_string(),
+        }
+    }
+}
+
+/// What happens to a recipient, once routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Send over SMTP to this destination.
+    Deliver(Target),
+    /// Write into this folder (below `delivery.local_folder`).
+    LocalFolder(String),
+    /// Drop silently; counts as delivered.
+    Discard,
+    /// Fail permanently with this reply.
+    Reject(Reply),
+}
+
+/// Turns the route hook's answer and the config into a decision.
+pub fn decide(config: &DeliveryConfig, route: Route, rcpt: &Recipient) -> Decision {
+    let domain = rcpt
+        .address
+        .domain()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let configured = |hop: &NextHop| match hop {
+        NextHop::Mx(None) => Target::Mx(domain.clone()),
+        NextHop::Mx(Some(d)) => Target::Mx(d.clone()),
+        NextHop::Smarthost(s) => Target::Smarthost(s.clone()),
+    };
+    match route {
+        Route::Default => {
+            let hop = config
+                .routes
+                .get(&domain)
+                .or(config.smarthost.as_ref())
+                .and_then(|s| NextHop::parse(s).ok());
+            match hop {
+                Some(hop) => Decision::Deliver(configured(&hop)),
+                None => Decision::Deliver(Target::Mx(domain)),
+            }
+        }
+        Route::Mx(d) => Decision::Deliver(Target::Mx(d.trim_end_matches('.').to_ascii_lowercase())),
+        Route::Smarthost(url) => match SmartHost::parse(&url) {
+            Ok(s) => Decision::Deliver(Target::Smarthost(s)),
+            Err(e) => Decision::Reject(Reply::new(
+                554,
+                "5.3.5",
+                format!("route hook gave a bad smart host: {e}"),
+            )),
+        },
+        Route::LocalFolder(dir) => Decision::LocalFolder(dir),
+        Route::Discard => Decision::Discard,
+        Route::Reject(reply) => Decision::Reject(reply),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_next_hops() {
+        let sh = |tls, host: &str, port, creds: Option<(&str, &str)>| {
+            Ok(NextHop::Smarthost(SmartHost {
+                implicit_tls: tls,
+                host: host.into(),
+                port,
+                credentials: creds.map(|(u, p)| (u.into(), p.into())),
+            }))
+        };
+        for (input, expected) in [
+            ("mx", Ok(NextHop::Mx(None))),
+            (
+                "mx:Example.ORG",
+                Ok(NextHop::Mx(Some("example.org".into()))),
+            ),
+            ("smtp://relay.test", sh(false, "relay.test", 25, None)),
+            ("smtps://relay.test", sh(true, "relay.test", 465, None)),
+            ("smtp://127.0.0.1:2626", sh(false, "127.0.0.1", 2626, None)),
+            ("smtp://[::1]:26/", sh(false, "::1", 26, None)),
+            (
+                "smtps://u%40x:p%3Ass@relay.test:465",
+                sh(true, "relay.test", 465, Some(("u@x", "p:ss"))),
+            ),
+        ] {
+            assert_eq!(NextHop::parse(input), expected, "{input}");
+        }
+        for bad in [
+            "",
+            "ftp://x",
+            "smtp://",
+            "smtp://h:port",
+            "smtp://h/path",
+            "smtp://user@h",
+            "mx:",
+            "smtp://u:%zz@h",
+        ] {
+            assert!(NextHop::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn password_never_displayed() {
+        let NextHop::Smarthost(s) = NextHop::parse("smtp://user:secret@h:25").unwrap() else {
+            panic!("not a smart host");
+        };
+        assert_eq!(format!("{s} {s:?}"), "smtp://user@h:25 smtp://user@h:25");
+    }
+
+    #[test]
+    fn decisions() {
+        let mut config = DeliveryConfig::default();
+        config
+            .routes
+            .insert("special.test".into(), "smtp://10.0.0.1:2525".into());
+        let rcpt = |a: &str| Recipient::new(a);
+        assert_eq!(
+            decide(&config, Route::Default, &rcpt("a@Other.Test.")),
+            Decision::Deliver(Target::Mx("other.test".into()))
+        );
+        let Decision::Deliver(Target::Smarthost(s)) =
+            decide(&config, Route::Default, &rcpt("a@special.test"))
+        else {
+            panic!("route table not used");
+        };
+        assert_eq!(s.port, 2525);
+        config.smarthost = Some("smtp://hub.test".into());
+        assert_eq!(
+            decide(&config, Route::Default, &rcpt("a@x.test")).clone(),
+            Decision::Deliver(Target::Smarthost(
+                SmartHost::parse("smtp://hub.test").unwrap()
+            ))
+        );
+        assert_eq!(
+            decide(&config, Route::Mx("y.test".into()), &rcpt("a@x.test")),
+            Decision::Deliver(Target::Mx("y.test".into()))
+        );
+        assert_eq!(
+            decide(&config, Route::Discard, &rcpt("a@x.test")),
+            Decision::Discard
+        );
+    }
+}

@@ -1,0 +1,1179 @@
+//! The queue manager. Messages come from the spool (at start, on each new 250,
+//! from retry timers) into a bounded active set; each one's open recipients are
+//! routed and grouped into jobs, one per destination; each destination has a
+//! FIFO of jobs and up to `max_per_destination` connections, each of which takes
+//! jobs until the FIFO is empty (connection reuse). A destination whose next hop
+//! cannot be reached is suspended as a whole for a backoff period: its queued
+//! jobs are deferred at once instead of each trying the dead host.
+//!
+//! Memory does not grow with the spool: at most `max_active` messages are in
+//! memory, and at most `10 * max_active` retry timers; what does not fit is
+//! found again by a periodic scan of the spool folder.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::bounce;
+use super::client::{Client, Hop, Outgoing, Timeouts, TlsUse};
+use super::dns::Dns;
+use super::route::{decide, Decision, Target};
+use super::state::{self, unix_now, DeliveryState, Status};
+use super::tls::ClientTls;
+use super::Error;
+use crate::config::Config;
+use crate::plugins::ChainHandle;
+use crate::policy::RouteQuery;
+use crate::queue::{QueueId, QueuedMeta, Spool};
+use crate::server::Context;
+use crate::smtp::reply::Reply;
+
+/// Messages larger than this are read again from the spool for each job
+/// instead of being kept in memory between routing and sending.
+const CACHE_BODY_MAX: u64 = 128 * 1024;
+/// Addresses tried per destination per connection attempt (Postfix: 5).
+const MAX_ADDRESSES: usize = 5;
+/// How long a connection with nothing to do stays open for the next message
+/// to its destination (Postfix's `smtp_connection_cache_time_limit`).
+const IDLE_TIME: Duration = Duration::from_secs(2);
+/// How often the spool is scanned for messages that did not fit in memory.
+const SCAN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The running delivery side; cheap to clone.
+#[derive(Clone)]
+pub struct Delivery {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: Arc<Config>,
+    spool: Spool,
+    queue_dir: PathBuf,
+    chain: Arc<ChainHandle>,
+    dns: Dns,
+    tls: ClientTls,
+    timeouts: Timeouts,
+    /// The relay's own listening addresses: never a next hop.
+    own: Vec<SocketAddr>,
+    sched: Mutex<Sched>,
+    /// Wakes the timer loop when an earlier timer or a scan is due.
+    timer: Notify,
+    /// The admission channel (new messages, DSNs).
+    admit_tx: mpsc::UnboundedSender<QueueId>,
+}
+
+#[derive(Default)]
+struct Sched {
+    active: HashMap<QueueId, Active>,
+    /// Being loaded and routed; not yet in `active`.
+    admitting: HashSet<QueueId>,
+    dests: HashMap<String, Dest>,
+    /// Retry timers: (unix seconds, id).
+    deferred: BinaryHeap<Reverse<(u64, QueueId)>>,
+    /// The ids in `deferred`, so a scan does not add a second timer.
+    timed: HashSet<QueueId>,
+    /// Some messages are in the spool but neither active nor timed.
+    scan_needed: bool,
+    /// ... because the active set was full: scan again soon, not every
+    /// `SCAN_INTERVAL`.
+    scan_soon: bool,
+    /// Shutting down: no new jobs start.
+    stopping: bool,
+    last_scan: Option<Instant>,
+    connections: usize,
+    /// Destinations with jobs that wait for a global connection slot.
+    starved: VecDeque<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cancel {
+    Held,
+    Deleted,
+}
+
+struct Active {
+    meta: Arc<QueuedMeta>,
+    state: DeliveryState,
+    jobs_left: usize,
+    cancel: Option<Cancel>,
+    body: Option<Arc<Vec<u8>>>,
+}
+
+struct Dest {
+    target: Target,
+    queue: VecDeque<Job>,
+    connections: usize,
+    backoff_until: Option<Instant>,
+    backoff: Duration,
+    last_error: Option<Reply>,
+    /// Connections with nothing to do, waiting up to `IDLE_TIME` for a job
+    /// (Postfix's connection cache): a send wakes one.
+    idle: VecDeque<oneshot::Sender<()>>,
+}
+
+struct Job {
+    id: QueueId,
+    rcpts: Vec<usize>,
+}
+
+/// One recipient's result of one attempt.
+#[derive(Debug, Clone)]
+struct Outcome {
+    status: Status,
+    reply: Reply,
+    remote: Option<String>,
+    dsn_relayed: bool,
+}
+
+impl Outcome {
+    fn from_error(e: &Error, remote: Option<String>) -> Outcome {
+        Outcome {
+            status: if e.is_transient() {
+                Status::Deferred
+            } else {
+                Status::Failed
+            },
+            reply: e.reply(),
+            remote,
+            dsn_relayed: false,
+        }
+    }
+
+    fn delivered(reply: Reply, remote: Option<String>, dsn_relayed: bool) -> Outcome {
+        Outcome {
+            status: Status::Delivered,
+            reply,
+            remote,
+            dsn_relayed,
+        }
+    }
+}
+
+/// Facts about the attempt for the log record.
+struct Attempt<'a> {
+    route: &'a str,
+    host: Option<&'a str>,
+    addr: Option<SocketAddr>,
+    tls: Option<&'static str>,
+    started: Instant,
+}
+
+impl Delivery {
+    /// Starts delivery for a bound server: recovers the spool, listens for new
+    /// messages and opens the control socket. `own` are the relay's listening
+    /// addresses (loop prevention).
+    pub async fn start(ctx: &Arc<Context>, own: Vec<SocketAddr>) -> Result<Delivery, Error> {
+        let config = ctx.config.clone();
+        let d = &config.delivery;
+        let dns = Dns::new(&d.nameservers).map_err(Error::Setup)?;
+        let tls = ClientTls::new(d.tls_ca.as_ref().map(|p| config.resolve(p)).as_deref())
+            .map_err(Error::Setup)?;
+        let queue_dir = ctx.spool.root().join("queue");
+        let removed = state::remove_orphans(&queue_dir)?;
+        if removed > 0 {
+            tracing::info!(removed, "removed delivery states of messages already gone");
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel::<QueueId>();
+        let shared = Arc::new(Shared {
+            admit_tx: tx.clone(),
+            timeouts: Timeouts::rfc5321(d.connect_timeout.0),
+            config: config.clone(),
+            spool: ctx.spool.clone(),
+            queue_dir,
+            chain: ctx.chain.clone(),
+            dns,
+            tls,
+            own,
+            sched: Mutex::new(Sched {
+                scan_needed: true,
+                ..Default::default()
+            }),
+            timer: Notify::new(),
+        });
+        let _ = ctx.on_queued.set(tx);
+        let delivery = Delivery { shared };
+        let admitter = delivery.shared.clone();
+        tokio::spawn(async move {
+            while let Some(id) = rx.recv().await {
+                admitter.clone().admit(id, false).await;
+            }
+        });
+        tokio::spawn(delivery.shared.clone().timer_loop());
+        super::control::serve(delivery.clone())?;
+        Ok(delivery)
+    }
+
+    /// Stops starting deliveries and waits up to `grace` for the transactions
+    /// in flight to finish and record their outcome, so that a clean restart
+    /// delivers nothing twice.
+    pub async fn shutdown(&self, grace: Duration) {
+        {
+            let mut s = self.shared.lock();
+            s.stopping = true;
+            // Idle connections wake, see `stopping` and close.
+            for d in s.dests.values_mut() {
+                for waiter in d.idle.drain(..) {
+                    let _ = waiter.send(());
+                }
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while self.shared.lock().connections > 0 {
+            if Instant::now() >= deadline {
+                tracing::warn!("delivery shutdown grace period over; connections cut");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The spool folder.
+    pub fn spool_root(&self) -> PathBuf {
+        self.shared.spool.root().to_path_buf()
+    }
+
+    /// The spool's `queue/` folder.
+    pub(crate) fn queue_dir(&self) -> &std::path::Path {
+        &self.shared.queue_dir
+    }
+
+    /// Puts a message on hold (a delivery in flight finishes; nothing new starts).
+    pub(crate) async fn hold(&self, id: &QueueId) -> Result<(), crate::queue::Error> {
+        super::control::set_hold(&self.shared.queue_dir, id, true)?;
+        if let Some(a) = self.shared.lock().active.get_mut(id) {
+            a.cancel = Some(Cancel::Held);
+        }
+        Ok(())
+    }
+
+    /// Releases a held message and tries it now.
+    pub(crate) async fn release(&self, id: &QueueId) -> Result<(), crate::queue::Error> {
+        super::control::set_hold(&self.shared.queue_dir, id, false)?;
+        self.shared.clone().admit(id.clone(), true).await;
+        Ok(())
+    }
+
+    /// Deletes a message without a bounce.
+    pub(crate) async fn delete(&self, id: &QueueId) -> Result<(), crate::queue::Error> {
+        if !self.shared.queue_dir.join(id.as_str()).exists() {
+            return Err(crate::queue::Error::NotFound(id.clone()));
+        }
+        {
+            let mut s = self.shared.lock();
+            if let Some(a) = s.active.get_mut(id) {
+                a.cancel = Some(Cancel::Deleted);
+                return Ok(());
+            }
+        }
+        state::remove_message(&self.shared.queue_dir, id)
+    }
+
+    /// Tries one message, or all deferred ones, now (destination backoffs are lifted).
+    pub(crate) async fn flush(&self, id: Option<&QueueId>) -> Result<(), crate::queue::Error> {
+        {
+            let mut s = self.shared.lock();
+            for d in s.dests.values_mut() {
+                d.backoff_until = None;
+            }
+        }
+        match id {
+            Some(id) => {
+                if !self.shared.queue_dir.join(id.as_str()).exists() {
+                    return Err(crate::queue::Error::NotFound(id.clone()));
+                }
+                self.shared.clone().admit(id.clone(), true).await;
+            }
+            None => {
+                for id in self.shared.spool.list()? {
+                    self.shared.clone().admit(id, true).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Sched> {
+        self.sched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn max_deferred(&self) -> usize {
+        self.config.delivery.max_active.saturating_mul(10)
+    }
+
+    fn push_deferred(&self, s: &mut Sched, at: u64, id: QueueId) {
+        if s.timed.contains(&id) {
+            return;
+        }
+        if s.deferred.len() >= self.max_deferred() {
+            s.scan_needed = true;
+            return;
+        }
+        s.timed.insert(id.clone());
+        let earliest = s.deferred.peek().map(|Reverse((t, _))| *t);
+        s.deferred.push(Reverse((at, id)));
+        if earliest.is_none_or(|t| at < t) {
+            self.timer.notify_one();
+        }
+    }
+
+    /// Loads a message and queues jobs for its open recipients, unless it is
+    /// held, not due (and not `force`d), already active, or there is no room.
+    async fn admit(self: Arc<Self>, id: QueueId, force: bool) {
+        {
+            let mut s = self.lock();
+            if s.stopping || s.active.contains_key(&id) || s.admitting.contains(&id) {
+                return;
+            }
+            if s.active.len() + s.admitting.len() >= self.config.delivery.max_active {
+                s.scan_needed = true;
+                s.scan_soon = true;
+                return;
+            }
+            s.admitting.insert(id.clone());
+        }
+        let result = self.clone().admit_inner(&id, force).await;
+        self.lock().admitting.remove(&id);
+        if let Err(e) = result {
+            tracing::warn!(queue_id = %id, error = %e, "cannot load spooled message");
+        }
+    }
+
+    async fn admit_inner(self: Arc<Self>, id: &QueueId, force: bool) -> Result<(), Error> {
+        let stored = match self.spool.load(id) {
+            Ok(s) => s,
+            Err(crate::queue::Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let meta = Arc::new(stored.meta.clone());
+        let mut dstate = match state::load(&self.queue_dir, &meta, id) {
+            Ok(s) => s,
+            Err(e) => {
+                // Starting over may deliver some recipients twice; refusing to
+                // deliver at all would lose the message.
+                tracing::warn!(queue_id = %id, error = %e, "damaged delivery state; starting over");
+                DeliveryState::new(&meta)
+            }
+        };
+        if dstate.is_held(&meta) {
+            return Ok(());
+        }
+        let now = unix_now();
+        if !force && dstate.next_attempt > now {
+            let mut s = self.lock();
+            self.push_deferred(&mut s, dstate.next_attempt, id.clone());
+            return Ok(());
+        }
+        let body = Arc::new(stored.read_message()?);
+        let expired = now.saturating_sub(meta.received) >= self.config.delivery.max_age.0.as_secs();
+        let chain = self.chain.current();
+        let headers = &body[..header_end(&body)];
+        let mut groups: HashMap<String, (Target, Vec<usize>)> = HashMap::new();
+        for (i, rcpt) in meta.envelope.recipients.iter().enumerate() {
+            if !dstate.recipients[i].is_open() {
+                continue;
+            }
+            if expired {
+                // finalize() turns open recipients of an expired message into failures.
+                continue;
+            }
+            let route = chain
+                .route(RouteQuery {
+                    envelope: &meta.envelope,
+                    recipient: rcpt,
+                    headers,
+                })
+                .await;
+            let attempt = |route: &'static str| Attempt {
+                route,
+                host: None,
+                addr: None,
+                tls: None,
+                started: Instant::now(),
+            };
+            match decide(&self.config.delivery, route, rcpt) {
+                Decision::Deliver(target) => {
+                    groups
+                        .entry(target.key())
+                        .or_insert_with(|| (target, Vec::new()))
+                        .1
+                        .push(i);
+                }
+                Decision::Discard => {
+                    let o = Outcome::delivered(
+                        Reply::new(250, "2.0.0", "discarded by route"),
+                        None,
+                        false,
+                    );
+                    apply(id, &meta, &mut dstate, i, &o, &attempt("discard"));
+                }
+                Decision::Reject(reply) => {
+                    let reply = if reply.code >= 500 {
+                        reply
+                    } else {
+                        Reply::new(550, "5.7.1", reply.text().to_string())
+                    };
+                    let o = Outcome {
+                        status: Status::Failed,
+                        reply,
+                        remote: None,
+                        dsn_relayed: false,
+                    };
+                    apply(id, &meta, &mut dstate, i, &o, &attempt("reject"));
+                }
+                Decision::LocalFolder(dir) => {
+                    let o = match self.write_local(&dir, id, i, &body) {
+                        Ok(path) => Outcome::delivered(
+                            Reply::new(250, "2.0.0", format!("filed as {}", path.display())),
+                            None,
+                            false,
+                        ),
+                        Err(e) => Outcome::from_error(&e, None),
+                    };
+                    apply(id, &meta, &mut dstate, i, &o, &attempt("local"));
+                }
+            }
+        }
+        let body = (meta.size <= CACHE_BODY_MAX).then_some(body);
+        let mut s = self.lock();
+        let active = Active {
+            meta: meta.clone(),
+            state: dstate,
+            jobs_left: groups.len(),
+            cancel: None,
+            body,
+        };
+        if groups.is_empty() {
+            drop(s);
+            self.finalize(id.clone(), active).await;
+            return Ok(());
+        }
+        s.active.insert(id.clone(), active);
+        for (key, (target, rcpts)) in groups {
+            let dest = s.dests.entry(key.clone()).or_insert_with(|| Dest {
+                target,
+                queue: VecDeque::new(),
+                connections: 0,
+                backoff_until: None,
+                backoff: Duration::ZERO,
+                last_error: None,
+                idle: VecDeque::new(),
+            });
+            dest.queue.push_back(Job {
+                id: id.clone(),
+                rcpts,
+            });
+            self.kick(&mut s, &key);
+        }
+        Ok(())
+    }
+
+    fn write_local(
+        &self,
+        dir: &str,
+        id: &QueueId,
+        i: usize,
+        body: &[u8],
+    ) -> Result<PathBuf, Error> {
+        let base = self.config.resolve(&self.config.delivery.local_folder);
+        let rel = std::path::Path::new(dir);
+        let bad = rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)));
+        let folder = base.join(rel);
+        let path = folder.join(format!("{id}.{i}.eml"));
+        let io = |source| Error::LocalFolder {
+            path: path.clone(),
+            source,
+        };
+        if bad {
+            return Err(io(std::io::Error::other(
+                "folder must be relative, without ..",
+            )));
+        }
+        std::fs::create_dir_all(&folder).map_err(io)?;
+        let tmp = folder.join(format!("{id}.{i}.eml.tmp"));
+        (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })()
+        .map_err(io)?;
+        Ok(path)
+    }
+
+    /// Starts connections for a destination while it has jobs and slots.
+    fn kick(self: &Arc<Self>, s: &mut Sched, key: &str) {
+        let per_dest = self.config.delivery.max_per_destination;
+        let global = self.config.delivery.max_connections;
+        let now = Instant::now();
+        if s.stopping {
+            return;
+        }
+        let Some(d) = s.dests.get_mut(key) else {
+            return;
+        };
+        if let Some(until) = d.backoff_until {
+            if until > now {
+                // Suspended: defer what arrives without touching the dead host.
+                let jobs: Vec<Job> = d.queue.drain(..).collect();
+                let reply = d
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| Reply::new(451, "4.4.1", "destination unreachable"));
+                let suspended = Reply::new(
+                    451,
+                    "4.4.1",
+                    format!("delivery temporarily suspended: {}", reply.text()),
+                );
+                let me = self.clone();
+                let key = key.to_string();
+                tokio::spawn(async move {
+                    for job in jobs {
+                        let o = Outcome {
+                            status: Status::Deferred,
+                            reply: suspended.clone(),
+                            remote: None,
+                            dsn_relayed: false,
+                        };
+                        let results = job.rcpts.iter().map(|&i| (i, o.clone())).collect();
+                        me.complete_job(&job.id, results, &attempt_for(&key)).await;
+                    }
+                });
+                return;
+            }
+            d.backoff_until = None;
+        }
+        // Idle connections first: reuse beats a new TCP and SMTP handshake.
+        let mut unserved = d.queue.len();
+        while unserved > 0 {
+            let Some(waiter) = d.idle.pop_front() else {
+                break;
+            };
+            if waiter.send(()).is_ok() {
+                unserved -= 1;
+            }
+        }
+        let mut starved = false;
+        while unserved > 0 && d.connections < per_dest {
+            unserved -= 1;
+            if s.connections >= global {
+                starved = true;
+                break;
+            }
+            d.connections += 1;
+            s.connections += 1;
+            tokio::spawn(self.clone().connection(key.to_string()));
+        }
+        if starved && !s.starved.iter().any(|k| k == key) {
+            s.starved.push_back(key.to_string());
+        }
+    }
+
+    /// One outbound connection: takes jobs from its destination until none is left.
+    async fn connection(self: Arc<Self>, key: String) {
+        let mut client: Option<Client> = None;
+        loop {
+            let next = {
+                let mut s = self.lock();
+                if s.stopping {
+                    break;
+                }
+                let Some(d) = s.dests.get_mut(&key) else {
+                    break;
+                };
+                let target = d.target.clone();
+                match d.queue.pop_front() {
+                    Some(job) => {
+                        let info = s
+                            .active
+                            .get(&job.id)
+                            .map(|a| (a.meta.clone(), a.body.clone(), a.cancel));
+                        Ok((job, target, info))
+                    }
+                    // Registered under the same lock that found the queue empty,
+                    // so a job queued right after finds this connection.
+                    None if client.as_ref().is_some_and(Client::is_usable) => {
+                        let (tx, rx) = oneshot::channel();
+                        d.idle.push_back(tx);
+                        Err(Some(rx))
+                    }
+                    None => Err(None),
+                }
+            };
+            let (job, target, info) = match next {
+                Ok(next) => next,
+                Err(Some(wake)) => match tokio::time::timeout(IDLE_TIME, wake).await {
+                    Ok(Ok(())) => continue,
+                    _ => break,
+                },
+                Err(None) => break,
+            };
+            let Some((meta, body, cancel)) = info else {
+                continue;
+            };
+            if cancel.is_some() {
+                self.complete_job(&job.id, Vec::new(), &attempt_for(&key))
+                    .await;
+                continue;
+            }
+            let body = match body {
+                Some(b) => b,
+                None => match self.spool.load(&job.id).and_then(|m| m.read_message()) {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => {
+                        let e = Error::from(e);
+                        let results = job
+                            .rcpts
+                            .iter()
+                            .map(|&i| (i, Outcome::from_error(&e, None)))
+                            .collect();
+                        self.complete_job(&job.id, results, &attempt_for(&key))
+                            .await;
+                        continue;
+                    }
+                },
+            };
+            let started = Instant::now();
+            if !client.as_ref().is_some_and(Client::is_usable) {
+                match self.open(&target).await {
+                    Ok(c) => client = Some(c),
+                    Err(e) => {
+                        let results = job
+                            .rcpts
+                            .iter()
+                            .map(|&i| (i, Outcome::from_error(&e, None)))
+                            .collect();
+                        let attempt = Attempt {
+                            route: &key,
+                            host: None,
+                            addr: None,
+                            tls: None,
+                            started,
+                        };
+                        self.complete_job(&job.id, results, &attempt).await;
+                        self.destination_failed(&key, &e).await;
+                        break;
+                    }
+                }
+            }
+            let Some(c) = client.as_mut() else { break };
+            let outgoing = Outgoing {
+                sender: &meta.envelope.sender,
+                params: &meta.envelope.params,
+                recipients: job
+                    .rcpts
+                    .iter()
+                    .map(|&i| &meta.envelope.recipients[i])
+                    .collect(),
+                message: &body,
+            };
+            let remote = Some(format!("{} [{}]", c.host, c.peer.ip()));
+            let dsn = c.supports_dsn();
+            let results: Vec<(usize, Outcome)> = match c.send(&outgoing).await {
+                Ok(per_rcpt) => job
+                    .rcpts
+                    .iter()
+                    .zip(per_rcpt)
+                    .map(|(&i, r)| {
+                        let o = match r {
+                            Ok(reply) => Outcome::delivered(reply, remote.clone(), dsn),
+                            Err(e) => Outcome::from_error(&e, remote.clone()),
+                        };
+                        (i, o)
+                    })
+                    .collect(),
+                Err(e) => job
+                    .rcpts
+                    .iter()
+                    .map(|&i| (i, Outcome::from_error(&e, remote.clone())))
+                    .collect(),
+            };
+            let (host, addr, tls) = (c.host.clone(), c.peer, c.tls);
+            let attempt = Attempt {
+                route: &key,
+                host: Some(&host),
+                addr: Some(addr),
+                tls,
+                started,
+            };
+            self.complete_job(&job.id, results, &attempt).await;
+            let mut s = self.lock();
+            if let Some(d) = s.dests.get_mut(&key) {
+                d.backoff = Duration::ZERO;
+            }
+        }
+        if let Some(c) = client {
+            c.quit().await;
+        }
+        let mut s = self.lock();
+        s.connections -= 1;
+        let remove = match s.dests.get_mut(&key) {
+            Some(d) => {
+                d.connections -= 1;
+                if d.connections == 0 {
+                    d.idle.clear();
+                }
+                d.connections == 0 && d.queue.is_empty() && d.backoff_until.is_none()
+            }
+            None => false,
+        };
+        if remove {
+            s.dests.remove(&key);
+        } else {
+            self.kick(&mut s, &key);
+        }
+        while s.connections < self.config.delivery.max_connections {
+            let Some(k) = s.starved.pop_front() else {
+                break;
+            };
+            self.kick(&mut s, &k);
+        }
+    }
+
+    /// The destination could not be reached: suspend it for a while (doubling,
+    /// from the first retry interval up to the last), and defer or fail its
+    /// queued jobs with the same reason.
+    async fn destination_failed(self: &Arc<Self>, key: &str, e: &Error) {
+        let jobs: Vec<Job> = {
+            let mut s = self.lock();
+            let retry = &self.config.delivery.retry;
+            let Some(d) = s.dests.get_mut(key) else {
+                return;
+            };
+            if e.is_transient() {
+                let first = retry
+                    .first()
+                    .map(|r| r.0)
+                    .unwrap_or(Duration::from_secs(60));
+                let last = retry.last().map(|r| r.0).unwrap_or(first);
+                d.backoff = if d.backoff.is_zero() {
+                    first
+                } else {
+                    (d.backoff * 2).min(last)
+                };
+                d.backoff_until = Some(Instant::now() + d.backoff);
+                d.last_error = Some(e.reply());
+                tracing::info!(destination = key, backoff = ?d.backoff, reason = %e, "destination suspended");
+            }
+            d.queue.drain(..).collect()
+        };
+        for job in jobs {
+            let results = job
+                .rcpts
+                .iter()
+                .map(|&i| (i, Outcome::from_error(e, None)))
+                .collect();
+            self.complete_job(&job.id, results, &attempt_for(key)).await;
+        }
+        self.timer.notify_one();
+    }
+
+    /// Opens a connection to a destination: MX hosts in order (or the smart
+    /// host), each of their addresses, until one gets as far as MAIL.
+    async fn open(&self, target: &Target) -> Result<Client, Error> {
+        let d = &self.config.delivery;
+        let (hosts, port, tls_use, credentials) = match target {
+            Target::Mx(domain) => {
+                let hosts = self.dns.mx_hosts(domain).await?;
+                let tls = if d.require_tls {
+                    TlsUse::Required
+                } else {
+                    TlsUse::Opportunistic
+                };
+                (
+                    hosts.into_iter().map(|h| h.name).collect::<Vec<_>>(),
+                    d.mx_port,
+                    tls,
+                    None,
+                )
+            }
+            Target::Smarthost(sh) => {
+                let tls = if sh.implicit_tls {
+                    TlsUse::Implicit
+                } else if d.require_tls {
+                    TlsUse::Required
+                } else if sh.credentials.is_some() {
+                    TlsUse::OfferedVerified
+                } else {
+                    TlsUse::Opportunistic
+                };
+                (vec![sh.host.clone()], sh.port, tls, sh.credentials.as_ref())
+            }
+        };
+        let mut last_error: Option<Error> = None;
+        let mut tried = 0;
+        let mut looped = false;
+        for host in &hosts {
+            let addrs = match self.dns.addresses(host).await {
+                Ok(a) => a,
+                Err(e) => {
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            for ip in addrs {
+                let addr = SocketAddr::new(ip, port);
+                if self.is_own(addr) {
+                    looped = true;
+                    continue;
+                }
+                if tried == MAX_ADDRESSES {
+                    break;
+                }
+                tried += 1;
+                let hop = Hop {
+                    host,
+                    addr,
+                    tls: tls_use,
+                    credentials,
+                };
+                match Client::connect(&hop, &self.config.hostname, &self.tls, self.timeouts).await {
+                    Ok(c) => return Ok(c),
+                    Err(e) => {
+                        tracing::debug!(host = %host, %addr, error = %e, "next hop failed; trying the next");
+                        last_error = Some(e);
+                    }
+                }
+            }
+        }
+        match last_error {
+            Some(e) => Err(e),
+            None if looped => Err(Error::Loop(target.key())),
+            None => Err(Error::Dns {
+                name: target.key(),
+                message: "no address to connect to".into(),
+                transient: true,
+            }),
+        }
+    }
+
+    fn is_own(&self, addr: SocketAddr) -> bool {
+        self.own.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip() == addr.ip()
+                    || (own.ip().is_unspecified()
+                        && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+        })
+    }
+
+    /// Records a job's outcomes; the last job of a message finalizes it.
+    async fn complete_job(
+        self: &Arc<Self>,
+        id: &QueueId,
+        results: Vec<(usize, Outcome)>,
+        attempt: &Attempt<'_>,
+    ) {
+        let finished = {
+            let mut s = self.lock();
+            let Some(a) = s.active.get_mut(id) else {
+                return;
+            };
+            let meta = a.meta.clone();
+            for (i, o) in &results {
+                apply(id, &meta, &mut a.state, *i, o, attempt);
+            }
+            a.jobs_left = a.jobs_left.saturating_sub(1);
+            if a.jobs_left == 0 {
+                let a = s.active.remove(id);
+                if s.scan_soon && s.active.len() < self.config.delivery.max_active / 2 + 1 {
+                    self.timer.notify_one();
+                }
+                a
+            } else {
+                None
+            }
+        };
+        if let Some(a) = finished {
+            self.clone().finalize(id.clone(), a).await;
+        }
+    }
+
+    /// After every job of a pass: expiry, DSNs, then either a retry timer or
+    /// removal from the spool.
+    async fn finalize(self: Arc<Self>, id: QueueId, mut a: Active) {
+        if a.cancel == Some(Cancel::Deleted) {
+            if let Err(e) = state::remove_message(&self.queue_dir, &id) {
+                tracing::warn!(queue_id = %id, error = %e, "cannot remove deleted message");
+            }
+            tracing::info!(queue_id = %id, "deleted by the operator");
+            return;
+        }
+        let meta = a.meta.clone();
+        let now = unix_now();
+        a.state.attempts += 1;
+        let age = now.saturating_sub(meta.received);
+        let max_age = self.config.delivery.max_age.0.as_secs();
+        for (i, r) in a.state.recipients.iter_mut().enumerate() {
+            if r.is_open() && age >= max_age {
+                let last = r.last_reply.clone().unwrap_or_else(|| "no attempt".into());
+                r.status = Status::Failed;
+                r.enhanced = Some("4.4.7".into());
+                r.last_reply = Some(format!(
+                    "554 4.4.7 message expired after {}; last reply: {last}",
+                    self.config.delivery.max_age
+                ));
+                tracing::info!(queue_id = %id, recipient = %meta.envelope.recipients[i].address,
+                    outcome = "expired", "delivery attempt");
+            }
+        }
+        // DSNs for what is final and not yet reported.
+        let mut notice = Vec::new();
+        for (i, r) in a.state.recipients.iter_mut().enumerate() {
+            if r.notified || r.is_open() {
+                continue;
+            }
+            if bounce::wants_notice(&meta.envelope.recipients[i], r) {
+                notice.push(i);
+            } else {
+                r.notified = true;
+            }
+        }
+        if !notice.is_empty() {
+            match self.send_notice(&id, &meta, &a, &notice).await {
+                Ok(dsn) => {
+                    for i in &notice {
+                        a.state.recipients[*i].notified = true;
+                    }
+                    if let Some(dsn) = dsn {
+                        // Through the admission channel: calling admit from here
+                        // would make the futures recursive.
+                        let _ = self.admit_tx.send(dsn);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(queue_id = %id, error = %e, "cannot queue the delivery status notification; retrying later")
+                }
+            }
+        }
+        if a.cancel == Some(Cancel::Held) {
+            a.state.held = true;
+        }
+        if !a.state.has_work() {
+            if let Err(e) = state::remove_message(&self.queue_dir, &id) {
+                tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
+            }
+            return;
+        }
+        let attempts = a
+            .state
+            .recipients
+            .iter()
+            .filter(|r| r.is_open())
+            .map(|r| r.attempts)
+            .max()
+            .unwrap_or(1);
+        let next = now + self.retry_delay(attempts).as_secs().max(1);
+        a.state.next_attempt = next;
+        if let Err(e) = state::store(&self.queue_dir, &id, &a.state) {
+            tracing::warn!(queue_id = %id, error = %e, "cannot save delivery state");
+        }
+        if a.state.held {
+            return;
+        }
+        let mut s = self.lock();
+        self.push_deferred(&mut s, next, id);
+    }
+
+    /// The wait before the next attempt: the `retry` list, its last interval
+    /// repeating, with up to 10% jitter so messages deferred together do not
+    /// all come back in the same second.
+    fn retry_delay(&self, attempts: u32) -> Duration {
+        let retry = &self.config.delivery.retry;
+        let idx = (attempts.max(1) as usize - 1).min(retry.len().saturating_sub(1));
+        let base = retry
+            .get(idx)
+            .map(|r| r.0)
+            .unwrap_or(Duration::from_secs(300));
+        let jitter = rand::rng().random_range(0.0..0.1);
+        base + base.mul_f64(jitter)
+    }
+
+    /// Queues the DSN about `notice`; returns its id, or `None` when there is
+    /// nobody to tell (null sender and no postmaster).
+    async fn send_notice(
+        &self,
+        id: &QueueId,
+        meta: &QueuedMeta,
+        a: &Active,
+        notice: &[usize],
+    ) -> Result<Option<QueueId>, Error> {
+        let to = if meta.envelope.sender.is_null() {
+            match &self.config.delivery.postmaster {
+                Some(pm) => pm.clone(),
+                None => {
+                    for i in notice {
+                        tracing::warn!(queue_id = %id, recipient = %meta.envelope.recipients[*i].address,
+                            reply = a.state.recipients[*i].last_reply.as_deref().unwrap_or(""),
+                            "mail from the null sender failed; dropped without a bounce");
+                    }
+                    return Ok(None);
+                }
+            }
+        } else {
+            meta.envelope.sender.as_str().to_string()
+        };
+        let message = match &a.body {
+            Some(b) => b.clone(),
+            None => Arc::new(self.spool.load(id)?.read_message()?),
+        };
+        let items: Vec<_> = notice
+            .iter()
+            .map(|&i| (&meta.envelope.recipients[i], &a.state.recipients[i]))
+            .collect();
+        let report = bounce::build(&self.config.hostname, meta, &message, &items);
+        let envelope = bounce::envelope(meta, &to, &report);
+        let dsn_id = QueueId::generate();
+        self.spool
+            .store(&dsn_id, &envelope, None, None, Arc::new(report))
+            .await?;
+        tracing::info!(queue_id = %id, dsn_id = %dsn_id, to = %to, recipients = notice.len(), "delivery status notification queued");
+        Ok(Some(dsn_id))
+    }
+
+    async fn timer_loop(self: Arc<Self>) {
+        loop {
+            let (due, wait, scan) = {
+                let mut s = self.lock();
+                let now = unix_now();
+                let mut due = Vec::new();
+                while let Some(Reverse((t, _))) = s.deferred.peek() {
+                    if *t > now {
+                        break;
+                    }
+                    if let Some(Reverse((_, id))) = s.deferred.pop() {
+                        s.timed.remove(&id);
+                        due.push(id);
+                    }
+                }
+                let every = if s.scan_soon {
+                    Duration::from_secs(1)
+                } else {
+                    SCAN_INTERVAL
+                };
+                let wait = s
+                    .deferred
+                    .peek()
+                    .map(|Reverse((t, _))| Duration::from_secs(t.saturating_sub(now)))
+                    .unwrap_or(SCAN_INTERVAL)
+                    .min(every);
+                let scan = s.scan_needed
+                    && !s.stopping
+                    && s.active.len() < self.config.delivery.max_active / 2 + 1
+                    && s.last_scan.is_none_or(|t| t.elapsed() >= every);
+                if scan {
+                    s.scan_needed = false;
+                    s.scan_soon = false;
+                    s.last_scan = Some(Instant::now());
+                }
+                // Destinations idle since their backoff ended are forgotten.
+                let now_i = Instant::now();
+                s.dests.retain(|_, d| {
+                    d.connections > 0
+                        || !d.queue.is_empty()
+                        || d.backoff_until.is_some_and(|u| u > now_i)
+                });
+                (due, wait, scan)
+            };
+            for id in due {
+                self.clone().admit(id, false).await;
+            }
+            if scan {
+                match self.spool.list() {
+                    Ok(ids) => {
+                        for id in ids {
+                            self.clone().admit(id, false).await;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot scan the spool"),
+                }
+                continue;
+            }
+            // Timers have one-second resolution; wake at the next second boundary.
+            let wait = if wait.is_zero() {
+                Duration::from_millis(200)
+            } else {
+                wait
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.timer.notified() => {}
+            }
+        }
+    }
+}
+
+fn attempt_for(key: &str) -> Attempt<'_> {
+    Attempt {
+        route: key,
+        host: None,
+        addr: None,
+        tls: None,
+        started: Instant::now(),
+    }
+}
+
+/// Applies one outcome to a recipient's state, with the attempt's log record.
+fn apply(
+    id: &QueueId,
+    meta: &QueuedMeta,
+    st: &mut DeliveryState,
+    i: usize,
+    o: &Outcome,
+    attempt: &Attempt<'_>,
+) {
+    let Some(r) = st.recipients.get_mut(i) else {
+        return;
+    };
+    r.attempts += 1;
+    r.status = o.status;
+    r.last_reply = Some(o.reply.to_string());
+    r.remote = o.remote.clone();
+    r.dsn_relayed = o.dsn_relayed;
+    r.enhanced = Some(if o.reply.enhanced.is_empty() {
+        match o.reply.code {
+            200..=299 => "2.0.0".into(),
+            400..=499 => "4.0.0".into(),
+            _ => "5.0.0".into(),
+        }
+    } else {
+        o.reply.enhanced.to_string()
+    });
+    let outcome = match o.status {
+        Status::Delivered => "delivered",
+        Status::Deferred | Status::Pending => "deferred",
+        Status::Failed => "failed",
+    };
+    tracing::info!(
+        target: "postern::delivery",
+        queue_id = %id,
+        recipient = %meta.envelope.recipients.get(i).map(|r| r.address.as_str()).unwrap_or(""),
+        route = attempt.route,
+        host = attempt.host.unwrap_or(""),
+        addr = %attempt.addr.map(|a| a.to_string()).unwrap_or_default(),
+        tls = attempt.tls.unwrap_or("none"),
+        reply = %o.reply,
+        delay_ms = attempt.started.elapsed().as_millis() as u64,
+        attempt = r.attempts,
+        outcome,
+        "delivery attempt"
+    );
+}
+
+fn header_end(message: &[u8]) -> usize {
+    message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or(message.len())
+}

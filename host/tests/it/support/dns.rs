@@ -1,0 +1,144 @@
+//! A DNS server on 127.0.0.1 for test domains. Hand-rolled over UDP with
+//! hickory-proto's message codec (already built as hickory-resolver's
+//! dependency) rather than hickory-server: each test states exactly which names
+//! answer what, including SERVFAIL and NODATA, which an authority-backed server
+//! would need zone files and catalogs to fake.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, MX};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use tokio::net::UdpSocket;
+
+/// What a name answers.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// MX records: (preference, exchange); exchange "." is a null MX.
+    Mx(Vec<(u16, String)>),
+    /// Addresses (A and AAAA, by family).
+    Addr(Vec<IpAddr>),
+    /// SERVFAIL for every type.
+    ServFail,
+}
+
+/// The zone: lowercase name (no trailing dot) to answers. Names not in it are
+/// NXDOMAIN; a name present without records of the type asked is NODATA.
+#[derive(Default)]
+struct Zone {
+    names: HashMap<String, Vec<Answer>>,
+}
+
+/// A running server.
+pub struct DnsServer {
+    /// Where it listens (give `addr.to_string()` to `delivery.nameservers`).
+    pub addr: SocketAddr,
+    zone: Arc<Mutex<Zone>>,
+}
+
+impl DnsServer {
+    /// Starts a server with an empty zone.
+    pub async fn start() -> DnsServer {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let zone = Arc::new(Mutex::new(Zone::default()));
+        let z = zone.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let response = answer(&z.lock().unwrap(), &query);
+                if let Ok(bytes) = response.to_vec() {
+                    let _ = socket.send_to(&bytes, peer).await;
+                }
+            }
+        });
+        DnsServer { addr, zone }
+    }
+
+    /// Adds answers for a name.
+    pub fn add(&self, name: &str, answer: Answer) -> &Self {
+        self.zone
+            .lock()
+            .unwrap()
+            .names
+            .entry(name.trim_end_matches('.').to_ascii_lowercase())
+            .or_default()
+            .push(answer);
+        self
+    }
+
+    /// MX records for a domain.
+    pub fn mx(&self, domain: &str, hosts: &[(u16, &str)]) -> &Self {
+        self.add(
+            domain,
+            Answer::Mx(hosts.iter().map(|(p, h)| (*p, h.to_string())).collect()),
+        )
+    }
+
+    /// A/AAAA records for a host.
+    pub fn a(&self, host: &str, ips: &[&str]) -> &Self {
+        self.add(
+            host,
+            Answer::Addr(ips.iter().map(|i| i.parse().unwrap()).collect()),
+        )
+    }
+}
+
+fn answer(zone: &Zone, query: &Message) -> Message {
+    let mut resp = Message::response(query.metadata.id, query.metadata.op_code);
+    resp.metadata.recursion_desired = query.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.metadata.authoritative = true;
+    let Some(q) = query.queries.first() else {
+        resp.metadata.response_code = ResponseCode::FormErr;
+        return resp;
+    };
+    resp.add_query(q.clone());
+    let name = q.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    let Some(answers) = zone.names.get(&name) else {
+        resp.metadata.response_code = ResponseCode::NXDomain;
+        return resp;
+    };
+    for a in answers {
+        match a {
+            Answer::ServFail => {
+                resp.metadata.response_code = ResponseCode::ServFail;
+                return resp;
+            }
+            Answer::Mx(hosts) if q.query_type == RecordType::MX => {
+                for (pref, host) in hosts {
+                    let exchange = if host == "." {
+                        Name::root()
+                    } else {
+                        Name::from_ascii(format!("{host}.")).unwrap()
+                    };
+                    resp.add_answer(Record::from_rdata(
+                        q.name.clone(),
+                        60,
+                        RData::MX(MX::new(*pref, exchange)),
+                    ));
+                }
+            }
+            Answer::Addr(ips) => {
+                for ip in ips {
+                    let rdata = match (ip, q.query_type) {
+                        (IpAddr::V4(v4), RecordType::A) => RData::A(A(*v4)),
+                        (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
+                        _ => continue,
+                    };
+                    resp.add_answer(Record::from_rdata(q.name.clone(), 60, rdata));
+                }
+            }
+            _ => {}
+        }
+    }
+    resp
+}

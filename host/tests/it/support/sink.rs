@@ -1,0 +1,340 @@
+//! Capture sinks: small SMTP servers that record what arrives and answer as a
+//! test says (accept, 4xx or 5xx at RCPT, 4xx greeting, drop mid-DATA), with
+//! optional STARTTLS and AUTH.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// How the sink answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behavior {
+    /// 250 to everything.
+    Accept,
+    /// 451 to every RCPT.
+    TempFail,
+    /// 451 to the first `n` RCPTs, then accept.
+    TempFailFirst(usize),
+    /// 550 5.1.1 to every RCPT.
+    Reject,
+    /// 421 instead of the greeting.
+    Greeting421,
+    /// Closes the connection in the middle of the message data.
+    DropMidData,
+}
+
+/// One message as received.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// The MAIL FROM line, as sent.
+    pub mail: String,
+    /// The reverse-path.
+    pub from: String,
+    /// RCPT TO lines, as sent.
+    pub rcpt_lines: Vec<String>,
+    /// Forward-paths.
+    pub rcpts: Vec<String>,
+    /// Content, dot-unstuffed, CRLF.
+    pub data: Vec<u8>,
+    /// Received over TLS.
+    pub tls: bool,
+    /// The AUTH user, if any.
+    pub auth: Option<String>,
+}
+
+/// Sink options.
+#[derive(Clone)]
+pub struct Options {
+    /// Answers.
+    pub behavior: Behavior,
+    /// STARTTLS with this acceptor.
+    pub tls: Option<TlsAcceptor>,
+    /// AUTH PLAIN/LOGIN with these credentials (offered only over TLS unless
+    /// `auth_in_clear`).
+    pub auth: Option<(String, String)>,
+    /// Offer AUTH before TLS too (to check that the client does not use it).
+    pub auth_in_clear: bool,
+    /// Advertise only PIPELINING and SIZE 2000 (no 8BITMIME, SMTPUTF8, DSN).
+    pub minimal: bool,
+}
+
+impl Options {
+    /// A plain sink with this behavior.
+    pub fn new(behavior: Behavior) -> Options {
+        Options {
+            behavior,
+            tls: None,
+            auth: None,
+            auth_in_clear: false,
+            minimal: false,
+        }
+    }
+}
+
+/// A running sink.
+pub struct Sink {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    messages: Arc<Mutex<Vec<Captured>>>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    /// MAIL commands seen (including refused transactions).
+    pub transactions: Arc<AtomicUsize>,
+    /// AUTH commands seen.
+    pub auth_attempts: Arc<AtomicUsize>,
+}
+
+impl Sink {
+    /// Starts a sink on `ip:0`.
+    pub async fn start(ip: &str, opts: Options) -> Sink {
+        Sink::start_on(format!("{ip}:0").parse().unwrap(), opts).await
+    }
+
+    /// Starts a sink on an exact address.
+    pub async fn start_on(addr: SocketAddr, opts: Options) -> Sink {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sink = Sink {
+            addr,
+            messages: Arc::default(),
+            connections: Arc::default(),
+            transactions: Arc::default(),
+            auth_attempts: Arc::default(),
+        };
+        let shared = Shared {
+            opts,
+            messages: sink.messages.clone(),
+            transactions: sink.transactions.clone(),
+            auth_attempts: sink.auth_attempts.clone(),
+            rcpt_count: Arc::default(),
+        };
+        let conns = sink.connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                conns.fetch_add(1, Ordering::SeqCst);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _ = session(Box::new(stream), shared).await;
+                });
+            }
+        });
+        sink
+    }
+
+    /// The messages received so far.
+    pub fn messages(&self) -> Vec<Captured> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` messages arrived.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Captured> {
+        let got = super::eventually(timeout, || {
+            let m = self.messages();
+            (m.len() >= n).then_some(m)
+        })
+        .await;
+        got.unwrap_or_else(|| {
+            panic!(
+                "sink {}: expected {n} message(s) within {timeout:?}, got {}",
+                self.addr,
+                self.messages().len()
+            )
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    opts: Options,
+    messages: Arc<Mutex<Vec<Captured>>>,
+    transactions: Arc<AtomicUsize>,
+    auth_attempts: Arc<AtomicUsize>,
+    rcpt_count: Arc<AtomicUsize>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
+    let mut conn = BufReader::new(stream);
+    if sh.opts.behavior == Behavior::Greeting421 {
+        conn.write_all(b"421 4.3.2 busy\r\n").await?;
+        return Ok(());
+    }
+    conn.write_all(b"220 sink.test ESMTP\r\n").await?;
+    let mut tls = false;
+    let mut auth: Option<String> = None;
+    let mut tx: Option<Captured> = None;
+    loop {
+        let mut line = String::new();
+        if conn.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let cmd = line.trim_end().to_string();
+        let upper = cmd.to_ascii_uppercase();
+        let reply: String = if upper.starts_with("EHLO") {
+            let mut caps = if sh.opts.minimal {
+                vec!["sink.test", "PIPELINING", "SIZE 2000"]
+            } else {
+                vec![
+                    "sink.test",
+                    "PIPELINING",
+                    "8BITMIME",
+                    "SMTPUTF8",
+                    "DSN",
+                    "SIZE 10000000",
+                    "ENHANCEDSTATUSCODES",
+                ]
+            };
+            if sh.opts.tls.is_some() && !tls {
+                caps.push("STARTTLS");
+            }
+            if sh.opts.auth.is_some() && (tls || sh.opts.auth_in_clear) {
+                caps.push("AUTH PLAIN LOGIN");
+            }
+            let n = caps.len();
+            caps.iter()
+                .enumerate()
+                .map(|(i, c)| format!("250{}{c}\r\n", if i + 1 == n { " " } else { "-" }))
+                .collect()
+        } else if upper == "STARTTLS" && !tls {
+            let Some(acceptor) = sh.opts.tls.clone() else {
+                conn.write_all(b"502 5.5.1 no\r\n").await?;
+                continue;
+            };
+            conn.write_all(b"220 2.0.0 go ahead\r\n").await?;
+            let inner = conn.into_inner();
+            let stream = acceptor.accept(inner).await?;
+            conn = BufReader::new(Box::new(stream) as Box<dyn Io>);
+            tls = true;
+            continue;
+        } else if upper.starts_with("AUTH PLAIN") {
+            sh.auth_attempts.fetch_add(1, Ordering::SeqCst);
+            let token = cmd.split_whitespace().nth(2).unwrap_or("");
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(token)
+                .unwrap_or_default();
+            let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
+            match (&sh.opts.auth, parts.as_slice()) {
+                (Some((u, p)), [_, user, pass])
+                    if user == &u.as_bytes() && pass == &p.as_bytes() =>
+                {
+                    auth = Some(u.clone());
+                    "235 2.7.0 ok\r\n".into()
+                }
+                _ => "535 5.7.8 bad credentials\r\n".into(),
+            }
+        } else if upper.starts_with("MAIL FROM:") {
+            sh.transactions.fetch_add(1, Ordering::SeqCst);
+            if sh.opts.auth.is_some() && auth.is_none() {
+                "530 5.7.0 authentication required\r\n".into()
+            } else {
+                tx = Some(Captured {
+                    mail: cmd.clone(),
+                    from: path_of(&cmd),
+                    rcpt_lines: Vec::new(),
+                    rcpts: Vec::new(),
+                    data: Vec::new(),
+                    tls,
+                    auth: auth.clone(),
+                });
+                "250 2.1.0 ok\r\n".into()
+            }
+        } else if upper.starts_with("RCPT TO:") {
+            let n = sh.rcpt_count.fetch_add(1, Ordering::SeqCst);
+            match (&mut tx, sh.opts.behavior) {
+                (None, _) => "503 5.5.1 need MAIL\r\n".into(),
+                (Some(_), Behavior::TempFail) => "451 4.3.0 try later\r\n".into(),
+                (Some(_), Behavior::TempFailFirst(k)) if n < k => "451 4.3.0 try later\r\n".into(),
+                (Some(_), Behavior::Reject) => "550 5.1.1 no such user here\r\n".into(),
+                (Some(t), _) => {
+                    t.rcpt_lines.push(cmd.clone());
+                    t.rcpts.push(path_of(&cmd));
+                    "250 2.1.5 ok\r\n".into()
+                }
+            }
+        } else if upper == "DATA" {
+            match &tx {
+                Some(t) if !t.rcpts.is_empty() => {
+                    conn.write_all(b"354 go\r\n").await?;
+                    let mut data = Vec::new();
+                    loop {
+                        let mut l = Vec::new();
+                        if conn.read_until(b'\n', &mut l).await? == 0 {
+                            return Ok(());
+                        }
+                        if l == b".\r\n" {
+                            break;
+                        }
+                        if sh.opts.behavior == Behavior::DropMidData && data.len() > 10 {
+                            return Ok(());
+                        }
+                        let l = if l.starts_with(b".") { &l[1..] } else { &l[..] };
+                        data.extend_from_slice(l);
+                    }
+                    let mut t = tx.take().unwrap();
+                    t.data = data;
+                    sh.messages.lock().unwrap().push(t);
+                    "250 2.0.0 queued\r\n".into()
+                }
+                _ => {
+                    tx = None;
+                    "554 5.5.1 no valid recipients\r\n".into()
+                }
+            }
+        } else if upper == "RSET" {
+            tx = None;
+            "250 2.0.0 ok\r\n".into()
+        } else if upper == "QUIT" {
+            conn.write_all(b"221 2.0.0 bye\r\n").await?;
+            return Ok(());
+        } else if upper == "NOOP" {
+            "250 2.0.0 ok\r\n".into()
+        } else {
+            "502 5.5.1 not implemented\r\n".into()
+        };
+        conn.write_all(reply.as_bytes()).await?;
+    }
+}
+
+/// The path between < and > in a MAIL/RCPT line.
+fn path_of(line: &str) -> String {
+    let start = line.find('<').map(|i| i + 1).unwrap_or(0);
+    let end = line[start..]
+        .find('>')
+        .map(|i| start + i)
+        .unwrap_or(line.len());
+    line[start..end].to_string()
+}
+
+/// A CA and a server certificate for `names` signed by it, written as PEM
+/// files in `dir`; returns the acceptor and the CA file (to trust as `tls_ca`).
+pub fn tls_acceptor(dir: &std::path::Path, names: &[&str]) -> (TlsAcceptor, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let ca_path = dir.join("test-ca.pem");
+    let cert_path = dir.join("sink-cert.pem");
+    let key_path = dir.join("sink-key.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let acceptor = postern::smtp::tls::acceptor(&cert_path, &key_path).unwrap();
+    (acceptor, ca_path)
+}
