@@ -20,4 +20,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-cargo test -p postern "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test -p postern "$@" 2>&1 | tee "$log"
+# One closing line for the whole run (cargo prints one per test binary, and the
+# last of them is the doc tests').
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  END { printf "Total: %d passed, %d failed\n", p, f }' "$log"
