@@ -4,7 +4,8 @@
 # per connection, SESSIONS in parallel) to a release build; every 250 means the
 # message was fsynced (file and folder). Reports accepted msg/s and Postern's CPU
 # per message for RUNS runs (default 3) and their medians. Delivery plays no part
-# here (messages stay queued). With COMPARE=postfix it then runs
+# here: the smart host is a loopback port where nothing listens, so messages stay
+# queued and nothing is looked up outside this machine. With COMPARE=postfix it then runs
 # ../shared/bench/peer-postfix.sh with the same load, on the same machine, in
 # the same run, and prints the ratio of the medians.
 set -euo pipefail
@@ -27,6 +28,8 @@ address = "127.0.0.1:$PORT"
 path = "$work/spool"
 [relay]
 networks = ["127.0.0.0/8"]
+[delivery]
+smarthost = "smtp://127.0.0.1:9"
 [log]
 level = "warn"
 TOML

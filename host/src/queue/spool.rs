@@ -149,14 +149,35 @@ impl Spool {
         &self.inner.root
     }
 
+    /// Removes `.tmp` debris and sets aside message files that a crash cut
+    /// short (possible only for messages that were never acknowledged, see
+    /// `write_synced`): they go to `corrupt/` for the operator, never to delivery.
     fn remove_partial_writes(&self) -> Result<(), Error> {
-        for entry in fs::read_dir(&self.inner.queue).map_err(io_err(&self.inner.queue))? {
-            let entry = entry.map_err(io_err(&self.inner.queue))?;
+        let queue = &self.inner.queue;
+        for entry in fs::read_dir(queue).map_err(io_err(queue))? {
+            let entry = entry.map_err(io_err(queue))?;
+            let path = entry.path();
             let name = entry.file_name();
-            if name.to_string_lossy().ends_with(".tmp") {
-                let path = entry.path();
+            let name = name.to_string_lossy();
+            if name.ends_with(".tmp") {
                 tracing::info!(path = %path.display(), "removing a spool file whose write did not finish");
                 fs::remove_file(&path).map_err(io_err(&path))?;
+                continue;
+            }
+            let Some(id) = QueueId::parse(&name) else {
+                continue;
+            };
+            let len = entry.metadata().map_err(io_err(&path))?.len();
+            let complete = match load(&path, &id) {
+                Ok(stored) => stored.body_offset + stored.meta.size == len,
+                Err(Error::NotFound(_)) => continue,
+                Err(_) => false,
+            };
+            if !complete {
+                let corrupt = self.inner.root.join("corrupt");
+                fs::create_dir_all(&corrupt).map_err(io_err(&corrupt))?;
+                tracing::warn!(queue_id = %id, "message file is incomplete (cut short by a crash before it was acknowledged); moved to corrupt/");
+                fs::rename(&path, corrupt.join(id.as_str())).map_err(io_err(&path))?;
             }
         }
         Ok(())
@@ -190,23 +211,23 @@ impl Spool {
         header.push(b'\n');
         let final_path = self.message_path(id);
         let tmp_path = final_path.with_extension("tmp");
-        let (f, t) = (final_path.clone(), tmp_path.clone());
-        tokio::task::spawn_blocking(move || write_synced(&t, &f, &header, &message))
-            .await
-            .map_err(|e| Error::Io {
-                path: tmp_path.clone(),
-                source: io::Error::other(e),
-            })??;
-        // The rename is durable once the folder is fsynced; one fsync covers every
-        // message renamed before it started (group commit).
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.dir_sync.sync(&inner.queue_dir))
-            .await
-            .map_err(|e| Error::Io {
-                path: final_path.clone(),
-                source: io::Error::other(e),
-            })?
-            .map_err(io_err(&final_path))
+        let path = final_path.clone();
+        // One trip to the blocking pool for the whole write. The folder fsync
+        // makes the name durable; one fsync covers every message renamed before
+        // it started (group commit).
+        tokio::task::spawn_blocking(move || {
+            write_synced(&tmp_path, &final_path, &header, &message)?;
+            inner
+                .dir_sync
+                .sync(&inner.queue_dir)
+                .map_err(io_err(&final_path))
+        })
+        .await
+        .map_err(|e| Error::Io {
+            path,
+            source: io::Error::other(e),
+        })?
     }
 
     /// Ids of every message in the spool, oldest first.
@@ -271,18 +292,29 @@ pub fn load(path: &Path, id: &QueueId) -> Result<StoredMessage, Error> {
     })
 }
 
+/// Writes a message file under its final name and makes it durable.
+///
+/// The order is chosen so that one journal commit covers everything: the file is
+/// written in full under a temporary name, renamed, and only then fsynced. On
+/// ext4 and XFS that fsync commits the data, the inode and the rename together,
+/// and the folder fsync that follows finds nothing left to commit. Until the
+/// fsync returns the relay has not said 250, so a crash in between can leave a
+/// final name whose content did not reach the disk: recovery finds it shorter
+/// than its record says and sets it aside ([`Spool::open`]).
 fn write_synced(tmp: &Path, dest: &Path, header: &[u8], message: &[u8]) -> Result<(), Error> {
+    let mut renamed = false;
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
         f.write_all(header)?;
         f.write_all(message)?;
-        f.sync_all()?;
-        fs::rename(tmp, dest)
+        fs::rename(tmp, dest)?;
+        renamed = true;
+        f.sync_all()
     })();
     result.map_err(|source| {
-        let _ = fs::remove_file(tmp);
+        let _ = fs::remove_file(if renamed { dest } else { tmp });
         Error::Io {
-            path: tmp.to_path_buf(),
+            path: dest.to_path_buf(),
             source,
         }
     })
@@ -377,6 +409,31 @@ mod tests {
         assert_eq!(stored.read_message().unwrap(), *msg);
         spool.remove(&id).unwrap();
         assert!(matches!(spool.load(&id), Err(Error::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn a_message_cut_short_is_set_aside_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = QueueId::generate();
+        {
+            let spool = Spool::open(dir.path()).unwrap();
+            let msg = Arc::new(b"Subject: hi\r\n\r\nbody\r\n".to_vec());
+            spool
+                .store(&id, &envelope(), None, None, msg)
+                .await
+                .unwrap();
+        }
+        let path = dir.path().join("queue").join(id.as_str());
+        let len = fs::metadata(&path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert!(spool.list().unwrap().is_empty());
+        assert!(dir.path().join("corrupt").join(id.as_str()).exists());
     }
 
     #[test]
