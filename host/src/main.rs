@@ -71,7 +71,17 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let server = Server::bind_without_plugins(config).await?;
+        let runtime = postern::plugins::Runtime::new(&config)?;
+        let chain = runtime.load_chain(&config).await?;
+        tracing::info!(plugins = chain.plugins().len(), "plugin chain loaded");
+        let handle = std::sync::Arc::new(postern::plugins::ChainHandle::new(chain));
+        let reloader = postern::plugins::reload::Reloader::start(
+            path.to_path_buf(),
+            &config,
+            runtime.clone(),
+            handle.clone(),
+        )?;
+        let server = Server::bind(config, handle).await?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         server
@@ -82,6 +92,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
                 }
             })
             .await;
+        drop(reloader);
         tracing::info!("stopped");
         anyhow::Ok(())
     })
