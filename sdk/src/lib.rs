@@ -528,7 +528,7 @@ macro_rules! export {
                 ) -> $crate::Verdict {
                     $crate::__private::with_envelope(&envelope, || {
                         with(|p| p.data(&session, &envelope, message))
-            })
+                    })
                 }
 
                 fn route(
@@ -542,7 +542,7 @@ macro_rules! export {
                 }
             }
 
-            $crate::bindings::__export_world!(Adapter with_types_in $crate::bindings);
+    $crate::bindings::__export_world!(Adapter with_types_in $crate::bindings);
         };
     };
 }

@@ -327,3 +327,150 @@ async fn reload_while_sending() -> anyhow::Result<()> {
     assert_eq!(late.cmd("RCPT TO:<x@other.test>").await?.code, 550);
     Ok(())
 }
+
+/// Each route verdict through `Chain::route`, as delivery calls it; a failing
+/// route plugin is refused with its on_error reply, never routed by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_verdict() -> anyhow::Result<()> {
+    use postern::envelope::{Address, Envelope, MailParams, Recipient};
+    use postern::policy::{Route, RouteQuery};
+
+    let relay = Relay::start("").await?;
+    let envelope = Envelope::new(Address("a@b.test".into()), MailParams::default());
+    let rcpt = Recipient::new("user@dest.test");
+    let headers = b"Subject: hi\r\nFrom: a@b.test\r\n\r\n";
+    for (config, expected) in [
+        (
+            "route = { route = \"mx\", arg = \"mx.other.test\" }",
+            Route::Mx("mx.other.test".into()),
+        ),
+        (
+            "route = { route = \"smarthost\", arg = \"smtp://127.0.0.1:2626\" }",
+            Route::Smarthost("smtp://127.0.0.1:2626".into()),
+        ),
+        (
+            "route = { route = \"local-folder\", arg = \"inbox/b\" }",
+            Route::LocalFolder("inbox/b".into()),
+        ),
+        ("route = { route = \"discard\" }", Route::Discard),
+        (
+            "route = { route = \"reject\", code = 550, enhanced = \"5.1.2\", text = \"gone\" }",
+            Route::Reject(postern::smtp::reply::Reply::new(550, "5.1.2", "gone")),
+        ),
+        ("route = { route = \"default\" }", Route::Default),
+        // A folder outside the local delivery folder is refused (on_error).
+        (
+            "route = { route = \"local-folder\", arg = \"../../etc\" }",
+            Route::Reject(postern::smtp::reply::Reply::PLUGIN_TEMPFAIL),
+        ),
+        (
+            "misbehave = { hook = \"route\", how = \"trap\" }",
+            Route::Reject(postern::smtp::reply::Reply::PLUGIN_TEMPFAIL),
+        ),
+    ] {
+        relay.set_chain(&testkit(config, "")).await?;
+        let route = relay
+            .handle
+            .current()
+            .route(RouteQuery {
+                envelope: &envelope,
+                recipient: &rcpt,
+                headers,
+            })
+            .await;
+        assert_eq!(route, expected, "{config}");
+    }
+    // The first-party router, by recipient domain.
+    relay
+        .set_chain(
+            "[[plugin]]\nname = \"router\"\npath = \"router.wasm\"\n[plugin.config.routes]\n\"dest.test\" = \"local:archive\"\n\"*\" = \"smtp://gw.test:587\"\n",
+        )
+        .await?;
+    let chain = relay.handle.current();
+    let q = |r| RouteQuery {
+        envelope: &envelope,
+        recipient: r,
+        headers,
+    };
+    assert_eq!(
+        chain.route(q(&rcpt)).await,
+        Route::LocalFolder("archive".into())
+    );
+    let other = Recipient::new("x@Other.Test");
+    assert_eq!(
+        chain.route(q(&other)).await,
+        Route::Smarthost("smtp://gw.test:587".into())
+    );
+    Ok(())
+}
+
+/// Writing a new `.wasm` over a plugin in the watched folder changes what new
+/// sessions get within a second, and the compiled form is cached in a private
+/// folder so the next load does not compile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_wasm_is_picked_up_by_the_watcher() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let chain = "[[plugin]]\nname = \"gate\"\npath = \"gate.wasm\"\n[plugin.config]\ndomains = [\"other.test\"]\n";
+    let dir = tempfile::tempdir()?;
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins)?;
+    // First the router (no rcpt hook: everything passes), then the blocklist.
+    std::fs::copy(
+        support::wasm_dir().join("router.wasm"),
+        plugins.join("gate.wasm"),
+    )?;
+    let first = "[[plugin]]\nname = \"gate\"\npath = \"gate.wasm\"\n[plugin.config.routes]\n";
+    let cache = dir.path().join("cache");
+    let config_text = |chain: &str| {
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[relay]\nnetworks = [\"127.0.0.0/8\"]\n\
+             [plugins]\ndir = \"plugins\"\ncache_dir = {cache:?}\n{chain}"
+        )
+    };
+    let path = dir.path().join("postern.toml");
+    std::fs::write(&path, config_text(first))?;
+    let config = postern::config::Config::load(&path)?;
+    let runtime = postern::plugins::Runtime::new(&config)?;
+    let handle = std::sync::Arc::new(postern::plugins::ChainHandle::new(
+        runtime.load_chain(&config).await?,
+    ));
+    let _reloader = postern::plugins::reload::Reloader::start(
+        path.clone(),
+        &config,
+        runtime.clone(),
+        handle.clone(),
+    )?;
+    let mode = std::fs::metadata(&cache)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    assert_eq!(
+        std::fs::read_dir(&cache)?.count(),
+        1,
+        "one compiled artifact cached"
+    );
+
+    // The config change alone (new plugin config) would fail with the router
+    // (unknown key `domains`): write the new wasm first, then the config.
+    let started = Instant::now();
+    std::fs::write(&path, config_text(chain))?;
+    std::fs::copy(
+        support::wasm_dir().join("blocklist.wasm"),
+        plugins.join("gate.wasm"),
+    )?;
+    loop {
+        let current = handle.current();
+        if current.plugins()[0]
+            .hooks
+            .contains(&postern::config::HookName::Rcpt)
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "not reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    eprintln!("new plugin serving after {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(std::fs::read_dir(&cache)?.count(), 2);
+    Ok(())
+}
