@@ -4,7 +4,7 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
 use postern::config::Config;
@@ -35,11 +35,20 @@ enum Command {
     Passwd,
     /// Check the config file and print what it would run.
     Check,
+    /// Plugin tools: new, check, test, list.
+    #[command(subcommand)]
+    Plugin(plugin_cli::PluginCommand),
 }
 
+mod plugin_cli;
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let config_given =
+        matches.value_source("config") != Some(clap::parser::ValueSource::DefaultValue);
+    let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
+        Command::Plugin(command) => plugin_cli::run(command, &cli.config, config_given),
         Command::Serve => serve(&cli.config),
         Command::Passwd => passwd(),
         Command::Check => {
@@ -81,7 +90,13 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             runtime.clone(),
             handle.clone(),
         )?;
-        let server = Server::bind(config, handle).await?;
+        let control = postern::plugins::reload::control_socket(&config);
+        let server = Server::bind(config, handle.clone()).await?;
+        let control = tokio::spawn(async move {
+            if let Err(e) = postern::plugins::reload::serve_control(control.clone(), handle).await {
+                tracing::warn!(socket = %control.display(), error = %e, "plugin control socket unavailable; `postern plugin list` will not work");
+            }
+        });
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         server
@@ -93,6 +108,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             })
             .await;
         drop(reloader);
+        control.abort();
         tracing::info!("stopped");
         anyhow::Ok(())
     })

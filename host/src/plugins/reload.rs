@@ -148,3 +148,66 @@ pub async fn reload(
     handle.swap(chain);
     Ok(n)
 }
+
+/// What `postern plugin list` shows for one plugin.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PluginStatus {
+    /// Its name.
+    pub name: String,
+    /// SHA-256 of its `.wasm`.
+    pub hash: String,
+    /// The hooks called.
+    pub hooks: Vec<String>,
+    /// Load time, seconds since the Unix epoch.
+    pub loaded_at: u64,
+    /// Per-hook counters.
+    pub stats: Vec<crate::plugins::stats::HookSnapshot>,
+}
+
+/// The current chain, as [`PluginStatus`] rows.
+pub fn status(handle: &ChainHandle) -> Vec<PluginStatus> {
+    handle
+        .current()
+        .plugins()
+        .iter()
+        .map(|p| PluginStatus {
+            name: p.name().to_string(),
+            hash: p.hash.clone(),
+            hooks: p.hooks.iter().map(|h| h.to_string()).collect(),
+            loaded_at: p
+                .loaded_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            stats: p.stats.snapshot(),
+        })
+        .collect()
+}
+
+/// The control socket's path for a config: in the spool, which belongs to the
+/// relay's user.
+pub fn control_socket(config: &Config) -> PathBuf {
+    config.resolve(&config.spool.path).join("plugins.sock")
+}
+
+/// Answers each connection on the control socket with the chain's status as
+/// one JSON document. Runs until the task is dropped.
+pub async fn serve_control(path: PathBuf, handle: Arc<ChainHandle>) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    // A socket left by a previous run (the spool lock guarantees no other
+    // relay uses this spool).
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let body = serde_json::to_vec(&status(&handle)).unwrap_or_default();
+        tokio::spawn(async move {
+            let _ = conn.write_all(&body).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}

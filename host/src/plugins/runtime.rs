@@ -360,3 +360,45 @@ fn link(
     let pre = linker.instantiate_pre(component).map_err(e)?;
     PluginPre::new(pre).map_err(e)
 }
+
+/// What a component needs from the relay, for `postern plugin check`.
+#[derive(Debug, Clone)]
+pub struct Requirements {
+    /// Every import, by name.
+    pub imports: Vec<String>,
+    /// The grants its `postern:relay` imports need.
+    pub grants: Vec<Grant>,
+    /// It imports WASI filesystem, so it may expect the `archive` grant.
+    pub filesystem: bool,
+}
+
+/// Compiles a component (no cache) and lists what it imports.
+pub fn requirements(engine: &Engine, bytes: &[u8]) -> Result<Requirements, String> {
+    let component = Component::new(engine, bytes).map_err(|e| format!("{e:#}"))?;
+    let mut req = Requirements {
+        imports: Vec::new(),
+        grants: Vec::new(),
+        filesystem: false,
+    };
+    for (name, item) in component.component_type().imports(engine) {
+        if !matches!(
+            item.ty,
+            wasmtime::component::types::ComponentItem::ComponentInstance(_)
+        ) {
+            continue;
+        }
+        req.imports.push(name.to_string());
+        if name.starts_with("wasi:filesystem/") {
+            req.filesystem = true;
+        }
+        if let Some(rest) = name.strip_prefix("postern:relay/") {
+            let interface = rest.split('@').next().unwrap_or(rest);
+            if let Some(Some(g)) = grant_for(interface) {
+                if !req.grants.contains(&g) {
+                    req.grants.push(g);
+                }
+            }
+        }
+    }
+    Ok(req)
+}
