@@ -805,6 +805,56 @@ mod tests {
     }
 
     #[test]
+    fn plugin_tables_are_typed() {
+        let text = format!(
+            "{MINIMAL}[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\nhooks = [\"rcpt\", \"mail-from\"]\n\
+             on_error = \"continue\"\ntimeouts = {{ data = 2000 }}\nmemory_mb = 32\ninstances = \"fresh\"\n\
+             grants = [\"kv\", \"archive\"]\n[plugin.config]\nlist = [1, 2]\n"
+        );
+        let c = Config::parse(&text, Path::new("/etc/postern/postern.toml")).unwrap();
+        let p = &c.plugin_chain[0];
+        assert_eq!(
+            p.hooks.as_deref(),
+            Some(&[HookName::Rcpt, HookName::MailFrom][..])
+        );
+        assert_eq!(p.on_error, OnError::Continue);
+        assert_eq!(p.timeout(HookName::Data), Duration::from_millis(2000));
+        assert_eq!(p.timeout(HookName::Rcpt), Duration::from_millis(50));
+        assert_eq!(p.instances, Instances::Fresh);
+        assert_eq!(p.grants, vec![Grant::Kv, Grant::Archive]);
+        assert_eq!(p.config_json(), r#"{"list":[1,2]}"#);
+        assert_eq!(
+            c.plugin_cache_dir(),
+            PathBuf::from("/etc/postern/spool/plugin-cache")
+        );
+    }
+
+    #[test]
+    fn plugin_errors_name_the_key() {
+        let plugin =
+            |body: &str| format!("{MINIMAL}[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\n{body}\n");
+        for (body, needle) in [
+            ("colour = 1", "colour"),
+            ("on_error = \"explode\"", "on_error"),
+            ("hooks = [\"helo\"]", "helo"),
+            ("grants = [\"network\"]", "network"),
+            ("timeouts = { dta = 5 }", "dta"),
+            ("timeout_ms = 0", "plugin[0].timeout_ms"),
+            ("memory_mb = 100000", "plugin[0].memory_mb"),
+            ("instances = \"hot\"", "instances"),
+            (
+                "[[plugin]]\nname = \"a\"\npath = \"b.wasm\"",
+                "plugin[1].name",
+            ),
+        ] {
+            let err = Config::parse(&plugin(body), Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{body:?}: {err}");
+        }
+    }
+
+    #[test]
     fn durations() {
         for (s, secs) in [
             ("30s", 30),

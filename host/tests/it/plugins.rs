@@ -474,3 +474,38 @@ async fn replaced_wasm_is_picked_up_by_the_watcher() -> anyhow::Result<()> {
     assert_eq!(std::fs::read_dir(&cache)?.count(), 2);
     Ok(())
 }
+
+/// The archive plugin writes each message into its granted folder (a WASI
+/// preopen), streaming it from the host a chunk at a time; the status the
+/// control socket serves counts its calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_writes_into_its_granted_folder() -> anyhow::Result<()> {
+    let relay = Relay::start(
+        "[[plugin]]\nname = \"archive\"\npath = \"archive.wasm\"\ngrants = [\"archive\"]\ntimeouts = { data = 2000 }\n",
+    )
+    .await?;
+    let (mut c, _) = relay.client().await?;
+    // 200 KB in many lines, so the plugin must read it in several chunks.
+    let line = format!("{}\n", "x".repeat(99));
+    let body = format!("Message-ID: <m1@b.test>\n{MESSAGE}{}", line.repeat(2000));
+    let r = c.send("a@b.test", &["c@local.test"], &body).await?;
+    assert_eq!(r.code, 250, "{r:?}");
+    let file = relay.dir.path().join("archive/archive/m1@b.test.eml");
+    let archived = std::fs::read_to_string(&file)?;
+    assert!(archived.starts_with("Received: "), "{}", &archived[..80]);
+    assert!(archived.contains("Subject: hello\r\n"));
+    assert!(archived.ends_with(&format!("{}\r\n", "x".repeat(99)).repeat(2000)));
+
+    // Without the grant it refuses to load (its init finds no /archive).
+    let err = relay
+        .set_chain("[[plugin]]\nname = \"archive\"\npath = \"archive.wasm\"\n")
+        .await
+        .expect_err("no archive grant");
+    assert!(err.to_string().contains("grant \"archive\""), "{err}");
+
+    let status = postern::plugins::reload::status(&relay.handle);
+    assert_eq!(status[0].name, "archive");
+    assert_eq!(status[0].hooks, vec!["data".to_string()]);
+    assert_eq!(status[0].stats[0].calls, 1);
+    Ok(())
+}
