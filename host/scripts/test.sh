@@ -22,7 +22,7 @@ rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add was
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test -p postern "$@" 2>&1 | tee "$log"
+cargo test -p postern -p postern-sdk "$@" 2>&1 | tee "$log"
 # One closing line for the whole run (cargo prints one per test binary, and the
 # last of them is the doc tests').
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -356,14 +356,159 @@ impl Default for DeliveryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
-    /// The folder `[[plugin]] path`s are relative to.
+    /// The folder `[[plugin]] path`s are relative to; watched for changes.
     pub dir: PathBuf,
+    /// Compiled plugins, keyed by content hash and engine, so a restart does
+    /// not recompile. Default: `plugin-cache` in the spool. Created with mode
+    /// 0700; a folder others can write to is not used, since loading a
+    /// compiled artifact trusts it.
+    pub cache_dir: Option<PathBuf>,
+    /// Plugins granted `archive` get `<archive_dir>/<plugin name>` as their
+    /// `/archive` folder.
+    pub archive_dir: PathBuf,
+    /// The most memory any plugin instance may be given (`memory_mb` is capped
+    /// by it); sizes the instance pool's slots at start.
+    pub max_memory_mb: u64,
+    /// Reload the chain when a `.wasm` in `dir` or the config file changes.
+    pub watch: bool,
 }
 
 impl Default for PluginsConfig {
     fn default() -> Self {
         PluginsConfig {
             dir: PathBuf::from("plugins"),
+            cache_dir: None,
+            archive_dir: PathBuf::from("archive"),
+            max_memory_mb: 256,
+            watch: true,
+        }
+    }
+}
+
+/// A hook, as named in `hooks` and `timeouts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+pub enum HookName {
+    /// After connect, before the banner.
+    #[serde(rename = "connect")]
+    Connect,
+    /// MAIL FROM.
+    #[serde(rename = "mail_from", alias = "mail-from")]
+    MailFrom,
+    /// RCPT TO.
+    #[serde(rename = "rcpt")]
+    Rcpt,
+    /// After DATA.
+    #[serde(rename = "data")]
+    Data,
+    /// At delivery.
+    #[serde(rename = "route")]
+    Route,
+}
+
+impl HookName {
+    /// Every hook, in the order a message meets them.
+    pub const ALL: [HookName; 5] = [
+        HookName::Connect,
+        HookName::MailFrom,
+        HookName::Rcpt,
+        HookName::Data,
+        HookName::Route,
+    ];
+
+    /// The name used in the config and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookName::Connect => "connect",
+            HookName::MailFrom => "mail_from",
+            HookName::Rcpt => "rcpt",
+            HookName::Data => "data",
+            HookName::Route => "route",
+        }
+    }
+}
+
+impl fmt::Display for HookName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a plugin's failure (trap, deadline, memory cap, bad answer) turns into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// 451 4.3.0: the client retries later (the default; nothing fails open).
+    #[default]
+    Tempfail,
+    /// Skip the plugin, as if it answered `continue`.
+    Continue,
+    /// 550 5.7.1.
+    Reject,
+}
+
+/// How a plugin's instances live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Instances {
+    /// A pool of warm instances, each lent to one call at a time and retired
+    /// after a trap, a memory high-water mark or many uses.
+    #[default]
+    Warm,
+    /// A new instance per call: no state outlives it.
+    Fresh,
+}
+
+/// A host interface a plugin may be granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grant {
+    /// `postern:relay/log`.
+    Log,
+    /// `postern:relay/kv`.
+    Kv,
+    /// `postern:relay/dns`.
+    Dns,
+    /// The plugin's archive folder, preopened as `/archive`.
+    Archive,
+}
+
+impl Grant {
+    /// The name used in `grants` and in WIT.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::Log => "log",
+            Grant::Kv => "kv",
+            Grant::Dns => "dns",
+            Grant::Archive => "archive",
+        }
+    }
+}
+
+/// `timeouts = { data = 2000, route = 200 }`: per-hook deadlines in ms.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookTimeouts {
+    /// connect.
+    pub connect: Option<u64>,
+    /// mail_from.
+    #[serde(alias = "mail-from")]
+    pub mail_from: Option<u64>,
+    /// rcpt.
+    pub rcpt: Option<u64>,
+    /// data.
+    pub data: Option<u64>,
+    /// route.
+    pub route: Option<u64>,
+}
+
+impl HookTimeouts {
+    fn get(&self, hook: HookName) -> Option<u64> {
+        match hook {
+            HookName::Connect => self.connect,
+            HookName::MailFrom => self.mail_from,
+            HookName::Rcpt => self.rcpt,
+            HookName::Data => self.data,
+            HookName::Route => self.route,
         }
     }
 }
@@ -372,16 +517,58 @@ impl Default for PluginsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
-    /// Name used in logs and metrics.
+    /// Name used in logs, metrics and the kv key space.
     pub name: String,
     /// `.wasm` file relative to `[plugins] dir`.
     pub path: PathBuf,
+    /// The hooks to call: a subset of what the plugin's `init` returns
+    /// (default: all of them).
+    #[serde(default)]
+    pub hooks: Option<Vec<HookName>>,
+    /// What a failure turns into.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Guest time allowed per hook call, in ms.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Per-hook deadlines overriding `timeout_ms`.
+    #[serde(default)]
+    pub timeouts: HookTimeouts,
+    /// Memory cap per instance, in MiB.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// `warm` (default) or `fresh`.
+    #[serde(default)]
+    pub instances: Instances,
+    /// Host interfaces the plugin may use.
+    #[serde(default)]
+    pub grants: Vec<Grant>,
     /// Plugin configuration handed to `init` as JSON.
     #[serde(default)]
     pub config: Option<toml::Table>,
-    /// Everything else is read by the plugin runtime.
-    #[serde(flatten)]
-    pub settings: BTreeMap<String, toml::Value>,
+}
+
+fn default_timeout_ms() -> u64 {
+    50
+}
+
+fn default_memory_mb() -> u64 {
+    64
+}
+
+impl PluginConfig {
+    /// The deadline of one call of `hook`.
+    pub fn timeout(&self, hook: HookName) -> Duration {
+        Duration::from_millis(self.timeouts.get(hook).unwrap_or(self.timeout_ms))
+    }
+
+    /// The `[plugin.config]` table as the JSON `init` gets.
+    pub fn config_json(&self) -> String {
+        match &self.config {
+            Some(t) => serde_json::to_string(t).unwrap_or_else(|_| "{}".into()),
+            None => "{}".into(),
+        }
+    }
 }
 
 /// `[log]`.
@@ -576,7 +763,56 @@ impl Config {
                 );
             }
         }
+        self.check_plugins()
+    }
+
+    fn check_plugins(&self) -> Result<(), Error> {
+        if self.plugins.max_memory_mb == 0 {
+            return Err(self.invalid("plugins.max_memory_mb", "must be more than 0"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.plugin_chain.iter().enumerate() {
+            let key = |k: &str| format!("plugin[{i}].{k}");
+            if p.name.is_empty() || p.name.contains(['/', '\\']) || p.name.starts_with('.') {
+                return Err(self.invalid(&key("name"), "expected a non-empty name without `/`"));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(self.invalid(&key("name"), format!("{:?} is used twice", p.name)));
+            }
+            if p.timeout_ms == 0 {
+                return Err(self.invalid(&key("timeout_ms"), "must be more than 0"));
+            }
+            for hook in HookName::ALL {
+                if p.timeouts.get(hook) == Some(0) {
+                    return Err(
+                        self.invalid(&key(&format!("timeouts.{hook}")), "must be more than 0")
+                    );
+                }
+            }
+            if p.memory_mb == 0 || p.memory_mb > self.plugins.max_memory_mb {
+                return Err(self.invalid(
+                    &key("memory_mb"),
+                    format!(
+                        "must be between 1 and plugins.max_memory_mb ({})",
+                        self.plugins.max_memory_mb
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The plugins folder, absolute.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.resolve(&self.plugins.dir)
+    }
+
+    /// The compiled-plugin cache folder, absolute.
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        match &self.plugins.cache_dir {
+            Some(d) => self.resolve(d),
+            None => self.resolve(&self.spool.path).join("plugin-cache"),
+        }
     }
 
     /// A path from the config, made absolute against the config's folder.
@@ -629,6 +865,56 @@ mod tests {
             let err = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
             assert!(err.starts_with("config t.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn plugin_tables_are_typed() {
+        let text = format!(
+            "{MINIMAL}[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\nhooks = [\"rcpt\", \"mail-from\"]\n\
+             on_error = \"continue\"\ntimeouts = {{ data = 2000 }}\nmemory_mb = 32\ninstances = \"fresh\"\n\
+             grants = [\"kv\", \"archive\"]\n[plugin.config]\nlist = [1, 2]\n"
+        );
+        let c = Config::parse(&text, Path::new("/etc/postern/postern.toml")).unwrap();
+        let p = &c.plugin_chain[0];
+        assert_eq!(
+            p.hooks.as_deref(),
+            Some(&[HookName::Rcpt, HookName::MailFrom][..])
+        );
+        assert_eq!(p.on_error, OnError::Continue);
+        assert_eq!(p.timeout(HookName::Data), Duration::from_millis(2000));
+        assert_eq!(p.timeout(HookName::Rcpt), Duration::from_millis(50));
+        assert_eq!(p.instances, Instances::Fresh);
+        assert_eq!(p.grants, vec![Grant::Kv, Grant::Archive]);
+        assert_eq!(p.config_json(), r#"{"list":[1,2]}"#);
+        assert_eq!(
+            c.plugin_cache_dir(),
+            PathBuf::from("/etc/postern/spool/plugin-cache")
+        );
+    }
+
+    #[test]
+    fn plugin_errors_name_the_key() {
+        let plugin =
+            |body: &str| format!("{MINIMAL}[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\n{body}\n");
+        for (body, needle) in [
+            ("colour = 1", "colour"),
+            ("on_error = \"explode\"", "on_error"),
+            ("hooks = [\"helo\"]", "helo"),
+            ("grants = [\"network\"]", "network"),
+            ("timeouts = { dta = 5 }", "dta"),
+            ("timeout_ms = 0", "plugin[0].timeout_ms"),
+            ("memory_mb = 100000", "plugin[0].memory_mb"),
+            ("instances = \"hot\"", "instances"),
+            (
+                "[[plugin]]\nname = \"a\"\npath = \"b.wasm\"",
+                "plugin[1].name",
+            ),
+        ] {
+            let err = Config::parse(&plugin(body), Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{body:?}: {err}");
         }
     }
 

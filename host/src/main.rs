@@ -4,7 +4,7 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
 use postern::config::Config;
@@ -42,6 +42,9 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Plugin tools: new, check, test, list.
+    #[command(subcommand)]
+    Plugin(plugin_cli::PluginCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,9 +86,15 @@ enum QueueCommand {
     },
 }
 
+mod plugin_cli;
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let config_given =
+        matches.value_source("config") != Some(clap::parser::ValueSource::DefaultValue);
+    let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
+        Command::Plugin(command) => plugin_cli::run(command, &cli.config, config_given),
         Command::Serve => serve(&cli.config),
         Command::Passwd => passwd(),
         Command::Queue { command } => queue(&cli.config, command),
@@ -118,11 +127,27 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let server = Server::bind_without_plugins(config).await?;
+        let runtime = postern::plugins::Runtime::new(&config)?;
+        let chain = runtime.load_chain(&config).await?;
+        tracing::info!(plugins = chain.plugins().len(), "plugin chain loaded");
+        let handle = std::sync::Arc::new(postern::plugins::ChainHandle::new(chain));
+        let reloader = postern::plugins::reload::Reloader::start(
+            path.to_path_buf(),
+            &config,
+            runtime.clone(),
+            handle.clone(),
+        )?;
+        let control = postern::plugins::reload::control_socket(&config);
+        let server = Server::bind(config, handle.clone()).await?;
         let delivery = Delivery::start(server.context(), server.local_addrs())
             .await
             .context("starting delivery")?;
         let grace = server.context().config.limits.shutdown_grace.0;
+        let control = tokio::spawn(async move {
+            if let Err(e) = postern::plugins::reload::serve_control(control.clone(), handle).await {
+                tracing::warn!(socket = %control.display(), error = %e, "plugin control socket unavailable; `postern plugin list` will not work");
+            }
+        });
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         server
@@ -134,6 +159,8 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             })
             .await;
         delivery.shutdown(grace).await;
+        drop(reloader);
+        control.abort();
         tracing::info!("stopped");
         anyhow::Ok(())
     })

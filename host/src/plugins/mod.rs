@@ -1,51 +1,274 @@
 //! The plugin chain: the ordered `[[plugin]]` list run at each hook after the
 //! built-in access rules. With no plugins configured every hook answers
 //! `Continue` and the host defaults apply.
+//!
+//! # Layout
+//!
+//! - [`bindings`]: the one `bindgen!` of the WIT world.
+//! - [`runtime`]: the engine, the epoch ticker, the compiled cache, loading.
+//! - [`instance`]: one loaded plugin, its warm pool, limits and calls.
+//! - [`host`]: the host interfaces (log, kv, dns, message).
+//! - [`check`] and [`convert`]: what a plugin's answer must satisfy.
+//! - [`reload`]: hot reload on file changes and SIGHUP, and the control socket.
+//! - [`stats`]: counters for `postern plugin list`.
 
-use std::sync::{Arc, RwLock};
+pub mod bindings;
+pub mod check;
+pub mod convert;
+pub mod host;
+pub mod instance;
+pub mod reload;
+pub mod runtime;
+pub mod stats;
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use crate::config::{HookName, OnError};
 use crate::envelope::{Envelope, Recipient, SessionInfo};
+use crate::plugins::host::message::{MessageRef, MessageState};
+use crate::plugins::instance::{Answer, Call, CallError, LoadedPlugin};
 use crate::policy::{DataTransaction, Route, RouteQuery, Verdict};
+use crate::smtp::reply::Reply;
+
+pub use runtime::Runtime;
+
+/// The epoch tick: deadlines are counted in these, and a running guest yields
+/// to the scheduler once per tick.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// Why a chain could not be loaded; each names the plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The `.wasm` could not be read.
+    #[error("plugin {plugin}: cannot read {}: {source}", path.display())]
+    Read {
+        /// The plugin.
+        plugin: String,
+        /// Its file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not a valid component.
+    #[error("plugin {plugin}: not a valid component: {message}")]
+    Compile {
+        /// The plugin.
+        plugin: String,
+        /// The compiler's message.
+        message: String,
+    },
+    /// It imports a host interface that its `grants` do not name.
+    #[error("plugin {plugin}: imports {interface}, which it was not granted (add \"{grant}\" to its grants)")]
+    NotGranted {
+        /// The plugin.
+        plugin: String,
+        /// The interface, as imported.
+        interface: String,
+        /// The grant that would allow it.
+        grant: &'static str,
+    },
+    /// It imports something the relay does not provide.
+    #[error("plugin {plugin}: imports {import}, which the relay does not provide")]
+    UnknownImport {
+        /// The plugin.
+        plugin: String,
+        /// The import.
+        import: String,
+    },
+    /// It does not fit the `plugin` world.
+    #[error("plugin {plugin}: does not fit the postern:relay/plugin world: {message}")]
+    Link {
+        /// The plugin.
+        plugin: String,
+        /// Wasmtime's message.
+        message: String,
+    },
+    /// `init` failed, trapped, or named hooks the config does not allow.
+    #[error("plugin {plugin}: {message}")]
+    Init {
+        /// The plugin.
+        plugin: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Its archive folder could not be created.
+    #[error("plugin {plugin}: archive folder {}: {source}", path.display())]
+    Archive {
+        /// The plugin.
+        plugin: String,
+        /// The folder.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The engine could not be built or no longer fits the config.
+    #[error("plugin runtime: {0}")]
+    Engine(String),
+    /// The config file (on reload).
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+}
 
 /// One loaded chain. Sessions hold an `Arc<Chain>` for their whole life, so a
 /// reload never changes the rules under a transaction in flight.
 #[derive(Debug, Default)]
-pub struct Chain {}
+pub struct Chain {
+    plugins: Vec<Arc<LoadedPlugin>>,
+    /// Keeps the engine's ticker running while any chain is in use.
+    _runtime: Option<Arc<Runtime>>,
+}
 
 impl Chain {
     /// A chain without plugins.
     pub fn empty() -> Chain {
-        Chain {}
+        Chain::default()
+    }
+
+    pub(crate) fn new(plugins: Vec<Arc<LoadedPlugin>>, runtime: Option<Arc<Runtime>>) -> Chain {
+        Chain {
+            plugins,
+            _runtime: runtime,
+        }
+    }
+
+    /// The plugins, in chain order.
+    pub fn plugins(&self) -> &[Arc<LoadedPlugin>] {
+        &self.plugins
+    }
+
+    fn handling(&self, hook: HookName) -> impl Iterator<Item = &Arc<LoadedPlugin>> {
+        self.plugins.iter().filter(move |p| p.handles(hook))
+    }
+
+    /// Runs a verdict hook: the first answer other than `Continue` ends it.
+    async fn verdict(&self, call: Call<'_>) -> Verdict {
+        for p in self.handling(call.hook()) {
+            let v = match p.call(&call).await {
+                Ok(Answer::Verdict(v)) => v,
+                Ok(Answer::Route(_)) => on_error(
+                    p,
+                    call.hook(),
+                    CallError::Invalid("a route from a verdict hook".into()),
+                ),
+                Err(e) => on_error(p, call.hook(), e),
+            };
+            if v != Verdict::Continue {
+                return v;
+            }
+        }
+        Verdict::Continue
     }
 
     /// connect hook.
-    pub async fn connect(&self, _session: &SessionInfo) -> Verdict {
-        Verdict::Continue
+    pub async fn connect(&self, session: &SessionInfo) -> Verdict {
+        if self.handling(HookName::Connect).next().is_none() {
+            return Verdict::Continue;
+        }
+        let s = convert::session(session);
+        self.verdict(Call::Connect(&s)).await
     }
 
     /// mail-from hook.
-    pub async fn mail_from(&self, _session: &SessionInfo, _envelope: &Envelope) -> Verdict {
-        Verdict::Continue
+    pub async fn mail_from(&self, session: &SessionInfo, envelope: &Envelope) -> Verdict {
+        if self.handling(HookName::MailFrom).next().is_none() {
+            return Verdict::Continue;
+        }
+        let s = convert::session(session);
+        let e = convert::envelope(envelope);
+        self.verdict(Call::MailFrom(&s, &e)).await
     }
 
     /// rcpt hook.
     pub async fn rcpt(
         &self,
-        _session: &SessionInfo,
-        _envelope: &Envelope,
-        _rcpt: &Recipient,
+        session: &SessionInfo,
+        envelope: &Envelope,
+        rcpt: &Recipient,
     ) -> Verdict {
-        Verdict::Continue
+        if self.handling(HookName::Rcpt).next().is_none() {
+            return Verdict::Continue;
+        }
+        let s = convert::session(session);
+        let e = convert::envelope(envelope);
+        let r = convert::address(&rcpt.address);
+        self.verdict(Call::Rcpt(&s, &e, &r)).await
     }
 
-    /// data hook: may change the transaction.
-    pub async fn data(&self, _session: &SessionInfo, _tx: &mut DataTransaction) -> Verdict {
-        Verdict::Continue
+    /// data hook: may change the transaction. The message is parsed once and
+    /// shared by the plugins; each sees the edits of those before it, and the
+    /// edits are applied to `tx` whatever the verdict.
+    pub async fn data(&self, session: &SessionInfo, tx: &mut DataTransaction) -> Verdict {
+        if self.handling(HookName::Data).next().is_none() {
+            return Verdict::Continue;
+        }
+        let s = convert::session(session);
+        let e = convert::envelope(&tx.envelope);
+        let raw = Arc::new(std::mem::take(&mut tx.message));
+        let state = Arc::new(Mutex::new(MessageState::parse(
+            raw,
+            tx.envelope.recipients.clone(),
+        )));
+        let message = MessageRef(state.clone());
+        let verdict = self.verdict(Call::Data(&s, &e, &message)).await;
+        drop(message);
+        let state = match Arc::try_unwrap(state) {
+            Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+            // An instance still holds a handle (it cannot, as calls delete
+            // theirs, but the edits must not be lost if one did).
+            Err(shared) => std::mem::replace(
+                &mut *shared.lock().unwrap_or_else(|e| e.into_inner()),
+                MessageState::parse(Arc::new(Vec::new()), Vec::new()),
+            ),
+        };
+        state.finish(tx);
+        verdict
     }
 
-    /// route hook, per recipient at delivery.
-    pub async fn route(&self, _query: RouteQuery<'_>) -> Route {
+    /// route hook, per recipient at delivery. A plugin failure with
+    /// `on_error = "tempfail"` answers `Reject` with a 4xx reply, which delivery
+    /// should treat as "try again later".
+    pub async fn route(&self, query: RouteQuery<'_>) -> Route {
+        if self.handling(HookName::Route).next().is_none() {
+            return Route::Default;
+        }
+        let e = convert::envelope(query.envelope);
+        let r = convert::address(&query.recipient.address);
+        let h = convert::headers(query.headers);
+        let call = Call::Route(&e, &r, &h);
+        for p in self.handling(HookName::Route) {
+            let route = match p.call(&call).await {
+                Ok(Answer::Route(r)) => r,
+                Ok(Answer::Verdict(_)) => route_error(
+                    p,
+                    CallError::Invalid("a verdict from the route hook".into()),
+                ),
+                Err(e) => route_error(p, e),
+            };
+            if route != Route::Default {
+                return route;
+            }
+        }
         Route::Default
+    }
+}
+
+/// A plugin failure turned into its `on_error` verdict, and logged.
+fn on_error(p: &LoadedPlugin, hook: HookName, e: CallError) -> Verdict {
+    tracing::warn!(plugin = p.name(), %hook, error = %e, on_error = ?p.config.on_error, "plugin failed");
+    match p.config.on_error {
+        OnError::Tempfail => Verdict::Tempfail(Reply::PLUGIN_TEMPFAIL),
+        OnError::Continue => Verdict::Continue,
+        OnError::Reject => Verdict::Reject(Reply::POLICY_REJECT),
+    }
+}
+
+fn route_error(p: &LoadedPlugin, e: CallError) -> Route {
+    match on_error(p, HookName::Route, e) {
+        Verdict::Continue => Route::Default,
+        Verdict::Reject(r) | Verdict::Tempfail(r) | Verdict::Disconnect(r) => Route::Reject(r),
+        Verdict::Accept => Route::Default,
     }
 }
 

@@ -4,4 +4,5 @@
 mod core;
 mod crash;
 mod delivery;
+mod plugins;
 mod support;

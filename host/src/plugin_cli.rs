@@ -1,0 +1,410 @@
+//! `postern plugin new|check|test|list`: tools for plugin authors and
+//! operators.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use clap::Subcommand;
+
+use postern::config::{Config, Grant};
+use postern::envelope::{Address, Envelope, MailParams, Recipient, SessionInfo};
+use postern::plugins::{reload, runtime, ChainHandle, Runtime};
+use postern::policy::{DataTransaction, RouteQuery};
+
+/// The SDK this binary was built with; `POSTERN_SDK` points elsewhere.
+const SDK_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk");
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Create a plugin crate NAME in the current folder; it builds as is with
+    /// `cargo build --release --target wasm32-wasip2`.
+    New {
+        /// Crate and folder name.
+        name: String,
+    },
+    /// Say whether FILE.wasm fits the plugin world, and which hooks and grants
+    /// it needs.
+    Check {
+        /// The component.
+        file: PathBuf,
+    },
+    /// Run the plugin's hooks against one transaction, without a relay, and
+    /// print each answer. With --config, the `[[plugin]]` entry whose path has
+    /// this file's name supplies its config, grants and limits.
+    Test {
+        /// The component.
+        file: PathBuf,
+        /// The message (RFC 5322, LF or CRLF line ends).
+        #[arg(long)]
+        message: PathBuf,
+        /// Envelope sender.
+        #[arg(long)]
+        from: String,
+        /// Envelope recipients.
+        #[arg(long, required = true)]
+        to: Vec<String>,
+    },
+    /// Show the loaded chain of the running relay: name, content hash, hooks,
+    /// load time, and per hook calls, answers, errors and latency.
+    List,
+}
+
+pub fn run(command: PluginCommand, config: &Path, config_given: bool) -> anyhow::Result<()> {
+    match command {
+        PluginCommand::New { name } => new(&name),
+        PluginCommand::Check { file } => tokio_runtime()?.block_on(check(&file)),
+        PluginCommand::Test {
+            file,
+            message,
+            from,
+            to,
+        } => tokio_runtime()?.block_on(test(
+            &file,
+            config_given.then_some(config),
+            &message,
+            &from,
+            &to,
+        )),
+        PluginCommand::List => list(config),
+    }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn new(name: &str) -> anyhow::Result<()> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && name.starts_with(|c: char| c.is_ascii_alphabetic());
+    if !valid {
+        bail!("{name:?} is not a crate name (letters, digits, - and _, starting with a letter)");
+    }
+    let dir = Path::new(name);
+    if dir.exists() {
+        bail!("{} already exists", dir.display());
+    }
+    let sdk = std::env::var_os("POSTERN_SDK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(SDK_DIR));
+    let sdk = sdk.canonicalize().with_context(|| {
+        format!(
+            "the postern SDK is not at {} (set POSTERN_SDK)",
+            sdk.display()
+        )
+    })?;
+    let ident = name.replace('-', "_");
+    let ty: String = ident
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    std::fs::create_dir_all(dir.join("src"))?;
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\npublish = false\n\n\
+             [lib]\ncrate-type = [\"cdylib\"]\n\n\
+             [dependencies]\npostern-sdk = {{ path = {sdk:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\n\
+             [profile.release]\nopt-level = \"s\"\nstrip = true\n\n\
+             # Its own workspace, wherever it is created.\n[workspace]\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("src/lib.rs"),
+        format!(
+            r#"//! {name}: a Postern policy plugin.
+//!
+//! Build: cargo build --release --target wasm32-wasip2
+//! Then copy target/wasm32-wasip2/release/{ident}.wasm into the relay's
+//! plugins folder and add to the config:
+//!
+//!     [[plugin]]
+//!     name = "{name}"
+//!     path = "{ident}.wasm"
+//!     [plugin.config]
+//!     domains = ["blocked.example"]
+
+use postern_sdk::prelude::*;
+
+#[derive(serde::Deserialize)]
+struct {ty} {{
+    domains: Vec<String>,
+}}
+
+#[postern_sdk::plugin]
+impl Plugin for {ty} {{
+    fn init(config: Config) -> Result<Self, ConfigError> {{
+        config.parse()
+    }}
+
+    fn rcpt(&self, _session: &Session, rcpt: &Address) -> Verdict {{
+        if self.domains.iter().any(|d| rcpt.domain().eq_ignore_ascii_case(d)) {{
+            return Verdict::reject(550, "5.7.1", "recipient domain is blocked");
+        }}
+        Verdict::Continue
+    }}
+}}
+
+postern_sdk::export!({ty});
+"#
+        ),
+    )?;
+    println!(
+        "created {name}/ (SDK: {})\nbuild it: cd {name} && cargo build --release --target wasm32-wasip2",
+        sdk.display()
+    );
+    Ok(())
+}
+
+/// A throwaway relay config holding one plugin entry, for check and test.
+fn scratch_config(
+    dir: &Path,
+    file: &Path,
+    entry: Option<&str>,
+    grants: &[Grant],
+) -> anyhow::Result<Config> {
+    let file = file
+        .canonicalize()
+        .with_context(|| format!("reading {}", file.display()))?;
+    let entry = match entry {
+        Some(e) => e.to_string(),
+        None => {
+            let grants: Vec<String> = grants.iter().map(|g| format!("{:?}", g.as_str())).collect();
+            format!(
+                "[[plugin]]\nname = \"plugin\"\npath = {file:?}\ngrants = [{}]\n",
+                grants.join(", ")
+            )
+        }
+    };
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[spool]\npath = {:?}\n[plugins]\ndir = {:?}\nwatch = false\n{entry}",
+        dir.join("spool"),
+        dir.join("plugins"),
+    );
+    Ok(Config::parse(&text, &dir.join("postern.toml"))?)
+}
+
+async fn check(file: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let dir = tempfile::tempdir()?;
+    let config = scratch_config(dir.path(), file, None, &[])?;
+    let rt = Runtime::new(&config)?;
+    let engine = rt.engine().clone();
+    let req = tokio::task::spawn_blocking(move || runtime::requirements(&engine, &bytes))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{}: not a valid component: {e}", file.display()))?;
+    let mut grants = req.grants.clone();
+    if req.filesystem {
+        grants.push(Grant::Archive);
+    }
+    let config = scratch_config(dir.path(), file, None, &grants)?;
+    let chain = rt
+        .load_chain(&config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let plugin = &chain.plugins()[0];
+    println!("{}: fits postern:relay/plugin@0.1.0", file.display());
+    println!("  sha256: {}", plugin.hash);
+    println!(
+        "  hooks:  {}",
+        plugin
+            .hooks
+            .iter()
+            .map(|h| h.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let names: Vec<&str> = req.grants.iter().map(|g| g.as_str()).collect();
+    println!(
+        "  grants: {}",
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    );
+    if req.filesystem {
+        println!("  note:   imports WASI filesystem; grant \"archive\" if it writes files");
+    }
+    Ok(())
+}
+
+/// The `[[plugin]]` table of `config` whose path names `file`, as TOML text
+/// with the path made absolute.
+fn entry_for(config: &Path, file: &Path) -> anyhow::Result<String> {
+    let relay = Config::load(config)?;
+    let name = file.file_name().context("FILE has no file name")?;
+    let p = relay
+        .plugin_chain
+        .iter()
+        .find(|p| p.path.file_name() == Some(name))
+        .with_context(|| format!("no [[plugin]] in {} has path {:?}", config.display(), name))?;
+    let text = std::fs::read_to_string(config)?;
+    let value: toml::Table = toml::from_str(&text)?;
+    let tables = value
+        .get("plugin")
+        .and_then(|v| v.as_array())
+        .context("no [[plugin]] tables")?;
+    let mut table = tables
+        .iter()
+        .filter_map(|t| t.as_table())
+        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(p.name.as_str()))
+        .cloned()
+        .context("plugin table")?;
+    table.insert(
+        "path".into(),
+        toml::Value::String(file.canonicalize()?.display().to_string()),
+    );
+    let mut doc = toml::Table::new();
+    doc.insert(
+        "plugin".into(),
+        toml::Value::Array(vec![toml::Value::Table(table)]),
+    );
+    Ok(toml::to_string(&doc)?)
+}
+
+async fn test(
+    file: &Path,
+    config: Option<&Path>,
+    message: &Path,
+    from: &str,
+    to: &[String],
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let entry = config.map(|c| entry_for(c, file)).transpose()?;
+    let grants = [Grant::Log, Grant::Kv, Grant::Dns];
+    let config = scratch_config(dir.path(), file, entry.as_deref(), &grants)?;
+    let rt = Runtime::new(&config)?;
+    let chain = rt
+        .load_chain(&config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let handle = Arc::new(ChainHandle::new(chain));
+    let chain = handle.current();
+
+    let raw = std::fs::read(message).with_context(|| format!("reading {}", message.display()))?;
+    let text = String::from_utf8_lossy(&raw)
+        .replace("\r\n", "\n")
+        .replace('\n', "\r\n");
+    let peer = "127.0.0.1:50000".parse()?;
+    let session = SessionInfo {
+        peer,
+        local: "127.0.0.1:25".parse()?,
+        helo: Some("client.test".into()),
+        tls: None,
+        auth_user: None,
+        may_relay: true,
+    };
+    println!("connect:   {}", show(&chain.connect(&session).await));
+    let mut envelope = Envelope::new(Address(from.to_string()), MailParams::default());
+    println!(
+        "mail_from: {}",
+        show(&chain.mail_from(&session, &envelope).await)
+    );
+    for t in to {
+        let rcpt = Recipient::new(t.clone());
+        let v = chain.rcpt(&session, &envelope, &rcpt).await;
+        println!("rcpt {t}: {}", show(&v));
+        if v.lets_through() {
+            envelope.recipients.push(rcpt);
+        }
+    }
+    let mut tx = DataTransaction {
+        envelope,
+        message: text.into_bytes(),
+        quarantine: None,
+    };
+    println!("data:      {}", show(&chain.data(&session, &mut tx).await));
+    let recipients: Vec<&str> = tx
+        .envelope
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    println!("  recipients: {}", recipients.join(", "));
+    if let Some(q) = &tx.quarantine {
+        println!("  quarantined: {q}");
+    }
+    let end = tx
+        .message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(tx.message.len());
+    println!(
+        "  headers:\n    {}",
+        String::from_utf8_lossy(&tx.message[..end]).replace("\r\n", "\n    ")
+    );
+    for rcpt in &tx.envelope.recipients {
+        let route = chain
+            .route(RouteQuery {
+                envelope: &tx.envelope,
+                recipient: rcpt,
+                headers: &tx.message[..end],
+            })
+            .await;
+        println!("route {}: {route:?}", rcpt.address);
+    }
+    for p in chain.plugins() {
+        for h in p.stats.snapshot() {
+            if !h.errors.is_empty() {
+                println!("errors at {}: {:?}", h.hook, h.errors);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn show(v: &postern::policy::Verdict) -> String {
+    use postern::policy::Verdict;
+    match v {
+        Verdict::Continue => "continue".into(),
+        Verdict::Accept => "accept".into(),
+        Verdict::Reject(r) => format!("reject {r}"),
+        Verdict::Tempfail(r) => format!("tempfail {r}"),
+        Verdict::Disconnect(r) => format!("disconnect {r}"),
+    }
+}
+
+fn list(config: &Path) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let config = Config::load(config)?;
+    let path = reload::control_socket(&config);
+    let mut conn = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+        format!(
+            "no running relay at {} (is `postern serve` running with this config?)",
+            path.display()
+        )
+    })?;
+    let mut body = Vec::new();
+    conn.read_to_end(&mut body)?;
+    let chain: Vec<reload::PluginStatus> = serde_json::from_slice(&body)?;
+    if chain.is_empty() {
+        println!("no plugins loaded");
+    }
+    for p in chain {
+        println!(
+            "{}  sha256:{}  hooks: {}  loaded: {} (unix)",
+            p.name,
+            &p.hash[..p.hash.len().min(16)],
+            p.hooks.join(","),
+            p.loaded_at
+        );
+        for h in p.stats {
+            println!(
+                "  {:<9} calls {:>8}  p50 <{}us p90 <{}us p99 <{}us  answers {:?}  errors {:?}",
+                h.hook, h.calls, h.p50_us, h.p90_us, h.p99_us, h.answers, h.errors
+            );
+        }
+    }
+    Ok(())
+}

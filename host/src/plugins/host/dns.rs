@@ -1,0 +1,177 @@
+//! `postern:relay/dns`: A, AAAA, MX and TXT lookups through the relay's
+//! resolver (`delivery.nameservers`, or the system's), each with its own
+//! timeout so a slow server cannot hold a plugin past what the relay allows.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::TokioResolver;
+
+use crate::plugins::bindings::dns::{Error, Host, MxRecord};
+use crate::plugins::instance::HostState;
+
+/// How long one lookup may take, all retries included. It does not count
+/// against the plugin's hook deadline, which is re-armed after the call.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The resolver, built on first use (a relay whose plugins never look anything
+/// up does not need a working resolver config).
+pub struct Resolver {
+    nameservers: Vec<String>,
+    resolver: OnceLock<Result<TokioResolver, String>>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("nameservers", &self.nameservers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Resolver {
+    /// A resolver using these `ip:port` servers, or the system's when empty.
+    pub fn new(nameservers: &[String]) -> Resolver {
+        Resolver {
+            nameservers: nameservers.to_vec(),
+            resolver: OnceLock::new(),
+        }
+    }
+
+    fn get(&self) -> Result<&TokioResolver, Error> {
+        self.resolver
+            .get_or_init(|| build(&self.nameservers))
+            .as_ref()
+            .map_err(|e| Error::Temporary(e.clone()))
+    }
+
+    async fn lookup(&self, name: &str, kind: RecordType) -> Result<Vec<RData>, Error> {
+        let name = name.trim_end_matches('.');
+        if name.is_empty()
+            || name.len() > 253
+            || name.contains(|c: char| c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::InvalidName);
+        }
+        let fqdn = format!("{name}.");
+        let resolver = self.get()?;
+        match tokio::time::timeout(LOOKUP_TIMEOUT, resolver.lookup(fqdn.as_str(), kind)).await {
+            Err(_) => Err(Error::Temporary("timed out".into())),
+            Ok(Ok(lookup)) => Ok(lookup.answers().iter().map(|r| r.data.clone()).collect()),
+            Ok(Err(e)) => classify(e),
+        }
+    }
+}
+
+fn build(nameservers: &[String]) -> Result<TokioResolver, String> {
+    let mut opts = ResolverOpts::default();
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 2;
+    opts.ndots = 0;
+    let builder = if nameservers.is_empty() {
+        TokioResolver::builder_tokio().map_err(|e| format!("system resolver: {e}"))?
+    } else {
+        let mut servers = Vec::new();
+        for ns in nameservers {
+            let addr: SocketAddr = ns
+                .parse()
+                .map_err(|_| format!("nameserver {ns:?} is not ip:port"))?;
+            let mut udp = ConnectionConfig::udp();
+            udp.port = addr.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = addr.port();
+            servers.push(NameServerConfig::new(addr.ip(), true, vec![udp, tcp]));
+        }
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(servers),
+            TokioRuntimeProvider::default(),
+        )
+    };
+    builder
+        .with_options(opts)
+        .build()
+        .map_err(|e| format!("resolver: {e}"))
+}
+
+/// NXDOMAIN is an answer (`not-found`); a name without records of the type is
+/// an empty list; everything else may change later (`temporary`).
+fn classify(e: NetError) -> Result<Vec<RData>, Error> {
+    match e {
+        NetError::Dns(DnsError::NoRecordsFound(nr)) => match nr.response_code {
+            ResponseCode::NXDomain => Err(Error::NotFound),
+            ResponseCode::NoError => Ok(Vec::new()),
+            code => Err(Error::Temporary(format!("server answered {code}"))),
+        },
+        NetError::Dns(DnsError::ResponseCode(ResponseCode::NXDomain)) => Err(Error::NotFound),
+        other => Err(Error::Temporary(other.to_string())),
+    }
+}
+
+impl HostState {
+    async fn dns(&mut self, name: &str, kind: RecordType) -> Result<Vec<RData>, Error> {
+        let r = self.services.dns.lookup(name, kind).await;
+        // The deadline counts guest time only: the lookup had its own timeout.
+        self.host_call_done();
+        r
+    }
+}
+
+impl Host for HostState {
+    async fn a(&mut self, name: String) -> wasmtime::Result<Result<Vec<String>, Error>> {
+        Ok(self.dns(&name, RecordType::A).await.map(|rs| {
+            rs.iter()
+                .filter_map(|r| match r {
+                    RData::A(a) => Some(a.0.to_string()),
+                    _ => None,
+                })
+                .collect()
+        }))
+    }
+
+    async fn aaaa(&mut self, name: String) -> wasmtime::Result<Result<Vec<String>, Error>> {
+        Ok(self.dns(&name, RecordType::AAAA).await.map(|rs| {
+            rs.iter()
+                .filter_map(|r| match r {
+                    RData::AAAA(a) => Some(a.0.to_string()),
+                    _ => None,
+                })
+                .collect()
+        }))
+    }
+
+    async fn mx(&mut self, name: String) -> wasmtime::Result<Result<Vec<MxRecord>, Error>> {
+        Ok(self.dns(&name, RecordType::MX).await.map(|rs| {
+            rs.iter()
+                .filter_map(|r| match r {
+                    RData::MX(mx) => Some(MxRecord {
+                        preference: mx.preference,
+                        exchange: mx.exchange.to_ascii().trim_end_matches('.').to_string(),
+                    }),
+                    _ => None,
+                })
+                .collect()
+        }))
+    }
+
+    async fn txt(&mut self, name: String) -> wasmtime::Result<Result<Vec<String>, Error>> {
+        Ok(self.dns(&name, RecordType::TXT).await.map(|rs| {
+            rs.iter()
+                .filter_map(|r| match r {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s).into_owned())
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()
+        }))
+    }
+}

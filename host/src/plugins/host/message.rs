@@ -1,0 +1,482 @@
+//! `postern:relay/message`: the message of the data hook as a host resource.
+//!
+//! The relay parses the message once per data hook ([`MessageState::parse`]);
+//! every plugin in the chain reads that one parse through its own handle, and
+//! content is handed out in ranges so a plugin never needs the whole message in
+//! its memory. Edits (headers, recipients, quarantine) are recorded here, seen by
+//! the plugins after the one that made them, and applied to the spooled message
+//! once the chain has run ([`MessageState::finish`]).
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use mail_parser::{MessageParser, MimeHeaders, PartType};
+use wasmtime::component::Resource;
+
+use crate::envelope::{Address, Recipient};
+use crate::plugins::bindings::message::{EditError, Host, HostMessage, Part};
+use crate::plugins::bindings::types::{Address as WitAddress, Header};
+use crate::plugins::check;
+use crate::plugins::instance::HostState;
+use crate::policy::DataTransaction;
+
+/// The handle a plugin's resource table holds; all handles of one data hook
+/// point at the same state.
+#[derive(Clone)]
+pub struct MessageRef(pub Arc<Mutex<MessageState>>);
+
+impl MessageRef {
+    fn lock(&self) -> MutexGuard<'_, MessageState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where a part's decoded content is.
+enum Content {
+    /// A range of the raw message (no transfer encoding to undo).
+    Raw(Range<usize>),
+    /// Decoded by the parser (base64, quoted-printable, charset conversion).
+    Decoded(Vec<u8>),
+}
+
+struct PartData {
+    info: Part,
+    content: Content,
+}
+
+/// One data hook's message: the parse, and the edits so far.
+pub struct MessageState {
+    raw: Arc<Vec<u8>>,
+    headers: Vec<(String, String)>,
+    subject: Option<String>,
+    parts: Vec<PartData>,
+    texts: Vec<String>,
+    added: Vec<(String, String)>,
+    removed: Vec<String>,
+    recipients: Vec<Recipient>,
+    quarantine: Option<String>,
+}
+
+impl MessageState {
+    /// Parses the transaction's message (the relay's one parse for the hook).
+    pub fn parse(raw: Arc<Vec<u8>>, recipients: Vec<Recipient>) -> MessageState {
+        let headers = top_headers(&raw);
+        let mut parts = Vec::new();
+        let mut subject = None;
+        let mut texts = Vec::new();
+        if let Some(m) = MessageParser::default().parse(&raw[..]) {
+            subject = m.subject().map(str::to_string);
+            for n in 0..m.text_body.len() {
+                if let Some(t) = m.body_text(n) {
+                    texts.push(t.into_owned());
+                }
+            }
+            let base = raw.as_ptr() as usize;
+            for (i, p) in m.parts.iter().enumerate() {
+                let bytes = p.contents();
+                let start = bytes.as_ptr() as usize;
+                // Content the parser did not have to decode is a slice of the
+                // raw message: keep the range instead of a copy.
+                let content = if start >= base && start + bytes.len() <= base + raw.len() {
+                    Content::Raw(start - base..start - base + bytes.len())
+                } else {
+                    Content::Decoded(bytes.to_vec())
+                };
+                let content_type = p
+                    .content_type()
+                    .map(|c| match c.subtype() {
+                        Some(sub) => format!("{}/{}", c.ctype(), sub),
+                        None => c.ctype().to_string(),
+                    })
+                    .unwrap_or_else(|| "text/plain".into())
+                    .to_ascii_lowercase();
+                let is_attachment = m.attachments.contains(&(i as u32));
+                parts.push(PartData {
+                    info: Part {
+                        index: i as u32,
+                        content_type,
+                        name: p.attachment_name().map(str::to_string),
+                        size: bytes.len() as u64,
+                        is_attachment,
+                    },
+                    content,
+                });
+                if matches!(p.body, PartType::Multipart(_)) {
+                    // A container's content is its raw body, for plugins that
+                    // want to walk it themselves.
+                    let range = p.offset_body as usize..(p.offset_end as usize).min(raw.len());
+                    if let Some(last) = parts.last_mut() {
+                        last.info.size = range.len() as u64;
+                        last.content = Content::Raw(range);
+                    }
+                }
+            }
+        }
+        MessageState {
+            raw,
+            headers,
+            subject,
+            parts,
+            texts,
+            added: Vec::new(),
+            removed: Vec::new(),
+            recipients,
+            quarantine: None,
+        }
+    }
+
+    fn current_headers(&self) -> Vec<Header> {
+        self.added
+            .iter()
+            .chain(
+                self.headers
+                    .iter()
+                    .filter(|(n, _)| !self.removed.iter().any(|r| r.eq_ignore_ascii_case(n))),
+            )
+            .map(|(name, value)| Header {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    }
+
+    fn read(&self, content: &Content, offset: u64, len: u32) -> Vec<u8> {
+        let bytes: &[u8] = match content {
+            Content::Raw(r) => &self.raw[r.clone()],
+            Content::Decoded(v) => v,
+        };
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let end = start.saturating_add(len as usize).min(bytes.len());
+        bytes[start..end].to_vec()
+    }
+
+    /// Applies the edits to the transaction: recipients, quarantine, and the
+    /// message rebuilt with header fields removed and added (added ones go
+    /// right after the leading trace fields, which stay first).
+    pub fn finish(self, tx: &mut DataTransaction) {
+        tx.envelope.recipients = self.recipients;
+        if self.quarantine.is_some() {
+            tx.quarantine = self.quarantine;
+        }
+        let raw = Arc::try_unwrap(self.raw).unwrap_or_else(|arc| (*arc).clone());
+        if self.added.is_empty() && self.removed.is_empty() {
+            tx.message = raw;
+            return;
+        }
+        tx.message = rewrite(&raw, &self.added, &self.removed);
+    }
+}
+
+/// The end of the header section: the index after the empty line (or the
+/// whole message when there is none).
+fn header_end(raw: &[u8]) -> usize {
+    if raw.starts_with(b"\r\n") {
+        return 2;
+    }
+    raw.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+        .unwrap_or(raw.len())
+}
+
+/// The header section as logical fields: (name, raw lines including CRLF).
+/// Lines without a colon keep their bytes with no name, so the pieces add up to
+/// the section and nothing is lost in a rewrite.
+fn fields(raw: &[u8]) -> Vec<(Option<&str>, &[u8])> {
+    let section = &raw[..header_end(raw)];
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < section.len() {
+        let Some(nl) = section[i..].iter().position(|&b| b == b'\n') else {
+            break;
+        };
+        let line_end = i + nl + 1;
+        if section[start..line_end] == *b"\r\n" {
+            // The empty line ending the section.
+            break;
+        }
+        if !matches!(section.get(line_end), Some(b' ' | b'\t')) {
+            let field = &section[start..line_end];
+            let name = field
+                .iter()
+                .position(|&b| b == b':')
+                .and_then(|colon| std::str::from_utf8(&field[..colon]).ok())
+                .map(str::trim);
+            out.push((name, field));
+            start = line_end;
+        }
+        i = line_end;
+    }
+    out
+}
+
+pub(crate) fn top_headers(raw: &[u8]) -> Vec<(String, String)> {
+    fields(raw)
+        .into_iter()
+        .filter_map(|(name, field)| {
+            let name = name?;
+            let colon = field.iter().position(|&b| b == b':')?;
+            let value = String::from_utf8_lossy(&field[colon + 1..]);
+            let unfolded = value.replace("\r\n", "").replace('\n', "");
+            Some((name.to_string(), unfolded.trim().to_string()))
+        })
+        .collect()
+}
+
+fn rewrite(raw: &[u8], added: &[(String, String)], removed: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + added.len() * 64);
+    let mut inserted = false;
+    let insert = |out: &mut Vec<u8>| {
+        for (name, value) in added {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    };
+    let mut consumed = 0;
+    for (name, field) in fields(raw) {
+        consumed += field.len();
+        let trace = name.is_some_and(|n| {
+            n.eq_ignore_ascii_case("Received") || n.eq_ignore_ascii_case("Return-Path")
+        });
+        if !trace && !inserted {
+            insert(&mut out);
+            inserted = true;
+        }
+        let drop = name.is_some_and(|n| removed.iter().any(|r| r.eq_ignore_ascii_case(n)));
+        if !drop {
+            out.extend_from_slice(field);
+        }
+    }
+    if !inserted {
+        insert(&mut out);
+    }
+    // The empty line and the body, untouched.
+    out.extend_from_slice(&raw[consumed..]);
+    out
+}
+
+fn to_address(a: &WitAddress) -> Result<Address, EditError> {
+    let text = format!("{}@{}", a.local_part, a.domain);
+    if check::address(&a.local_part, &a.domain) {
+        Ok(Address(text))
+    } else {
+        Err(EditError::InvalidAddress)
+    }
+}
+
+impl Host for HostState {}
+
+impl HostMessage for HostState {
+    async fn headers(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<Vec<Header>> {
+        self.host_call_done();
+        Ok(self.table.get(&m)?.lock().current_headers())
+    }
+
+    async fn header(
+        &mut self,
+        m: Resource<MessageRef>,
+        name: String,
+    ) -> wasmtime::Result<Vec<String>> {
+        self.host_call_done();
+        Ok(self
+            .table
+            .get(&m)?
+            .lock()
+            .current_headers()
+            .into_iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(&name))
+            .map(|h| h.value)
+            .collect())
+    }
+
+    async fn subject(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<Option<String>> {
+        self.host_call_done();
+        Ok(self.table.get(&m)?.lock().subject.clone())
+    }
+
+    async fn size(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<u64> {
+        self.host_call_done();
+        Ok(self.table.get(&m)?.lock().raw.len() as u64)
+    }
+
+    async fn parts(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<Vec<Part>> {
+        self.host_call_done();
+        Ok(self
+            .table
+            .get(&m)?
+            .lock()
+            .parts
+            .iter()
+            .map(|p| p.info.clone())
+            .collect())
+    }
+
+    async fn text_body(
+        &mut self,
+        m: Resource<MessageRef>,
+        n: u32,
+    ) -> wasmtime::Result<Option<String>> {
+        self.host_call_done();
+        Ok(self.table.get(&m)?.lock().texts.get(n as usize).cloned())
+    }
+
+    async fn read_part(
+        &mut self,
+        m: Resource<MessageRef>,
+        index: u32,
+        offset: u64,
+        len: u32,
+    ) -> wasmtime::Result<Vec<u8>> {
+        self.host_call_done();
+        let state = self.table.get(&m)?.lock();
+        Ok(match state.parts.get(index as usize) {
+            Some(p) => state.read(&p.content, offset, len),
+            None => Vec::new(),
+        })
+    }
+
+    async fn read_raw(
+        &mut self,
+        m: Resource<MessageRef>,
+        offset: u64,
+        len: u32,
+    ) -> wasmtime::Result<Vec<u8>> {
+        self.host_call_done();
+        let state = self.table.get(&m)?.lock();
+        let all = Content::Raw(0..state.raw.len());
+        Ok(state.read(&all, offset, len))
+    }
+
+    async fn add_header(
+        &mut self,
+        m: Resource<MessageRef>,
+        name: String,
+        value: String,
+    ) -> wasmtime::Result<Result<(), EditError>> {
+        self.host_call_done();
+        if !check::header_name(&name) {
+            return Ok(Err(EditError::InvalidName));
+        }
+        if !check::header_value(&name, &value) {
+            return Ok(Err(EditError::InvalidValue));
+        }
+        self.table.get(&m)?.lock().added.push((name, value));
+        Ok(Ok(()))
+    }
+
+    async fn remove_header(
+        &mut self,
+        m: Resource<MessageRef>,
+        name: String,
+    ) -> wasmtime::Result<Result<u32, EditError>> {
+        self.host_call_done();
+        if !check::header_name(&name) {
+            return Ok(Err(EditError::InvalidName));
+        }
+        if name.eq_ignore_ascii_case("Received") {
+            return Ok(Err(EditError::Protected));
+        }
+        let mut state = self.table.get(&m)?.lock();
+        let before = state.current_headers().len();
+        state.added.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+        state.removed.push(name);
+        let after = state.current_headers().len();
+        Ok(Ok((before - after) as u32))
+    }
+
+    async fn recipients(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<Vec<WitAddress>> {
+        self.host_call_done();
+        Ok(self
+            .table
+            .get(&m)?
+            .lock()
+            .recipients
+            .iter()
+            .map(|r| crate::plugins::convert::address(&r.address))
+            .collect())
+    }
+
+    async fn add_recipient(
+        &mut self,
+        m: Resource<MessageRef>,
+        recipient: WitAddress,
+    ) -> wasmtime::Result<Result<(), EditError>> {
+        self.host_call_done();
+        let address = match to_address(&recipient) {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut state = self.table.get(&m)?.lock();
+        if !state.recipients.iter().any(|r| r.address == address) {
+            state.recipients.push(Recipient::new(address.0));
+        }
+        Ok(Ok(()))
+    }
+
+    async fn remove_recipient(
+        &mut self,
+        m: Resource<MessageRef>,
+        recipient: WitAddress,
+    ) -> wasmtime::Result<bool> {
+        self.host_call_done();
+        let text = format!("{}@{}", recipient.local_part, recipient.domain);
+        let mut state = self.table.get(&m)?.lock();
+        let before = state.recipients.len();
+        state
+            .recipients
+            .retain(|r| !r.address.as_str().eq_ignore_ascii_case(&text));
+        Ok(state.recipients.len() != before)
+    }
+
+    async fn quarantine(
+        &mut self,
+        m: Resource<MessageRef>,
+        reason: String,
+    ) -> wasmtime::Result<()> {
+        self.host_call_done();
+        let reason = reason.replace(['\r', '\n', '\0'], " ");
+        self.table.get(&m)?.lock().quarantine = Some(reason);
+        Ok(())
+    }
+
+    async fn drop(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<()> {
+        self.table.delete(m)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MSG: &[u8] = b"Received: from a\r\n\tby b\r\nSubject: hi\r\nX-Spam: yes\r\n\r\nbody\r\n";
+
+    #[test]
+    fn header_edits_keep_trace_fields_first() {
+        let out = rewrite(MSG, &[("X-Checked".into(), "1".into())], &["x-spam".into()]);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Received: from a\r\n\tby b\r\nX-Checked: 1\r\nSubject: hi\r\n\r\nbody\r\n"
+        );
+    }
+
+    #[test]
+    fn parse_reads_parts_in_ranges() {
+        let raw = b"Subject: t\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain\r\n\r\nhello\r\n--x\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=a.bin\r\nContent-Transfer-Encoding: base64\r\n\r\nAAECAw==\r\n--x--\r\n";
+        let s = MessageState::parse(Arc::new(raw.to_vec()), vec![]);
+        assert_eq!(s.subject.as_deref(), Some("t"));
+        assert_eq!(s.texts, vec!["hello".to_string()]);
+        let att = s.parts.iter().find(|p| p.info.is_attachment).unwrap();
+        assert_eq!(att.info.name.as_deref(), Some("a.bin"));
+        assert_eq!(att.info.size, 4);
+        assert_eq!(s.read(&att.content, 1, 2), vec![1, 2]);
+        assert_eq!(s.read(&att.content, 3, 100), vec![3]);
+        assert!(s.read(&att.content, 99, 100).is_empty());
+        assert_eq!(s.headers[0], ("Subject".to_string(), "t".to_string()));
+    }
+}

@@ -1,0 +1,516 @@
+//! One loaded plugin and its instances: the store state every instance
+//! carries, the memory limiter, the deadline, the warm pool, and the call of a
+//! hook with its failure classified.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+
+use crate::config::{HookName, Instances, PluginConfig};
+use crate::plugins::bindings::types as wit;
+use crate::plugins::bindings::{Plugin, PluginPre};
+use crate::plugins::host::dns::Resolver;
+use crate::plugins::host::kv::KvStore;
+use crate::plugins::host::message::MessageRef;
+use crate::plugins::stats::Stats;
+use crate::plugins::{convert, TICK};
+use crate::policy::{Route, Verdict};
+
+/// An instance is retired after this many calls, so slow leaks in a guest
+/// cannot grow without end.
+const MAX_USES: u32 = 10_000;
+/// Warm instances kept idle per plugin; more are dropped when returned.
+const MAX_IDLE: usize = 32;
+/// Guest time `init` may take.
+const INIT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Table elements an instance may grow to.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// What every plugin instance shares: the host-side services.
+#[derive(Debug, Default)]
+pub struct Services {
+    /// The embedded key-value store.
+    pub kv: KvStore,
+    /// The relay's resolver.
+    pub dns: Resolver,
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Resolver::new(&[])
+    }
+}
+
+/// Caps linear memory and remembers whether the cap was hit and the peak.
+struct Limiter {
+    cap: usize,
+    hit: bool,
+    peak: usize,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            self.hit = true;
+            return Ok(false);
+        }
+        self.peak = self.peak.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// The data of one instance's store.
+pub struct HostState {
+    /// The plugin's name: log tag and key-value space.
+    pub(crate) plugin: String,
+    pub(crate) services: Arc<Services>,
+    pub(crate) table: ResourceTable,
+    wasi: WasiCtx,
+    limiter: Limiter,
+    /// Epoch ticks of guest time used since the call began or the last host
+    /// call returned.
+    used_ticks: u64,
+    budget_ticks: u64,
+    timed_out: bool,
+}
+
+impl HostState {
+    /// Every host function calls this when it returns: the deadline counts
+    /// guest time, and the host call had its own limit.
+    pub(crate) fn host_call_done(&mut self) {
+        self.used_ticks = 0;
+    }
+
+    fn arm(&mut self, deadline: Duration) {
+        self.used_ticks = 0;
+        self.timed_out = false;
+        self.limiter.hit = false;
+        self.budget_ticks = (deadline.as_micros() / TICK.as_micros()).max(1) as u64;
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl crate::plugins::bindings::types::Host for HostState {}
+
+/// A plugin failure; each becomes the plugin's `on_error` verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The guest trapped (panic, unreachable, stack overflow...).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// It ran past its deadline.
+    #[error("ran past its {0:?} deadline")]
+    Timeout(Duration),
+    /// It tried to grow memory past its cap.
+    #[error("hit its memory cap of {0} MiB")]
+    Memory(u64),
+    /// It answered something the relay refuses (a reply with CR/LF, a code
+    /// that does not fit the verdict, a bad route).
+    #[error("invalid answer: {0}")]
+    Invalid(String),
+    /// No instance could be made (pool exhausted, `init` failed).
+    #[error("cannot instantiate: {0}")]
+    Instantiate(String),
+}
+
+impl CallError {
+    /// The kind, as counted in the stats.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::Trap(_) => "trap",
+            CallError::Timeout(_) => "timeout",
+            CallError::Memory(_) => "memory",
+            CallError::Invalid(_) => "invalid",
+            CallError::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+/// The arguments of one hook call.
+pub enum Call<'a> {
+    /// connect.
+    Connect(&'a wit::Session),
+    /// mail-from.
+    MailFrom(&'a wit::Session, &'a wit::Envelope),
+    /// rcpt.
+    Rcpt(&'a wit::Session, &'a wit::Envelope, &'a wit::Address),
+    /// data.
+    Data(&'a wit::Session, &'a wit::Envelope, &'a MessageRef),
+    /// route.
+    Route(&'a wit::Envelope, &'a wit::Address, &'a [wit::Header]),
+}
+
+impl Call<'_> {
+    /// The hook this call is for.
+    pub fn hook(&self) -> HookName {
+        match self {
+            Call::Connect(..) => HookName::Connect,
+            Call::MailFrom(..) => HookName::MailFrom,
+            Call::Rcpt(..) => HookName::Rcpt,
+            Call::Data(..) => HookName::Data,
+            Call::Route(..) => HookName::Route,
+        }
+    }
+}
+
+/// A checked answer.
+#[derive(Debug)]
+pub enum Answer {
+    /// From connect, mail-from, rcpt, data.
+    Verdict(Verdict),
+    /// From route.
+    Route(Route),
+}
+
+/// One instance with its store.
+pub struct Instance {
+    store: Store<HostState>,
+    plugin: Plugin,
+    uses: u32,
+}
+
+/// A plugin compiled, linked and validated: what the chain calls.
+pub struct LoadedPlugin {
+    /// The `[[plugin]]` table it was loaded from.
+    pub config: PluginConfig,
+    /// SHA-256 of the `.wasm`, hex.
+    pub hash: String,
+    /// The hooks the relay calls.
+    pub hooks: Vec<HookName>,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+    /// Counters.
+    pub stats: Stats,
+    config_json: String,
+    engine: Engine,
+    pre: PluginPre<HostState>,
+    services: Arc<Services>,
+    archive: Option<PathBuf>,
+    pool: Mutex<Vec<Instance>>,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.config.name)
+            .field("hash", &self.hash)
+            .field("hooks", &self.hooks)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hook_name(h: wit::Hook) -> HookName {
+    match h {
+        wit::Hook::Connect => HookName::Connect,
+        wit::Hook::MailFrom => HookName::MailFrom,
+        wit::Hook::Rcpt => HookName::Rcpt,
+        wit::Hook::Data => HookName::Data,
+        wit::Hook::Route => HookName::Route,
+    }
+}
+
+impl LoadedPlugin {
+    /// Wraps a linked plugin; [`LoadedPlugin::validate`] must run before use.
+    pub(crate) fn new(
+        config: PluginConfig,
+        hash: String,
+        engine: Engine,
+        pre: PluginPre<HostState>,
+        services: Arc<Services>,
+        archive: Option<PathBuf>,
+    ) -> LoadedPlugin {
+        LoadedPlugin {
+            config_json: config.config_json(),
+            config,
+            hash,
+            hooks: Vec::new(),
+            loaded_at: SystemTime::now(),
+            stats: Stats::default(),
+            engine,
+            pre,
+            services,
+            archive,
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// True when the relay calls this plugin at `hook`.
+    pub fn handles(&self, hook: HookName) -> bool {
+        self.hooks.contains(&hook)
+    }
+
+    /// Makes one instance and runs `init`, which decides the hooks: those it
+    /// returns, narrowed by the config's `hooks`. The instance joins the pool.
+    pub(crate) async fn validate(&mut self) -> Result<(), String> {
+        let (instance, offered) = self.instantiate().await.map_err(|e| e.to_string())?;
+        let hooks = match &self.config.hooks {
+            None => offered,
+            Some(wanted) => {
+                if let Some(h) = wanted.iter().find(|h| !offered.contains(h)) {
+                    return Err(format!(
+                        "`hooks` names {h}, which the plugin does not handle (it handles: {})",
+                        offered
+                            .iter()
+                            .map(|h| h.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                wanted.clone()
+            }
+        };
+        self.hooks = hooks;
+        self.release(instance);
+        Ok(())
+    }
+
+    fn new_store(&self) -> Result<Store<HostState>, CallError> {
+        let mut wasi = WasiCtx::builder();
+        if let Some(dir) = &self.archive {
+            wasi.preopened_dir(dir, "/archive", FsPerms::ReadWrite)
+                .map_err(|e| {
+                    CallError::Instantiate(format!("archive folder {}: {e}", dir.display()))
+                })?;
+        }
+        let state = HostState {
+            plugin: self.config.name.clone(),
+            services: self.services.clone(),
+            table: ResourceTable::new(),
+            wasi: wasi.build(),
+            limiter: Limiter {
+                cap: usize::try_from(self.config.memory_mb * 1024 * 1024).unwrap_or(usize::MAX),
+                hit: false,
+                peak: 0,
+            },
+            used_ticks: 0,
+            budget_ticks: 1,
+            timed_out: false,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        // The one ticker advances the epoch every TICK; each tick a running
+        // guest is charged one tick and yields to the scheduler, so a busy
+        // plugin never holds a runtime thread, and at the budget it traps.
+        store.epoch_deadline_callback(|mut ctx| {
+            let s = ctx.data_mut();
+            s.used_ticks += 1;
+            if s.used_ticks >= s.budget_ticks {
+                s.timed_out = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        Ok(store)
+    }
+
+    fn classify(
+        &self,
+        store: &Store<HostState>,
+        deadline: Duration,
+        e: wasmtime::Error,
+    ) -> CallError {
+        let s = store.data();
+        if s.timed_out {
+            CallError::Timeout(deadline)
+        } else if s.limiter.hit {
+            CallError::Memory(self.config.memory_mb)
+        } else {
+            CallError::Trap(format!("{e:#}"))
+        }
+    }
+
+    async fn instantiate(&self) -> Result<(Instance, Vec<HookName>), CallError> {
+        let mut store = self.new_store()?;
+        let deadline = INIT_TIMEOUT.max(self.config.timeout(HookName::Connect));
+        store.data_mut().arm(deadline);
+        store.set_epoch_deadline(1);
+        let plugin = match self.pre.instantiate_async(&mut store).await {
+            Ok(p) => p,
+            Err(e) => {
+                return Err(match self.classify(&store, deadline, e) {
+                    CallError::Trap(m) => CallError::Instantiate(m),
+                    other => other,
+                })
+            }
+        };
+        let hooks = match plugin.call_init(&mut store, &self.config_json).await {
+            Ok(Ok(hooks)) => hooks.into_iter().map(hook_name).collect(),
+            Ok(Err(message)) => {
+                return Err(CallError::Instantiate(format!(
+                    "init refused its config: {message}"
+                )))
+            }
+            Err(e) => {
+                return Err(match self.classify(&store, deadline, e) {
+                    CallError::Trap(m) => CallError::Instantiate(format!("init trapped: {m}")),
+                    other => other,
+                })
+            }
+        };
+        Ok((
+            Instance {
+                store,
+                plugin,
+                uses: 0,
+            },
+            hooks,
+        ))
+    }
+
+    async fn acquire(&self) -> Result<Instance, CallError> {
+        if self.config.instances == Instances::Warm {
+            let idle = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            if let Some(i) = idle {
+                return Ok(i);
+            }
+        }
+        Ok(self.instantiate().await?.0)
+    }
+
+    fn release(&self, instance: Instance) {
+        if self.config.instances == Instances::Fresh {
+            return;
+        }
+        let s = instance.store.data();
+        // Past three quarters of the cap an instance is retired: its memory
+        // never shrinks, and the next call would likely hit the cap.
+        let high_water = s.limiter.peak > s.limiter.cap / 4 * 3;
+        if instance.uses >= MAX_USES || high_water {
+            return;
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < MAX_IDLE {
+            pool.push(instance);
+        }
+    }
+
+    /// Calls one hook on an instance lent for the call. Traps, deadline and
+    /// memory overruns retire the instance; an invalid answer does not (the
+    /// guest is intact, only its answer is refused).
+    pub async fn call(&self, call: &Call<'_>) -> Result<Answer, CallError> {
+        let hook = call.hook();
+        let started = Instant::now();
+        let result = self.call_inner(call).await;
+        self.stats.call(
+            hook,
+            started.elapsed().as_micros().min(u64::MAX as u128) as u64,
+        );
+        match &result {
+            Ok(Answer::Verdict(v)) => self.stats.answer(hook, verdict_kind(v)),
+            Ok(Answer::Route(r)) => self.stats.answer(hook, route_kind(r)),
+            Err(e) => self.stats.error(hook, e.kind()),
+        }
+        result
+    }
+
+    async fn call_inner(&self, call: &Call<'_>) -> Result<Answer, CallError> {
+        let hook = call.hook();
+        let deadline = self.config.timeout(hook);
+        let mut instance = self.acquire().await?;
+        let Instance { store, plugin, .. } = &mut instance;
+        store.data_mut().arm(deadline);
+        store.set_epoch_deadline(1);
+        let raw = match call {
+            Call::Connect(s) => plugin.call_connect(&mut *store, s).await.map(Raw::Verdict),
+            Call::MailFrom(s, e) => plugin
+                .call_mail_from(&mut *store, s, e)
+                .await
+                .map(Raw::Verdict),
+            Call::Rcpt(s, e, r) => plugin
+                .call_rcpt(&mut *store, s, e, r)
+                .await
+                .map(Raw::Verdict),
+            Call::Data(s, e, m) => {
+                let handle: Resource<MessageRef> = store
+                    .data_mut()
+                    .table
+                    .push((*m).clone())
+                    .map_err(|e| CallError::Instantiate(e.to_string()))?;
+                let rep = handle.rep();
+                let r = plugin
+                    .call_data(&mut *store, s, e, handle)
+                    .await
+                    .map(Raw::Verdict);
+                // The guest only borrowed the handle; take it back so the
+                // message is not kept alive by an idle instance.
+                let _ = store
+                    .data_mut()
+                    .table
+                    .delete(Resource::<MessageRef>::new_own(rep));
+                r
+            }
+            Call::Route(e, r, h) => plugin
+                .call_route(&mut *store, e, r, h)
+                .await
+                .map(Raw::Route),
+        };
+        let raw = match raw {
+            Ok(r) => r,
+            Err(e) => return Err(self.classify(store, deadline, e)),
+        };
+        instance.uses += 1;
+        let answer = match raw {
+            Raw::Verdict(v) => convert::verdict(v).map(Answer::Verdict),
+            Raw::Route(r) => convert::route(r).map(Answer::Route),
+        };
+        self.release(instance);
+        answer.map_err(CallError::Invalid)
+    }
+}
+
+enum Raw {
+    Verdict(wit::Verdict),
+    Route(wit::Route),
+}
+
+fn verdict_kind(v: &Verdict) -> &'static str {
+    match v {
+        Verdict::Continue => "continue",
+        Verdict::Accept => "accept",
+        Verdict::Reject(_) => "reject",
+        Verdict::Tempfail(_) => "tempfail",
+        Verdict::Disconnect(_) => "disconnect",
+    }
+}
+
+fn route_kind(r: &Route) -> &'static str {
+    match r {
+        Route::Default => "default",
+        Route::Mx(_) => "mx",
+        Route::Smarthost(_) => "smarthost",
+        Route::LocalFolder(_) => "local-folder",
+        Route::Discard => "discard",
+        Route::Reject(_) => "reject",
+    }
+}

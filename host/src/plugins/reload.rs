@@ -1,0 +1,213 @@
+//! Hot reload: `notify` watches the plugins folder and the config file, SIGHUP
+//! asks too. Events are debounced (a file being written produces a burst; the
+//! reload waits for quiet, so a half-written `.wasm` is not what gets loaded),
+//! then the config is re-read and the whole chain loaded and validated off to
+//! the side; only a chain that loaded completely is swapped in. A failure
+//! leaves the running chain in place and the log names the plugin and why.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::plugins::{ChainHandle, Error, Runtime};
+
+/// Quiet time after the last file event before reloading.
+pub const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Watches and reloads until dropped.
+pub struct Reloader {
+    _watcher: Option<notify::RecommendedWatcher>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Reloader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Reloader {
+    /// Starts watching (when `plugins.watch` is on) and listening for SIGHUP.
+    pub fn start(
+        config_path: PathBuf,
+        config: &Config,
+        runtime: Arc<Runtime>,
+        handle: Arc<ChainHandle>,
+    ) -> Result<Reloader, Error> {
+        let (tx, rx) = mpsc::unbounded_channel::<()>();
+        let watcher = if config.plugins.watch {
+            Some(watch(&config_path, &config.plugins_dir(), tx.clone())?)
+        } else {
+            None
+        };
+        let hup = tx.clone();
+        let task = tokio::spawn(async move {
+            let signals = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+            let mut signals = match signals {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP; reload on file changes only");
+                    None
+                }
+            };
+            let forward = async move {
+                if let Some(s) = signals.as_mut() {
+                    while s.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading the plugin chain");
+                        let _ = hup.send(());
+                    }
+                }
+            };
+            tokio::join!(forward, run(rx, config_path, runtime, handle));
+        });
+        Ok(Reloader {
+            _watcher: watcher,
+            task,
+        })
+    }
+}
+
+fn watch(
+    config_path: &Path,
+    plugins_dir: &Path,
+    tx: mpsc::UnboundedSender<()>,
+) -> Result<notify::RecommendedWatcher, Error> {
+    let config_name = config_path.file_name().map(|n| n.to_os_string());
+    let plugins_dir_owned = plugins_dir.to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        let relevant = event.paths.iter().any(|p| {
+            let is_wasm =
+                p.extension().is_some_and(|e| e == "wasm") && p.starts_with(&plugins_dir_owned);
+            is_wasm
+                || (config_name.is_some() && p.file_name().map(|n| n.to_os_string()) == config_name)
+        });
+        if relevant {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|e| Error::Engine(format!("cannot watch for plugin changes: {e}")))?;
+    if plugins_dir.is_dir() {
+        watcher
+            .watch(plugins_dir, RecursiveMode::NonRecursive)
+            .map_err(|e| Error::Engine(format!("cannot watch {}: {e}", plugins_dir.display())))?;
+    }
+    // Editors replace the config by rename, so watch its folder, not the file.
+    let config_dir = config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    watcher
+        .watch(config_dir, RecursiveMode::NonRecursive)
+        .map_err(|e| Error::Engine(format!("cannot watch {}: {e}", config_dir.display())))?;
+    Ok(watcher)
+}
+
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<()>,
+    config_path: PathBuf,
+    runtime: Arc<Runtime>,
+    handle: Arc<ChainHandle>,
+) {
+    while rx.recv().await.is_some() {
+        // Debounce: wait until no event came for DEBOUNCE.
+        loop {
+            match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                Ok(Some(())) => continue,
+                Ok(None) => return,
+                Err(_) => break,
+            }
+        }
+        match reload(&config_path, &runtime, &handle).await {
+            Ok(n) => tracing::info!(plugins = n, "plugin chain reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "plugin chain not reloaded; the previous chain stays in place")
+            }
+        }
+    }
+}
+
+/// Re-reads the config and swaps in the chain it describes, if it loads.
+/// Returns the number of plugins in the new chain.
+pub async fn reload(
+    config_path: &Path,
+    runtime: &Arc<Runtime>,
+    handle: &ChainHandle,
+) -> Result<usize, Error> {
+    let config = Config::load(config_path)?;
+    let chain = runtime.load_chain(&config).await?;
+    let n = chain.plugins().len();
+    handle.swap(chain);
+    Ok(n)
+}
+
+/// What `postern plugin list` shows for one plugin.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PluginStatus {
+    /// Its name.
+    pub name: String,
+    /// SHA-256 of its `.wasm`.
+    pub hash: String,
+    /// The hooks called.
+    pub hooks: Vec<String>,
+    /// Load time, seconds since the Unix epoch.
+    pub loaded_at: u64,
+    /// Per-hook counters.
+    pub stats: Vec<crate::plugins::stats::HookSnapshot>,
+}
+
+/// The current chain, as [`PluginStatus`] rows.
+pub fn status(handle: &ChainHandle) -> Vec<PluginStatus> {
+    handle
+        .current()
+        .plugins()
+        .iter()
+        .map(|p| PluginStatus {
+            name: p.name().to_string(),
+            hash: p.hash.clone(),
+            hooks: p.hooks.iter().map(|h| h.to_string()).collect(),
+            loaded_at: p
+                .loaded_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            stats: p.stats.snapshot(),
+        })
+        .collect()
+}
+
+/// The control socket's path for a config: in the spool, which belongs to the
+/// relay's user.
+pub fn control_socket(config: &Config) -> PathBuf {
+    config.resolve(&config.spool.path).join("plugins.sock")
+}
+
+/// Answers each connection on the control socket with the chain's status as
+/// one JSON document. Runs until the task is dropped.
+pub async fn serve_control(path: PathBuf, handle: Arc<ChainHandle>) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    // A socket left by a previous run (the spool lock guarantees no other
+    // relay uses this spool).
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let body = serde_json::to_vec(&status(&handle)).unwrap_or_default();
+        tokio::spawn(async move {
+            let _ = conn.write_all(&body).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,404 @@
+//! The one wasmtime engine of the relay, its epoch ticker, the compiled-plugin
+//! cache, and loading a chain from the config: read, compile (off the async
+//! runtime), check imports against grants, link, instantiate and `init`.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::config::{Config, Grant, PluginConfig};
+use crate::plugins::bindings::{self, PluginPre};
+use crate::plugins::host::dns::Resolver;
+use crate::plugins::instance::{HostState, LoadedPlugin, Services};
+use crate::plugins::{Chain, Error, TICK};
+
+/// Most instances the pool holds, whatever the config says: each reserves
+/// address space for a memory slot.
+const MAX_POOL: u32 = 10_000;
+
+/// The engine, the services every plugin shares, and the compiled cache.
+pub struct Runtime {
+    engine: Engine,
+    services: Arc<Services>,
+    /// Compiled components by content hash, so a reload that keeps a plugin
+    /// does not even read the disk cache.
+    components: Mutex<HashMap<String, Component>>,
+    max_memory_mb: u64,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Builds the engine with a pooling allocator sized from the config
+    /// (sessions x plugins, twice over so the old and new chain fit during a
+    /// reload) and starts the epoch ticker.
+    pub fn new(config: &Config) -> Result<Arc<Runtime>, Error> {
+        let plugins = config.plugin_chain.len().max(1) as u64;
+        let sessions = config.limits.max_connections as u64;
+        let instances = (sessions * plugins * 2).clamp(16, MAX_POOL as u64) as u32;
+        let slot = config.plugins.max_memory_mb * 1024 * 1024;
+
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(instances)
+            .total_memories(instances)
+            .total_tables(instances * 2)
+            .total_stacks(instances)
+            .total_core_instances(instances * 8)
+            .max_core_instances_per_component(32)
+            .max_memories_per_component(1)
+            .max_tables_per_component(4)
+            .max_memory_size(usize::try_from(slot).unwrap_or(usize::MAX));
+        let mut c = wasmtime::Config::new();
+        c.epoch_interruption(true)
+            .wasm_component_model(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            // Reserve only the slot: the default 4 GiB per memory times
+            // thousands of slots would exhaust the address space.
+            .memory_reservation(slot)
+            .memory_guard_size(64 * 1024)
+            .memory_reservation_for_growth(0);
+        let engine = Engine::new(&c).map_err(|e| Error::Engine(format!("{e:#}")))?;
+        let ticker_stop = start_ticker(&engine);
+        Ok(Arc::new(Runtime {
+            engine,
+            services: Arc::new(Services {
+                kv: Default::default(),
+                dns: Resolver::new(&config.delivery.nameservers),
+            }),
+            components: Mutex::new(HashMap::new()),
+            max_memory_mb: config.plugins.max_memory_mb,
+            ticker_stop,
+        }))
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Loads every `[[plugin]]` of the config, in order. Any failure fails the
+    /// whole chain, naming the plugin, so a reload keeps the old chain.
+    pub async fn load_chain(self: &Arc<Self>, config: &Config) -> Result<Chain, Error> {
+        if config.plugins.max_memory_mb > self.max_memory_mb {
+            return Err(Error::Engine(format!(
+                "plugins.max_memory_mb grew from {} to {}; the pool is sized at start, restart the relay",
+                self.max_memory_mb, config.plugins.max_memory_mb
+            )));
+        }
+        let mut plugins = Vec::new();
+        for p in &config.plugin_chain {
+            plugins.push(Arc::new(self.load_plugin(config, p).await?));
+        }
+        let keep: Vec<String> = plugins.iter().map(|p| p.hash.clone()).collect();
+        self.components
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|h, _| keep.contains(h));
+        Ok(Chain::new(plugins, Some(self.clone())))
+    }
+
+    async fn load_plugin(&self, config: &Config, p: &PluginConfig) -> Result<LoadedPlugin, Error> {
+        let path = config.plugins_dir().join(&p.path);
+        let bytes = tokio::fs::read(&path).await.map_err(|source| Error::Read {
+            plugin: p.name.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let cached = self
+            .components
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&hash)
+            .cloned();
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let engine = self.engine.clone();
+                let cache = config.plugin_cache_dir();
+                let h = hash.clone();
+                // Cranelift takes a while: never on a runtime thread.
+                let c = tokio::task::spawn_blocking(move || compile(&engine, &bytes, &h, &cache))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+                    .map_err(|message| Error::Compile {
+                        plugin: p.name.clone(),
+                        message,
+                    })?;
+                self.components
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(hash.clone(), c.clone());
+                c
+            }
+        };
+        check_imports(&self.engine, &component, p)?;
+        let pre = link(&self.engine, &component, &p.grants).map_err(|message| Error::Link {
+            plugin: p.name.clone(),
+            message,
+        })?;
+        let archive = if p.grants.contains(&Grant::Archive) {
+            let dir = config.resolve(&config.plugins.archive_dir).join(&p.name);
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Archive {
+                plugin: p.name.clone(),
+                path: dir.clone(),
+                source,
+            })?;
+            Some(dir)
+        } else {
+            None
+        };
+        let mut plugin = LoadedPlugin::new(
+            p.clone(),
+            hash,
+            self.engine.clone(),
+            pre,
+            self.services.clone(),
+            archive,
+        );
+        plugin.validate().await.map_err(|message| Error::Init {
+            plugin: p.name.clone(),
+            message,
+        })?;
+        Ok(plugin)
+    }
+}
+
+/// One thread for the whole relay advances the engine's epoch every [`TICK`];
+/// it stops when the runtime is dropped.
+fn start_ticker(engine: &Engine) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let engine = engine.clone();
+    let flag = stop.clone();
+    let spawned = std::thread::Builder::new()
+        .name("postern-epoch".into())
+        .spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(TICK);
+                engine.increment_epoch();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the plugin epoch ticker; plugin deadlines will not fire");
+    }
+    stop
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A hash of everything that makes a compiled artifact usable by this engine.
+fn engine_key(engine: &Engine) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Compiles a component, through the on-disk cache when it is usable.
+fn compile(engine: &Engine, bytes: &[u8], hash: &str, cache: &Path) -> Result<Component, String> {
+    let file = match cache_dir(cache) {
+        Ok(()) => Some(cache.join(format!("{hash}-{}.cwasm", engine_key(engine)))),
+        Err(e) => {
+            tracing::warn!(folder = %cache.display(), error = %e, "plugin cache not used");
+            None
+        }
+    };
+    if let Some(file) = &file {
+        if file.exists() {
+            // SAFETY: `deserialize_file` trusts the file to be a compiled
+            // artifact from this wasmtime, as native code runs from it. The
+            // file is named by the content hash and engine key, and lives in a
+            // folder that `cache_dir` checked belongs to this user alone with
+            // mode 0700, so only this relay (or its user) wrote it, through
+            // `serialize` below; wasmtime also checks its header against the
+            // engine's settings and refuses a mismatch.
+            match unsafe { Component::deserialize_file(engine, file) } {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "ignoring unusable cached plugin")
+                }
+            }
+        }
+    }
+    let component = Component::new(engine, bytes).map_err(|e| format!("{e:#}"))?;
+    if let Some(file) = &file {
+        if let Err(e) = store_cached(&component, file) {
+            tracing::warn!(file = %file.display(), error = %e, "cannot cache compiled plugin");
+        }
+    }
+    Ok(component)
+}
+
+fn store_cached(component: &Component, file: &Path) -> Result<(), String> {
+    use std::io::Write as _;
+    let bytes = component.serialize().map_err(|e| format!("{e:#}"))?;
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+    f.write_all(&bytes).map_err(|e| e.to_string())?;
+    f.sync_all().map_err(|e| e.to_string())?;
+    // A reader sees the old name or the whole file, never half of it.
+    std::fs::rename(&tmp, file).map_err(|e| e.to_string())
+}
+
+/// Creates the cache folder with mode 0700 and refuses one that anybody but
+/// this user owns or can write to.
+fn cache_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| e.to_string())?;
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!("owned by uid {}, not this user ({me})", meta.uid()));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make it private (mode 0700): {e}"))?;
+    }
+    Ok(())
+}
+
+/// What grant, if any, an import of the `postern:relay` package needs.
+fn grant_for(interface: &str) -> Option<Option<Grant>> {
+    match interface {
+        "types" | "message" => Some(None),
+        "log" => Some(Some(Grant::Log)),
+        "kv" => Some(Some(Grant::Kv)),
+        "dns" => Some(Some(Grant::Dns)),
+        _ => None,
+    }
+}
+
+/// Refuses a plugin that imports a host interface it was not granted, or
+/// anything the relay does not provide, naming the import.
+fn check_imports(engine: &Engine, component: &Component, p: &PluginConfig) -> Result<(), Error> {
+    for (name, item) in component.component_type().imports(engine) {
+        // World-level `use` shows up as type imports; only instances are
+        // interfaces with functions in them.
+        if !matches!(
+            item.ty,
+            wasmtime::component::types::ComponentItem::ComponentInstance(_)
+        ) {
+            continue;
+        }
+        if let Some(rest) = name.strip_prefix("postern:relay/") {
+            let interface = rest.split('@').next().unwrap_or(rest);
+            match grant_for(interface) {
+                Some(None) => {}
+                Some(Some(g)) if p.grants.contains(&g) => {}
+                Some(Some(g)) => {
+                    return Err(Error::NotGranted {
+                        plugin: p.name.clone(),
+                        interface: name.to_string(),
+                        grant: g.as_str(),
+                    })
+                }
+                None => {
+                    return Err(Error::UnknownImport {
+                        plugin: p.name.clone(),
+                        import: name.to_string(),
+                    })
+                }
+            }
+        } else if !name.starts_with("wasi:") {
+            return Err(Error::UnknownImport {
+                plugin: p.name.clone(),
+                import: name.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A linker with WASI (nothing ambient in it: the store's context decides) and
+/// the host interfaces granted.
+fn link(
+    engine: &Engine,
+    component: &Component,
+    grants: &[Grant],
+) -> Result<PluginPre<HostState>, String> {
+    let mut linker: Linker<HostState> = Linker::new(engine);
+    let e = |e: wasmtime::Error| format!("{e:#}");
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(e)?;
+    bindings::types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?;
+    bindings::message::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?;
+    for g in grants {
+        match g {
+            Grant::Log => {
+                bindings::log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?
+            }
+            Grant::Kv => {
+                bindings::kv::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?
+            }
+            Grant::Dns => {
+                bindings::dns::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?
+            }
+            Grant::Archive => {}
+        }
+    }
+    let pre = linker.instantiate_pre(component).map_err(e)?;
+    PluginPre::new(pre).map_err(e)
+}
+
+/// What a component needs from the relay, for `postern plugin check`.
+#[derive(Debug, Clone)]
+pub struct Requirements {
+    /// Every import, by name.
+    pub imports: Vec<String>,
+    /// The grants its `postern:relay` imports need.
+    pub grants: Vec<Grant>,
+    /// It imports WASI filesystem, so it may expect the `archive` grant.
+    pub filesystem: bool,
+}
+
+/// Compiles a component (no cache) and lists what it imports.
+pub fn requirements(engine: &Engine, bytes: &[u8]) -> Result<Requirements, String> {
+    let component = Component::new(engine, bytes).map_err(|e| format!("{e:#}"))?;
+    let mut req = Requirements {
+        imports: Vec::new(),
+        grants: Vec::new(),
+        filesystem: false,
+    };
+    for (name, item) in component.component_type().imports(engine) {
+        if !matches!(
+            item.ty,
+            wasmtime::component::types::ComponentItem::ComponentInstance(_)
+        ) {
+            continue;
+        }
+        req.imports.push(name.to_string());
+        if name.starts_with("wasi:filesystem/") {
+            req.filesystem = true;
+        }
+        if let Some(rest) = name.strip_prefix("postern:relay/") {
+            let interface = rest.split('@').next().unwrap_or(rest);
+            if let Some(Some(g)) = grant_for(interface) {
+                if !req.grants.contains(&g) {
+                    req.grants.push(g);
+                }
+            }
+        }
+    }
+    Ok(req)
+}

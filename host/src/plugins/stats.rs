@@ -1,0 +1,169 @@
+//! Per-plugin, per-hook counters for `postern plugin list`: calls, answers,
+//! errors by kind, and a latency histogram for percentiles. Lock-free, since
+//! every hook call updates them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::HookName;
+
+/// Answer kinds counted per hook.
+pub const ANSWERS: [&str; 10] = [
+    "continue",
+    "accept",
+    "reject",
+    "tempfail",
+    "disconnect",
+    "mx",
+    "smarthost",
+    "local-folder",
+    "discard",
+    "default",
+];
+
+/// Error kinds counted per hook.
+pub const ERRORS: [&str; 5] = ["trap", "timeout", "memory", "invalid", "instantiate"];
+
+/// Latency buckets: bucket `i` holds calls that took less than 2^i µs.
+const BUCKETS: usize = 28;
+
+#[derive(Default)]
+struct HookStats {
+    calls: AtomicU64,
+    answers: [AtomicU64; ANSWERS.len()],
+    errors: [AtomicU64; ERRORS.len()],
+    latency: [AtomicU64; BUCKETS],
+}
+
+/// The counters of one plugin.
+#[derive(Default)]
+pub struct Stats {
+    hooks: [HookStats; 5],
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats").finish_non_exhaustive()
+    }
+}
+
+fn index(hook: HookName) -> usize {
+    HookName::ALL.iter().position(|h| *h == hook).unwrap_or(0)
+}
+
+impl Stats {
+    /// Records one call and how long it took.
+    pub fn call(&self, hook: HookName, micros: u64) {
+        let h = &self.hooks[index(hook)];
+        h.calls.fetch_add(1, Relaxed);
+        let bucket = (64 - micros.leading_zeros() as usize).min(BUCKETS - 1);
+        h.latency[bucket].fetch_add(1, Relaxed);
+    }
+
+    /// Records an answer by kind (one of [`ANSWERS`]).
+    pub fn answer(&self, hook: HookName, kind: &str) {
+        if let Some(i) = ANSWERS.iter().position(|k| *k == kind) {
+            self.hooks[index(hook)].answers[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Records an error by kind (one of [`ERRORS`]).
+    pub fn error(&self, hook: HookName, kind: &str) {
+        if let Some(i) = ERRORS.iter().position(|k| *k == kind) {
+            self.hooks[index(hook)].errors[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A snapshot for the hooks that were called.
+    pub fn snapshot(&self) -> Vec<HookSnapshot> {
+        HookName::ALL
+            .iter()
+            .zip(&self.hooks)
+            .filter(|(_, h)| h.calls.load(Relaxed) > 0)
+            .map(|(hook, h)| {
+                let latency: Vec<u64> = h.latency.iter().map(|b| b.load(Relaxed)).collect();
+                let pct = |p: f64| percentile(&latency, p);
+                HookSnapshot {
+                    hook: hook.to_string(),
+                    calls: h.calls.load(Relaxed),
+                    answers: named(&ANSWERS, &h.answers),
+                    errors: named(&ERRORS, &h.errors),
+                    p50_us: pct(0.5),
+                    p90_us: pct(0.9),
+                    p99_us: pct(0.99),
+                }
+            })
+            .collect()
+    }
+}
+
+fn named(names: &[&str], counts: &[AtomicU64]) -> Vec<(String, u64)> {
+    names
+        .iter()
+        .zip(counts)
+        .map(|(n, c)| (n.to_string(), c.load(Relaxed)))
+        .filter(|(_, c)| *c > 0)
+        .collect()
+}
+
+/// The upper bound (µs) of the bucket holding the p-th call.
+fn percentile(buckets: &[u64], p: f64) -> u64 {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return 0;
+    }
+    let rank = ((total as f64) * p).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return 1u64 << i;
+        }
+    }
+    1u64 << (buckets.len() - 1)
+}
+
+/// One hook's counters, as `postern plugin list` shows them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HookSnapshot {
+    /// The hook.
+    pub hook: String,
+    /// Calls made.
+    pub calls: u64,
+    /// Answers by kind.
+    pub answers: Vec<(String, u64)>,
+    /// Errors by kind.
+    pub errors: Vec<(String, u64)>,
+    /// Median latency, upper bound in µs.
+    pub p50_us: u64,
+    /// 90th percentile, upper bound in µs.
+    pub p90_us: u64,
+    /// 99th percentile, upper bound in µs.
+    pub p99_us: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_from_buckets() {
+        let s = Stats::default();
+        for _ in 0..90 {
+            s.call(HookName::Rcpt, 3);
+        }
+        for _ in 0..10 {
+            s.call(HookName::Rcpt, 1000);
+        }
+        s.answer(HookName::Rcpt, "reject");
+        s.error(HookName::Rcpt, "timeout");
+        let snap = s.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap[0].calls, 100);
+        assert_eq!(snap[0].p50_us, 4);
+        assert_eq!(snap[0].p99_us, 1024);
+        assert_eq!(snap[0].answers, vec![("reject".to_string(), 1)]);
+        assert_eq!(snap[0].errors, vec![("timeout".to_string(), 1)]);
+    }
+}

@@ -1,0 +1,166 @@
+//! A plugin whose behaviour is its config, so the relay's tests can drive every
+//! verdict, route and edit, and every way a plugin can fail, with one crate.
+//!
+//! ```toml
+//! [plugin.config]
+//! rcpt = { verdict = "reject", code = 550, enhanced = "5.7.1", text = "no" }
+//! data = { verdict = "continue", add_header = ["X-Test", "1"], remove_rcpt = "b@x.test" }
+//! route = { route = "local-folder", arg = "inbox" }
+//! misbehave = { hook = "rcpt", how = "trap" }   # or "loop", "alloc"
+//! count = true                                   # kv counter per hook (needs the kv grant)
+//! ```
+
+use std::collections::HashMap;
+
+use postern_sdk::prelude::*;
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Answer {
+    #[serde(default)]
+    verdict: Option<String>,
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    enhanced: String,
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    add_header: Option<(String, String)>,
+    #[serde(default)]
+    remove_header: Option<String>,
+    #[serde(default)]
+    add_rcpt: Option<String>,
+    #[serde(default)]
+    remove_rcpt: Option<String>,
+    #[serde(default)]
+    quarantine: Option<String>,
+    #[serde(default)]
+    route: Option<String>,
+    #[serde(default)]
+    arg: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Misbehave {
+    hook: String,
+    how: String,
+}
+
+// No deny_unknown_fields: serde does not support it next to `flatten`.
+#[derive(serde::Deserialize)]
+struct Testkit {
+    #[serde(flatten)]
+    hooks: HashMap<String, Answer>,
+    #[serde(default)]
+    misbehave: Option<Misbehave>,
+    #[serde(default)]
+    count: bool,
+}
+
+impl Testkit {
+    fn enter(&self, hook: &str) {
+        if self.count {
+            // A counter in the host store, so tests see how often a hook ran.
+            let _ = postern_sdk::kv::incr(hook, 1, None);
+        }
+        match &self.misbehave {
+            Some(m) if m.hook == hook => match m.how.as_str() {
+                "trap" => panic!("testkit: trap in {hook}"),
+                "loop" => {
+                    let mut n: u64 = 0;
+                    loop {
+                        n = std::hint::black_box(n.wrapping_add(1));
+                    }
+                }
+                "alloc" => {
+                    let mut hoard: Vec<Vec<u8>> = Vec::new();
+                    loop {
+                        hoard.push(vec![1u8; 1 << 20]);
+                        std::hint::black_box(&hoard);
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    fn verdict(&self, hook: &str) -> Verdict {
+        let Some(a) = self.hooks.get(hook) else {
+            return Verdict::Continue;
+        };
+        let reply = Reply::new(a.code, a.enhanced.as_str(), a.text.as_str());
+        match a.verdict.as_deref() {
+            Some("accept") => Verdict::Accept,
+            Some("reject") => Verdict::Reject(reply),
+            Some("tempfail") => Verdict::Tempfail(reply),
+            Some("disconnect") => Verdict::Disconnect(reply),
+            _ => Verdict::Continue,
+        }
+    }
+}
+
+#[postern_sdk::plugin]
+impl Plugin for Testkit {
+    fn init(config: Config) -> Result<Self, ConfigError> {
+        config.parse()
+    }
+
+    fn connect(&self, _session: &Session) -> Verdict {
+        self.enter("connect");
+        self.verdict("connect")
+    }
+
+    fn mail_from(&self, _session: &Session, _envelope: &Envelope) -> Verdict {
+        self.enter("mail_from");
+        self.verdict("mail_from")
+    }
+
+    fn rcpt(&self, _session: &Session, _rcpt: &Address) -> Verdict {
+        self.enter("rcpt");
+        self.verdict("rcpt")
+    }
+
+    fn data(&self, _session: &Session, _envelope: &Envelope, message: &Message) -> Verdict {
+        self.enter("data");
+        if let Some(a) = self.hooks.get("data") {
+            if let Some((name, value)) = &a.add_header {
+                if message.add_header(name, value).is_err() {
+                    return Verdict::reject(554, "5.6.0", "header edit refused");
+                }
+            }
+            if let Some(name) = &a.remove_header {
+                let _ = message.remove_header(name);
+            }
+            if let Some(r) = a.add_rcpt.as_deref().and_then(Address::parse) {
+                let _ = message.add_recipient(&r);
+            }
+            if let Some(r) = a.remove_rcpt.as_deref().and_then(Address::parse) {
+                message.remove_recipient(&r);
+            }
+            if let Some(reason) = &a.quarantine {
+                message.quarantine(reason);
+            }
+        }
+        self.verdict("data")
+    }
+
+    fn route(&self, _envelope: &Envelope, _rcpt: &Address, _headers: &[Header]) -> Route {
+        self.enter("route");
+        let Some(a) = self.hooks.get("route") else {
+            return Route::Default;
+        };
+        match a.route.as_deref() {
+            Some("mx") => Route::mx(a.arg.as_str()),
+            Some("smarthost") => Route::smarthost(a.arg.as_str()),
+            Some("local-folder") => Route::local_folder(a.arg.as_str()),
+            Some("discard") => Route::Discard,
+            Some("reject") => Route::reject(a.code, &a.enhanced, &a.text),
+            _ => Route::Default,
+        }
+    }
+}
+
+postern_sdk::export!(Testkit);

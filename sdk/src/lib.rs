@@ -1,0 +1,548 @@
+//! Write policy plugins for the Postern SMTP relay in Rust.
+//!
+//! A plugin is one type that implements [`Plugin`]. Every hook has a default
+//! that answers [`Verdict::Continue`], so a plugin writes only the hooks it
+//! needs; its `[plugin.config]` table arrives once, typed, in [`Plugin::init`].
+//! `#[postern_sdk::plugin]` on the impl block records which hooks it writes and
+//! [`export!`] hands the plugin to the relay, which then calls only those.
+//!
+//! ```
+//! use postern_sdk::prelude::*;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Blocklist { domains: Vec<String> }
+//!
+//! #[postern_sdk::plugin]
+//! impl Plugin for Blocklist {
+//!     fn init(config: Config) -> Result<Self, ConfigError> { config.parse() }
+//!
+//!     fn rcpt(&self, _session: &Session, rcpt: &Address) -> Verdict {
+//!         if self.domains.iter().any(|d| rcpt.domain().eq_ignore_ascii_case(d)) {
+//!             return Verdict::reject(550, "5.7.1", "recipient domain is blocked");
+//!         }
+//!         Verdict::Continue
+//!     }
+//! }
+//!
+//! postern_sdk::export!(Blocklist);
+//! # fn main() {
+//! #     use postern_sdk::__private::Hooks;
+//! #     assert_eq!(<Blocklist as Hooks>::HOOKS, &[Hook::Rcpt]);
+//! # }
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2`, copy the
+//! `.wasm` into the relay's plugins folder and name it in a `[[plugin]]` table.
+//!
+//! Host interfaces ([`log`], [`kv`], [`dns`]) work only when the relay's config
+//! grants them to the plugin; a plugin that uses one it was not granted is
+//! refused at load time, naming the interface. Every host call returns a
+//! `Result` or a plain value; none of them panics.
+
+#![deny(missing_docs)]
+
+// The generated bindings name their own crate by path, inside and outside it.
+extern crate self as postern_sdk;
+
+use std::cell::RefCell;
+use std::fmt;
+
+#[doc(hidden)]
+#[allow(missing_docs)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "postern:relay/plugin@0.1.0",
+        pub_export_macro: true,
+        export_macro_name: "__export_world",
+        default_bindings_module: "::postern_sdk::bindings",
+        runtime_path: "::postern_sdk::__private::wit_bindgen::rt",
+    });
+}
+
+pub use bindings::postern::relay::message::{EditError, Message, Part};
+pub use bindings::postern::relay::types::{
+    Address, BodyType, Envelope, Header, Hook, MailParams, Reply, Route, Session, TlsInfo, Verdict,
+};
+pub use postern_sdk_macros::plugin;
+
+/// Everything a plugin usually needs: `use postern_sdk::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Address, Config, ConfigError, Envelope, Header, Hook, Message, Plugin, Reply, Route,
+        Session, Verdict,
+    };
+}
+
+/// A policy plugin. Implement the hooks you need; the others answer
+/// [`Verdict::Continue`] (or [`Route::Default`]) and are never called, since
+/// `#[postern_sdk::plugin]` tells the relay which ones you wrote.
+pub trait Plugin: Sized + 'static {
+    /// Builds the plugin from its `[plugin.config]` table. An error refuses the
+    /// load; the relay logs its text and keeps the chain it had.
+    fn init(config: Config) -> Result<Self, ConfigError>;
+
+    /// After the client connected, before the banner.
+    fn connect(&self, _session: &Session) -> Verdict {
+        Verdict::Continue
+    }
+
+    /// At MAIL FROM; the envelope has the sender and no recipients yet.
+    fn mail_from(&self, _session: &Session, _envelope: &Envelope) -> Verdict {
+        Verdict::Continue
+    }
+
+    /// At each RCPT TO, after the relay's access rules accepted it. The
+    /// envelope so far is [`envelope()`].
+    fn rcpt(&self, _session: &Session, _rcpt: &Address) -> Verdict {
+        Verdict::Continue
+    }
+
+    /// After the message, before the relay answers: read and edit `message`.
+    fn data(&self, _session: &Session, _envelope: &Envelope, _message: &Message) -> Verdict {
+        Verdict::Continue
+    }
+
+    /// At delivery, per recipient: where it goes.
+    fn route(&self, _envelope: &Envelope, _rcpt: &Address, _headers: &[Header]) -> Route {
+        Route::Default
+    }
+}
+
+thread_local! {
+    static CURRENT_ENVELOPE: RefCell<Option<Envelope>> = const { RefCell::new(None) };
+}
+
+/// The envelope of the transaction whose hook is running (during `rcpt`: the
+/// sender and the recipients accepted before this one). `None` outside a hook
+/// and during `connect`.
+pub fn envelope() -> Option<Envelope> {
+    CURRENT_ENVELOPE.with(|e| e.borrow().clone())
+}
+
+/// The plugin's `[plugin.config]` table, as the relay hands it to `init`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    json: String,
+}
+
+impl Config {
+    /// Config from its JSON text (the relay converts the TOML table to JSON).
+    pub fn from_json(json: impl Into<String>) -> Config {
+        Config { json: json.into() }
+    }
+
+    /// Deserializes the table into your type; unknown or missing keys are
+    /// errors only if your type says so (e.g. `#[serde(deny_unknown_fields)]`).
+    ///
+    /// ```
+    /// # use postern_sdk::Config;
+    /// #[derive(serde::Deserialize)]
+    /// struct Limits { per_hour: u32 }
+    /// let limits: Limits = Config::from_json(r#"{"per_hour": 100}"#).parse().unwrap();
+    /// assert_eq!(limits.per_hour, 100);
+    /// assert!(Config::from_json("{}").parse::<Limits>().is_err());
+    /// ```
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        serde_json::from_str(&self.json).map_err(|e| ConfigError(e.to_string()))
+    }
+
+    /// The raw JSON text.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+}
+
+/// Why a plugin refused its config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> ConfigError {
+        ConfigError(message.into())
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Address {
+    /// An address from its parts.
+    pub fn new(local_part: impl Into<String>, domain: impl Into<String>) -> Address {
+        Address {
+            local_part: local_part.into(),
+            domain: domain.into(),
+        }
+    }
+
+    /// Splits `local@domain` at the last `@`; `None` without one. The empty
+    /// string is the null reverse-path.
+    ///
+    /// ```
+    /// # use postern_sdk::Address;
+    /// let a = Address::parse("Jo@Example.ORG").unwrap();
+    /// assert_eq!((a.local_part(), a.domain()), ("Jo", "Example.ORG"));
+    /// assert!(Address::parse("").unwrap().is_null());
+    /// assert!(Address::parse("nobody").is_none());
+    /// ```
+    pub fn parse(text: &str) -> Option<Address> {
+        if text.is_empty() {
+            return Some(Address::new("", ""));
+        }
+        let (local, domain) = text.rsplit_once('@')?;
+        Some(Address::new(local, domain))
+    }
+
+    /// The part before the `@`.
+    pub fn local_part(&self) -> &str {
+        &self.local_part
+    }
+
+    /// The part after the `@`; compare with `eq_ignore_ascii_case`.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// True for the null reverse-path `<>` (bounces).
+    pub fn is_null(&self) -> bool {
+        self.local_part.is_empty() && self.domain.is_empty()
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_null() {
+            Ok(())
+        } else {
+            write!(f, "{}@{}", self.local_part, self.domain)
+        }
+    }
+}
+
+impl Reply {
+    /// A reply; the relay checks that the code's class fits the verdict and
+    /// that no CR or LF is in it.
+    pub fn new(code: u16, enhanced: impl Into<String>, text: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            enhanced: enhanced.into(),
+            text: text.into(),
+        }
+    }
+}
+
+impl Verdict {
+    /// Refuse permanently (5xx).
+    ///
+    /// ```
+    /// # use postern_sdk::Verdict;
+    /// let v = Verdict::reject(550, "5.7.1", "no thanks");
+    /// assert!(matches!(v, Verdict::Reject(r) if r.code == 550));
+    /// ```
+    pub fn reject(code: u16, enhanced: &str, text: &str) -> Verdict {
+        Verdict::Reject(Reply::new(code, enhanced, text))
+    }
+
+    /// Refuse temporarily (4xx): the client retries later.
+    pub fn tempfail(code: u16, enhanced: &str, text: &str) -> Verdict {
+        Verdict::Tempfail(Reply::new(code, enhanced, text))
+    }
+
+    /// Reply (4xx or 5xx) and close the connection.
+    pub fn disconnect(code: u16, enhanced: &str, text: &str) -> Verdict {
+        Verdict::Disconnect(Reply::new(code, enhanced, text))
+    }
+}
+
+impl Route {
+    /// Deliver to the mail hosts of `domain`.
+    pub fn mx(domain: impl Into<String>) -> Route {
+        Route::Mx(domain.into())
+    }
+
+    /// Deliver through a smart host, `smtp://host:port` or `smtps://host:port`.
+    pub fn smarthost(url: impl Into<String>) -> Route {
+        Route::Smarthost(url.into())
+    }
+
+    /// File the message as `.eml` in this folder below the relay's local
+    /// delivery folder.
+    pub fn local_folder(folder: impl Into<String>) -> Route {
+        Route::LocalFolder(folder.into())
+    }
+
+    /// Fail the recipient permanently (5xx): the sender gets a bounce.
+    pub fn reject(code: u16, enhanced: &str, text: &str) -> Route {
+        Route::Reject(Reply::new(code, enhanced, text))
+    }
+}
+
+impl Message {
+    /// The first value of a header field, if present.
+    pub fn first_header(&self, name: &str) -> Option<String> {
+        self.header(name).into_iter().next()
+    }
+
+    /// The parts that are attachments.
+    pub fn attachments(&self) -> Vec<Part> {
+        self.parts()
+            .into_iter()
+            .filter(|p| p.is_attachment)
+            .collect()
+    }
+
+    /// Reads a part's decoded content as a stream, a chunk at a time, so a
+    /// large attachment never has to be in memory at once.
+    pub fn part_reader(&self, index: u32) -> PartReader<'_> {
+        PartReader {
+            message: self,
+            source: Source::Part(index),
+            offset: 0,
+        }
+    }
+
+    /// Reads the whole message as received (headers and body, CRLF line
+    /// ends), a chunk at a time; header edits are not in it.
+    pub fn raw_reader(&self) -> PartReader<'_> {
+        PartReader {
+            message: self,
+            source: Source::Raw,
+            offset: 0,
+        }
+    }
+}
+
+enum Source {
+    Raw,
+    Part(u32),
+}
+
+/// A [`std::io::Read`] over message content, from [`Message::part_reader`]
+/// or [`Message::raw_reader`].
+pub struct PartReader<'a> {
+    message: &'a Message,
+    source: Source,
+    offset: u64,
+}
+
+impl std::io::Read for PartReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let len = u32::try_from(buf.len()).unwrap_or(u32::MAX).min(64 * 1024);
+        let chunk = match self.source {
+            Source::Raw => self.message.read_raw(self.offset, len),
+            Source::Part(i) => self.message.read_part(i, self.offset, len),
+        };
+        let n = chunk.len().min(buf.len());
+        buf[..n].copy_from_slice(&chunk[..n]);
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// Writes to the relay's log, tagged with the plugin's name (grant `log`).
+pub mod log {
+    use crate::bindings::postern::relay::log::{log, Level};
+
+    /// Logs at error level.
+    pub fn error(message: &str) {
+        log(Level::Error, message)
+    }
+    /// Logs at warn level.
+    pub fn warn(message: &str) {
+        log(Level::Warn, message)
+    }
+    /// Logs at info level.
+    pub fn info(message: &str) {
+        log(Level::Info, message)
+    }
+    /// Logs at debug level.
+    pub fn debug(message: &str) {
+        log(Level::Debug, message)
+    }
+}
+
+/// The plugin's key-value store (grant `kv`): shared by all its instances,
+/// values expire after their TTL, `incr` is atomic.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// // A counter per sender that resets an hour after its first message.
+/// let sent = postern_sdk::kv::incr("sent:jo@example.org", 1, Some(Duration::from_secs(3600)));
+/// if matches!(sent, Ok(n) if n > 100) {
+///     // over the limit
+/// }
+/// ```
+pub mod kv {
+    use std::time::Duration;
+
+    use crate::bindings::postern::relay::kv as host;
+    pub use host::Error;
+
+    fn ms(ttl: Option<Duration>) -> Option<u64> {
+        ttl.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// The value of `key`, unless absent or expired.
+    pub fn get(key: &str) -> Result<Option<Vec<u8>>, Error> {
+        host::get(key)
+    }
+
+    /// Sets `key`, expiring after `ttl` if given.
+    pub fn set(key: &str, value: &[u8], ttl: Option<Duration>) -> Result<(), Error> {
+        host::set(key, value, ms(ttl))
+    }
+
+    /// Removes `key`; returns whether it existed.
+    pub fn delete(key: &str) -> Result<bool, Error> {
+        host::delete(key)
+    }
+
+    /// Atomically adds `delta` and returns the new value; `ttl` applies when
+    /// the key is created.
+    pub fn incr(key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64, Error> {
+        host::incr(key, delta, ms(ttl))
+    }
+}
+
+/// DNS lookups through the relay's resolver (grant `dns`).
+pub mod dns {
+    use crate::bindings::postern::relay::dns as host;
+    pub use host::{Error, MxRecord};
+
+    /// IPv4 addresses of `name`.
+    pub fn a(name: &str) -> Result<Vec<String>, Error> {
+        host::a(name)
+    }
+    /// IPv6 addresses of `name`.
+    pub fn aaaa(name: &str) -> Result<Vec<String>, Error> {
+        host::aaaa(name)
+    }
+    /// MX records of `domain`.
+    pub fn mx(domain: &str) -> Result<Vec<MxRecord>, Error> {
+        host::mx(domain)
+    }
+    /// TXT records of `name`.
+    pub fn txt(name: &str) -> Result<Vec<String>, Error> {
+        host::txt(name)
+    }
+}
+
+/// Used by [`export!`] and `#[plugin]`; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use wit_bindgen;
+
+    use super::*;
+
+    /// The hooks an `impl Plugin` block writes (from `#[plugin]`).
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` does not say which hooks it handles",
+        label = "add `#[postern_sdk::plugin]` to `impl Plugin for {Self}`"
+    )]
+    pub trait Hooks {
+        /// The hooks.
+        const HOOKS: &'static [Hook];
+    }
+
+    /// Runs `f` with the envelope available through [`envelope()`].
+    pub fn with_envelope<R>(envelope: &Envelope, f: impl FnOnce() -> R) -> R {
+        CURRENT_ENVELOPE.with(|e| *e.borrow_mut() = Some(envelope.clone()));
+        let r = f();
+        CURRENT_ENVELOPE.with(|e| *e.borrow_mut() = None);
+        r
+    }
+
+    /// The error an uninitialized instance answers with: the relay always
+    /// calls `init` first, so this only shows up as a plugin error.
+    pub fn not_initialized() -> ! {
+        panic!("postern plugin hook called before init")
+    }
+}
+
+/// Exports a [`Plugin`] type as the component's `plugin` world. Use once per
+/// crate, at the top level, after `#[postern_sdk::plugin] impl Plugin for T`.
+#[macro_export]
+macro_rules! export {
+    ($plugin:ty) => {
+        const _: () = {
+            use $crate::Plugin as _;
+
+            ::std::thread_local! {
+                static PLUGIN: ::std::cell::OnceCell<$plugin> =
+                    const { ::std::cell::OnceCell::new() };
+            }
+
+            fn with<R>(f: impl FnOnce(&$plugin) -> R) -> R {
+                PLUGIN.with(|p| match p.get() {
+                    Some(p) => f(p),
+                    None => $crate::__private::not_initialized(),
+                })
+            }
+
+            struct Adapter;
+
+            impl $crate::bindings::Guest for Adapter {
+                fn init(config: String) -> Result<Vec<$crate::Hook>, String> {
+                    let plugin =
+                        <$plugin as $crate::Plugin>::init($crate::Config::from_json(config))
+                            .map_err(|e| e.to_string())?;
+                    PLUGIN
+                        .with(|p| p.set(plugin))
+                        .map_err(|_| "init called twice".to_string())?;
+                    Ok(<$plugin as $crate::__private::Hooks>::HOOKS.to_vec())
+                }
+
+                fn connect(session: $crate::Session) -> $crate::Verdict {
+                    with(|p| p.connect(&session))
+                }
+
+                fn mail_from(
+                    session: $crate::Session,
+                    envelope: $crate::Envelope,
+                ) -> $crate::Verdict {
+                    $crate::__private::with_envelope(&envelope, || {
+                        with(|p| p.mail_from(&session, &envelope))
+                    })
+                }
+
+                fn rcpt(
+                    session: $crate::Session,
+                    envelope: $crate::Envelope,
+                    recipient: $crate::Address,
+                ) -> $crate::Verdict {
+                    $crate::__private::with_envelope(&envelope, || {
+                        with(|p| p.rcpt(&session, &recipient))
+                    })
+                }
+
+                fn data(
+                    session: $crate::Session,
+                    envelope: $crate::Envelope,
+                    message: &$crate::Message,
+                ) -> $crate::Verdict {
+                    $crate::__private::with_envelope(&envelope, || {
+                        with(|p| p.data(&session, &envelope, message))
+                    })
+                }
+
+                fn route(
+                    envelope: $crate::Envelope,
+                    recipient: $crate::Address,
+                    headers: Vec<$crate::Header>,
+                ) -> $crate::Route {
+                    $crate::__private::with_envelope(&envelope, || {
+                        with(|p| p.route(&envelope, &recipient, &headers))
+                    })
+                }
+            }
+
+    $crate::bindings::__export_world!(Adapter with_types_in $crate::bindings);
+        };
+    };
+}
