@@ -759,10 +759,16 @@ async fn clean_restart_during_delivery_delivers_nothing_twice() {
     assert_eq!(acked.len(), 120);
     // Stop while deliveries may still be in flight, then start again.
     // Off the runtime: the sink serving the relay's last QUIT runs on it.
+    let t0 = std::time::Instant::now();
     let status = tokio::task::spawn_blocking(move || bin.terminate())
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "SIGTERM took {:?}",
+        t0.elapsed()
+    );
     let _bin = Binary::serve(&config, addr, &dir.path().join("relay2.log")).await;
     let subject_of = |data: &[u8]| {
         let text = String::from_utf8_lossy(data);
