@@ -66,6 +66,52 @@ struct Shared {
     timer: Notify,
     /// The admission channel (new messages, DSNs).
     admit_tx: mpsc::UnboundedSender<QueueId>,
+    /// Removes finished messages off the async workers.
+    remover: Remover,
+}
+
+/// A thread that unlinks finished messages. An ext4 unlink can wait on the
+/// journal for a while; on a runtime worker that wait would stall sessions and
+/// deliveries. The removal never needed to be durable at once (a crash before
+/// it only means a duplicate), so handing it off changes no guarantee.
+struct Remover {
+    tx: std::sync::mpsc::Sender<QueueId>,
+    /// Removals handed over and not yet done (shutdown waits for them).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Remover {
+    fn start(queue_dir: PathBuf) -> Remover {
+        let (tx, rx) = std::sync::mpsc::channel::<QueueId>();
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let p = pending.clone();
+        std::thread::Builder::new()
+            .name("postern-remover".into())
+            .spawn(move || {
+                for id in rx {
+                    if let Err(e) = state::remove_message(&queue_dir, &id) {
+                        tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
+                    }
+                    p.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                }
+            })
+            .expect("spawning the spool remover thread");
+        Remover { tx, pending }
+    }
+
+    fn remove(&self, id: QueueId) {
+        self.pending
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if let Err(e) = self.tx.send(id) {
+            self.pending
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            tracing::warn!(queue_id = %e.0, "spool remover gone; message left for the next start");
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.pending.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 #[derive(Default)]
@@ -182,6 +228,7 @@ impl Delivery {
         let (tx, mut rx) = mpsc::unbounded_channel::<QueueId>();
         let shared = Arc::new(Shared {
             admit_tx: tx.clone(),
+            remover: Remover::start(ctx.spool.root().join("queue")),
             timeouts: Timeouts::rfc5321(d.connect_timeout.0),
             config: config.clone(),
             spool: ctx.spool.clone(),
@@ -224,7 +271,7 @@ impl Delivery {
             }
         }
         let deadline = Instant::now() + grace;
-        while self.shared.lock().connections > 0 {
+        while self.shared.lock().connections > 0 || self.shared.remover.pending() > 0 {
             if Instant::now() >= deadline {
                 tracing::warn!("delivery shutdown grace period over; connections cut");
                 return;
@@ -960,9 +1007,7 @@ impl Shared {
             a.state.held = true;
         }
         if !a.state.has_work() {
-            if let Err(e) = state::remove_message(&self.queue_dir, &id) {
-                tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
-            }
+            self.remover.remove(id);
             return;
         }
         let attempts = a
