@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::bounce;
 use super::client::{Client, Hop, Outgoing, Timeouts, TlsUse};
 use super::dns::Dns;
-use super::route::{decide, Decision, Target};
+use super::route::{decide, Decision, Target, Via};
 use super::state::{self, unix_now, DeliveryState, Status};
 use super::tls::ClientTls;
 use super::Error;
@@ -830,10 +830,10 @@ impl Shared {
     /// host), each of their addresses, until one gets as far as MAIL.
     async fn open(&self, target: &Target) -> Result<Client, Error> {
         let d = &self.config.delivery;
-        let (hosts, port, tls_use, credentials) = match target {
-            Target::Mx(domain) => {
+        let (hosts, port, tls_use, credentials) = match &target.via {
+            Via::Mx(domain) => {
                 let hosts = self.dns.mx_hosts(domain).await?;
-                let tls = if d.require_tls {
+                let tls = if target.require_tls {
                     TlsUse::Required
                 } else {
                     TlsUse::Opportunistic
@@ -845,10 +845,10 @@ impl Shared {
                     None,
                 )
             }
-            Target::Smarthost(sh) => {
+            Via::Smarthost(sh) => {
                 let tls = if sh.implicit_tls {
                     TlsUse::Implicit
-                } else if d.require_tls {
+                } else if target.require_tls {
                     TlsUse::Required
                 } else if sh.credentials.is_some() {
                     TlsUse::OfferedVerified

@@ -893,3 +893,59 @@ async fn a_route_to_the_relay_itself_bounces_as_a_loop() {
         .is_some()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_tls_per_route_never_sends_in_clear() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let relay = Relay::start(
+        dir.path(),
+        &format!(
+            "retry = [\"1h\"]\n[delivery.routes]\n\"secure.test\" = {{ next_hop = \"smtp://{0}\", require_tls = true }}\n\"open.test\" = \"smtp://{0}\"\n",
+            plain.addr
+        ),
+    )
+    .await;
+    let id = relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["b@secure.test"],
+        "",
+        "",
+        &body("secret"),
+    )
+    .await
+    .unwrap();
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["b@open.test"],
+        "",
+        "",
+        &body("open"),
+    )
+    .await
+    .unwrap();
+    let got = plain.wait_for(1, WAIT).await;
+    assert_eq!(got[0].rcpts, vec!["b@open.test"]);
+    let v = eventually(WAIT, || {
+        let v = json(&relay::queue_cmd(&relay.config, &["show", &id, "--json"]));
+        (v["state"] == "deferred").then_some(v)
+    })
+    .await
+    .expect("deferred, not sent in clear");
+    assert!(
+        v["last_reply"]
+            .as_str()
+            .unwrap()
+            .contains("TLS is required"),
+        "{v}"
+    );
+    assert_eq!(
+        plain.transactions.load(SeqCst),
+        1,
+        "only the open route's message"
+    );
+    relay.stop().await;
+}
