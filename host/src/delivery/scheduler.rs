@@ -630,6 +630,8 @@ impl Shared {
     /// One outbound connection: takes jobs from its destination until none is left.
     async fn connection(self: Arc<Self>, key: String) {
         let mut client: Option<Client> = None;
+        // Addresses of the destination used up by `client` (for MX fallback).
+        let mut used = 0;
         loop {
             let next = {
                 let mut s = self.lock();
@@ -693,8 +695,11 @@ impl Shared {
             };
             let started = Instant::now();
             if !client.as_ref().is_some_and(Client::is_usable) {
-                match self.open(&target).await {
-                    Ok(c) => client = Some(c),
+                match self.open(&target, 0).await {
+                    Ok((c, n)) => {
+                        client = Some(c);
+                        used = n;
+                    }
                     Err(e) => {
                         let results = job
                             .rcpts
@@ -714,7 +719,6 @@ impl Shared {
                     }
                 }
             }
-            let Some(c) = client.as_mut() else { break };
             let outgoing = Outgoing {
                 sender: &meta.envelope.sender,
                 params: &meta.envelope.params,
@@ -725,28 +729,51 @@ impl Shared {
                     .collect(),
                 message: &body,
             };
-            let remote = Some(format!("{} [{}]", c.host, c.peer.ip()));
-            let dsn = c.supports_dsn();
-            let results: Vec<(usize, Outcome)> = match c.send(&outgoing).await {
-                Ok(per_rcpt) => job
-                    .rcpts
-                    .iter()
-                    .zip(per_rcpt)
-                    .map(|(&i, r)| {
-                        let o = match r {
-                            Ok(reply) => Outcome::delivered(reply, remote.clone(), dsn),
-                            Err(e) => Outcome::from_error(&e, remote.clone()),
-                        };
-                        (i, o)
-                    })
-                    .collect(),
-                Err(e) => job
-                    .rcpts
-                    .iter()
-                    .map(|&i| (i, Outcome::from_error(&e, remote.clone())))
-                    .collect(),
+            let mut fell_back = false;
+            let (results, host, addr, tls) = loop {
+                let Some(c) = client.as_mut() else {
+                    unreachable!("a usable client was just ensured")
+                };
+                let remote = Some(format!("{} [{}]", c.host, c.peer.ip()));
+                let dsn = c.supports_dsn();
+                let sent = c.send(&outgoing).await;
+                // RFC 5321 5.1: a temporary refusal of the transaction by one
+                // MX host is a reason to try the next one now, not in an hour.
+                let refused_4xx = matches!(
+                    &sent,
+                    Err(Error::Rejected { stage: "MAIL", reply }) if reply.code < 500
+                );
+                if refused_4xx && !fell_back && matches!(target.via, Via::Mx(_)) {
+                    fell_back = true;
+                    if let Ok((next, n)) = self.open(&target, used).await {
+                        if let Some(old) = client.replace(next) {
+                            old.quit().await;
+                        }
+                        used = n;
+                        continue;
+                    }
+                }
+                let results: Vec<(usize, Outcome)> = match sent {
+                    Ok(per_rcpt) => job
+                        .rcpts
+                        .iter()
+                        .zip(per_rcpt)
+                        .map(|(&i, r)| {
+                            let o = match r {
+                                Ok(reply) => Outcome::delivered(reply, remote.clone(), dsn),
+                                Err(e) => Outcome::from_error(&e, remote.clone()),
+                            };
+                            (i, o)
+                        })
+                        .collect(),
+                    Err(e) => job
+                        .rcpts
+                        .iter()
+                        .map(|&i| (i, Outcome::from_error(&e, remote.clone())))
+                        .collect(),
+                };
+                break (results, c.host.clone(), c.peer, c.tls);
             };
-            let (host, addr, tls) = (c.host.clone(), c.peer, c.tls);
             let attempt = Attempt {
                 route: &key,
                 host: Some(&host),
@@ -828,7 +855,9 @@ impl Shared {
 
     /// Opens a connection to a destination: MX hosts in order (or the smart
     /// host), each of their addresses, until one gets as far as MAIL.
-    async fn open(&self, target: &Target) -> Result<Client, Error> {
+    /// `skip` addresses are passed over (those tried by an earlier connection);
+    /// returns the client and how many addresses are used up with it.
+    async fn open(&self, target: &Target, skip: usize) -> Result<(Client, usize), Error> {
         let d = &self.config.delivery;
         let (hosts, port, tls_use, credentials) = match &target.via {
             Via::Mx(domain) => {
@@ -879,6 +908,9 @@ impl Shared {
                     break;
                 }
                 tried += 1;
+                if tried <= skip {
+                    continue;
+                }
                 let hop = Hop {
                     host,
                     addr,
@@ -886,7 +918,7 @@ impl Shared {
                     credentials,
                 };
                 match Client::connect(&hop, &self.config.hostname, &self.tls, self.timeouts).await {
-                    Ok(c) => return Ok(c),
+                    Ok(c) => return Ok((c, tried)),
                     Err(e) => {
                         tracing::debug!(host = %host, %addr, error = %e, "next hop failed; trying the next");
                         last_error = Some(e);

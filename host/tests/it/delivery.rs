@@ -122,6 +122,8 @@ async fn mx_delivery_fallback_order_and_nodata() {
         ("127.0.0.3", Behavior::Accept),
         ("127.0.0.4", Behavior::Accept),
         ("127.0.0.5", Behavior::Accept),
+        ("127.0.0.7", Behavior::MailTempFail),
+        ("127.0.0.8", Behavior::Accept),
     ])
     .await;
     let dns = DnsServer::start().await;
@@ -140,11 +142,15 @@ async fn mx_delivery_fallback_order_and_nodata() {
     .a("mx3.dest.test", &["127.0.0.4"]);
     // No MX at all (NODATA): the domain's own address is the mail host.
     dns.a("plain.test", &["127.0.0.5"]);
+    // The best MX answers MAIL with 451: the next MX gets the message now.
+    dns.mx("busy.test", &[(10, "mx1.busy.test"), (20, "mx2.busy.test")])
+        .a("mx1.busy.test", &["127.0.0.7"])
+        .a("mx2.busy.test", &["127.0.0.8"]);
     let relay = Relay::start(dir.path(), &mx_config(&dns, port, "")).await;
     relay::send(
         relay.addr,
         "a@origin.test",
-        &["b@dest.test", "c@plain.test"],
+        &["b@dest.test", "c@plain.test", "d@busy.test"],
         "",
         "",
         &body("mx"),
@@ -155,6 +161,15 @@ async fn mx_delivery_fallback_order_and_nodata() {
     assert_eq!(got[0].rcpts, vec!["b@dest.test"]);
     let got = sinks[3].wait_for(1, WAIT).await;
     assert_eq!(got[0].rcpts, vec!["c@plain.test"]);
+    let got = sinks[5].wait_for(1, WAIT).await;
+    assert_eq!(got[0].rcpts, vec!["d@busy.test"]);
+    assert_eq!(
+        sinks[4]
+            .transactions
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "best MX tried first"
+    );
     assert!(
         sinks[0]
             .connections

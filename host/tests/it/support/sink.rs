@@ -25,6 +25,8 @@ pub enum Behavior {
     Reject,
     /// 421 instead of the greeting.
     Greeting421,
+    /// 451 to every MAIL.
+    MailTempFail,
     /// Closes the connection in the middle of the message data.
     DropMidData,
 }
@@ -237,6 +239,8 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
             sh.transactions.fetch_add(1, Ordering::SeqCst);
             if sh.opts.auth.is_some() && auth.is_none() {
                 "530 5.7.0 authentication required\r\n".into()
+            } else if sh.opts.behavior == Behavior::MailTempFail {
+                "451 4.3.2 not now\r\n".into()
             } else {
                 tx = Some(Captured {
                     mail: cmd.clone(),
