@@ -322,6 +322,9 @@ pub struct DeliveryConfig {
     pub connect_timeout: HumanDuration,
     /// The folder that `local-folder` routes are relative to.
     pub local_folder: PathBuf,
+    /// A recipient that asked for NOTIFY=DELAY and is still deferred after this
+    /// long gets one delay notice (RFC 3464 `Action: delayed`).
+    pub delay_warning: HumanDuration,
 }
 
 impl Default for DeliveryConfig {
@@ -344,6 +347,7 @@ impl Default for DeliveryConfig {
             postmaster: None,
             connect_timeout: HumanDuration(Duration::from_secs(30)),
             local_folder: PathBuf::from("local"),
+            delay_warning: HumanDuration(Duration::from_secs(4 * 3600)),
         }
     }
 }

@@ -1018,11 +1018,23 @@ impl Shared {
                 r.notified = true;
             }
         }
+        if age >= self.config.delivery.delay_warning.0.as_secs() {
+            for (i, r) in a.state.recipients.iter().enumerate() {
+                if bounce::wants_delay_notice(&meta.envelope.recipients[i], r) {
+                    notice.push(i);
+                }
+            }
+        }
         if !notice.is_empty() {
             match self.send_notice(&id, &meta, &a, &notice).await {
                 Ok(dsn) => {
                     for i in &notice {
-                        a.state.recipients[*i].notified = true;
+                        let r = &mut a.state.recipients[*i];
+                        if r.is_open() {
+                            r.delay_notified = true;
+                        } else {
+                            r.notified = true;
+                        }
                     }
                     if let Some(dsn) = dsn {
                         // Through the admission channel: calling admit from here

@@ -964,3 +964,67 @@ async fn require_tls_per_route_never_sends_in_clear() {
     );
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_delay_gets_one_delay_notice() {
+    let dir = tempfile::tempdir().unwrap();
+    let deferring = Sink::start("127.0.0.1", Options::new(Behavior::TempFail)).await;
+    let sender_sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let relay = Relay::start(
+        dir.path(),
+        &format!(
+            "retry = [\"1s\"]\ndelay_warning = \"1s\"\n[delivery.routes]\n\"dest.test\" = \"smtp://{}\"\n\"origin.test\" = \"smtp://{}\"\n",
+            deferring.addr, sender_sink.addr
+        ),
+    )
+    .await;
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["slow@dest.test"],
+        "",
+        " NOTIFY=DELAY,FAILURE",
+        &body("delayed"),
+    )
+    .await
+    .unwrap();
+    // Without NOTIFY=DELAY: no delay notice.
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["quiet@dest.test"],
+        "",
+        "",
+        &body("quiet"),
+    )
+    .await
+    .unwrap();
+    let got = sender_sink.wait_for(1, WAIT).await;
+    let status = dsn_status(&got[0].data);
+    assert!(
+        status.contains("Final-Recipient: rfc822; slow@dest.test"),
+        "{status}"
+    );
+    assert!(
+        status.contains("Action: delayed") && status.contains("Status: 4.3.0"),
+        "{status}"
+    );
+    // Retries go on; still only the one notice.
+    let before = deferring
+        .transactions
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(eventually(WAIT, || (deferring
+        .transactions
+        .load(std::sync::atomic::Ordering::SeqCst)
+        >= before + 4)
+        .then_some(()))
+    .await
+    .is_some());
+    assert_eq!(
+        sender_sink.messages().len(),
+        1,
+        "one delay notice, and none without NOTIFY=DELAY"
+    );
+    assert_eq!(relay.spooled().len(), 2);
+    relay.stop().await;
+}
