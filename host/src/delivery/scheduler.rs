@@ -917,7 +917,21 @@ impl Shared {
                     tls: tls_use,
                     credentials,
                 };
-                match Client::connect(&hop, &self.config.hostname, &self.tls, self.timeouts).await {
+                let mut connected =
+                    Client::connect(&hop, &self.config.hostname, &self.tls, self.timeouts).await;
+                // Like Postfix's "may" level: when opportunistic TLS fails in the
+                // handshake, the same host is tried again in clear text, which is
+                // what it would have got from a server without STARTTLS.
+                if tls_use == TlsUse::Opportunistic && matches!(connected, Err(Error::Tls(_))) {
+                    let plain = Hop {
+                        tls: TlsUse::Plain,
+                        ..hop.clone()
+                    };
+                    connected =
+                        Client::connect(&plain, &self.config.hostname, &self.tls, self.timeouts)
+                            .await;
+                }
+                match connected {
                     Ok(c) => return Ok((c, tried)),
                     Err(e) => {
                         tracing::debug!(host = %host, %addr, error = %e, "next hop failed; trying the next");

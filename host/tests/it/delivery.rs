@@ -1028,3 +1028,33 @@ async fn notify_delay_gets_one_delay_notice() {
     assert_eq!(relay.spooled().len(), 2);
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opportunistic_tls_failure_falls_back_to_clear_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = Options::new(Behavior::Accept);
+    opts.broken_tls = true;
+    let sink = Sink::start("127.0.0.1", opts).await;
+    let relay = Relay::start(
+        dir.path(),
+        &format!("smarthost = \"smtp://{}\"\n", sink.addr),
+    )
+    .await;
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["b@dest.test"],
+        "",
+        "",
+        &body("tls broken"),
+    )
+    .await
+    .unwrap();
+    let got = sink.wait_for(1, WAIT).await;
+    assert!(!got[0].tls);
+    assert!(
+        sink.connections.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "a TLS try, then clear text"
+    );
+    relay.stop().await;
+}

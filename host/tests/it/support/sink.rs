@@ -64,6 +64,8 @@ pub struct Options {
     pub auth_in_clear: bool,
     /// Advertise only PIPELINING and SIZE 2000 (no 8BITMIME, SMTPUTF8, DSN).
     pub minimal: bool,
+    /// Offer STARTTLS, say 220, then break the handshake.
+    pub broken_tls: bool,
 }
 
 impl Options {
@@ -75,6 +77,7 @@ impl Options {
             auth: None,
             auth_in_clear: false,
             minimal: false,
+            broken_tls: false,
         }
     }
 }
@@ -197,7 +200,7 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
                     "ENHANCEDSTATUSCODES",
                 ]
             };
-            if sh.opts.tls.is_some() && !tls {
+            if (sh.opts.tls.is_some() || sh.opts.broken_tls) && !tls {
                 caps.push("STARTTLS");
             }
             if sh.opts.auth.is_some() && (tls || sh.opts.auth_in_clear) {
@@ -208,6 +211,10 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
                 .enumerate()
                 .map(|(i, c)| format!("250{}{c}\r\n", if i + 1 == n { " " } else { "-" }))
                 .collect()
+        } else if upper == "STARTTLS" && sh.opts.broken_tls {
+            conn.write_all(b"220 2.0.0 go ahead\r\nthis is not TLS\r\n")
+                .await?;
+            return Ok(());
         } else if upper == "STARTTLS" && !tls {
             let Some(acceptor) = sh.opts.tls.clone() else {
                 conn.write_all(b"502 5.5.1 no\r\n").await?;
