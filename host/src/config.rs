@@ -312,8 +312,9 @@ pub struct DeliveryConfig {
     /// Give up and bounce after this long.
     pub max_age: HumanDuration,
     /// Per-domain routes: recipient domain (lowercase) to `"mx"`, `"mx:other.domain"`,
-    /// `"smtp://host:port"` or `"smtps://host:port"`. Takes precedence over `smarthost`.
-    pub routes: BTreeMap<String, String>,
+    /// `"smtp://host:port"` or `"smtps://host:port"`, or to a table
+    /// `{ next_hop = "...", require_tls = true }`. Takes precedence over `smarthost`.
+    pub routes: BTreeMap<String, RouteEntry>,
     /// Outbound connections open at once, over all destinations.
     pub max_connections: usize,
     /// Outbound connections open at once to one destination (Postfix's default is 20).
@@ -326,6 +327,9 @@ pub struct DeliveryConfig {
     pub connect_timeout: HumanDuration,
     /// The folder that `local-folder` routes are relative to.
     pub local_folder: PathBuf,
+    /// A recipient that asked for NOTIFY=DELAY and is still deferred after this
+    /// long gets one delay notice (RFC 3464 `Action: delayed`).
+    pub delay_warning: HumanDuration,
 }
 
 impl Default for DeliveryConfig {
@@ -348,6 +352,46 @@ impl Default for DeliveryConfig {
             postmaster: None,
             connect_timeout: HumanDuration(Duration::from_secs(30)),
             local_folder: PathBuf::from("local"),
+            delay_warning: HumanDuration(Duration::from_secs(4 * 3600)),
+        }
+    }
+}
+
+/// One `[delivery.routes]` value: a next hop, or a table with its own TLS rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RouteEntry {
+    /// `"mx"`, `"mx:domain"`, `"smtp://..."` or `"smtps://..."`.
+    NextHop(String),
+    /// `{ next_hop = "...", require_tls = true }`.
+    Table(RouteTable),
+}
+
+/// The table form of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTable {
+    /// As the string form.
+    pub next_hop: String,
+    /// Overrides `delivery.require_tls` for this route.
+    #[serde(default)]
+    pub require_tls: Option<bool>,
+}
+
+impl RouteEntry {
+    /// The next hop.
+    pub fn next_hop(&self) -> &str {
+        match self {
+            RouteEntry::NextHop(s) => s,
+            RouteEntry::Table(t) => &t.next_hop,
+        }
+    }
+
+    /// This route's TLS rule, if it has its own.
+    pub fn require_tls(&self) -> Option<bool> {
+        match self {
+            RouteEntry::NextHop(_) => None,
+            RouteEntry::Table(t) => t.require_tls,
         }
     }
 }
@@ -741,7 +785,7 @@ impl Config {
                 .map_err(|e| self.invalid("delivery.smarthost", e))?;
         }
         for (domain, route) in &self.delivery.routes {
-            crate::delivery::NextHop::parse(route)
+            crate::delivery::NextHop::parse(route.next_hop())
                 .map_err(|e| self.invalid(&format!("delivery.routes.{domain}"), e))?;
         }
         for (key, n) in [

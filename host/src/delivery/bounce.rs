@@ -28,6 +28,15 @@ pub fn wants_notice(rcpt: &Recipient, state: &RcptState) -> bool {
     }
 }
 
+/// Whether a still-deferred recipient is owed a delay notice: only when it asked
+/// for one (NOTIFY=DELAY), and only once.
+pub fn wants_delay_notice(rcpt: &Recipient, state: &RcptState) -> bool {
+    state.is_open()
+        && state.attempts > 0
+        && !state.delay_notified
+        && rcpt.notify.is_some_and(|n| n.delay && !n.never)
+}
+
 /// Builds the report about `items` for the sender of `meta`'s message.
 pub fn build(
     hostname: &str,
@@ -41,6 +50,8 @@ pub fn build(
         "Undelivered Mail Returned to Sender"
     } else if all_delivered {
         "Successful Mail Delivery Report"
+    } else if items.iter().all(|(_, s)| s.is_open()) {
+        "Delayed Mail (still being retried)"
     } else {
         "Delivery Status Notification"
     };
@@ -50,6 +61,12 @@ pub fn build(
         text.push_str(
             "Your message could not be delivered to one or more recipients.\r\n\
              It is attached below.\r\n\r\n",
+        );
+    }
+    if items.iter().any(|(_, s)| s.is_open()) {
+        text.push_str(
+            "Delivery to the recipients marked delayed below has been delayed.\r\n\
+             The mail system will keep trying; you need not send the message again.\r\n\r\n",
         );
     }
     if items.iter().any(|(_, s)| s.status == Status::Delivered) {
@@ -92,7 +109,8 @@ pub fn build(
         ));
         let (action, default_status) = match state.status {
             Status::Delivered => ("delivered", "2.0.0"),
-            _ => ("failed", "5.0.0"),
+            Status::Pending | Status::Deferred => ("delayed", "4.0.0"),
+            Status::Failed => ("failed", "5.0.0"),
         };
         status.push_str(&format!("Action: {action}\r\n"));
         status.push_str(&format!(
@@ -235,6 +253,7 @@ mod tests {
             enhanced: Some("5.1.1".into()),
             notified: false,
             dsn_relayed: false,
+            delay_notified: false,
         }
     }
 

@@ -70,6 +70,8 @@ pub enum TlsUse {
     OfferedVerified,
     /// STARTTLS when offered, any certificate (MX hosts).
     Opportunistic,
+    /// No STARTTLS: the retry after an opportunistic handshake failed.
+    Plain,
 }
 
 /// One next-hop address to connect to.

@@ -153,7 +153,16 @@ fn percent_decode(s: &str) -> Result<String, String> {
 
 /// A destination: the unit that has its own queue, connection limit and backoff.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub struct Target {
+    /// Where to.
+    pub via: Via,
+    /// Refuse to send without verified TLS.
+    pub require_tls: bool,
+}
+
+/// How a [`Target`] is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
     /// MX lookup of this domain (lowercase).
     Mx(String),
     /// A smart host.
@@ -163,9 +172,14 @@ pub enum Target {
 impl Target {
     /// The destination's name in queues and logs (never with a password).
     pub fn key(&self) -> String {
-        match self {
-            Target::Mx(d) => format!("mx:{d}"),
-            Target::Smarthost(s) => s.to_string(),
+        let tls = if self.require_tls {
+            " (require_tls)"
+        } else {
+            ""
+        };
+        match &self.via {
+            Via::Mx(d) => format!("mx:{d}{tls}"),
+            Via::Smarthost(s) => format!("{s}{tls}"),
         }
     }
 }
@@ -190,26 +204,35 @@ pub fn decide(config: &DeliveryConfig, route: Route, rcpt: &Recipient) -> Decisi
         .domain()
         .trim_end_matches('.')
         .to_ascii_lowercase();
-    let configured = |hop: &NextHop| match hop {
-        NextHop::Mx(None) => Target::Mx(domain.clone()),
-        NextHop::Mx(Some(d)) => Target::Mx(d.clone()),
-        NextHop::Smarthost(s) => Target::Smarthost(s.clone()),
+    let target = |via: Via, require_tls: Option<bool>| Target {
+        via,
+        require_tls: require_tls.unwrap_or(config.require_tls),
     };
     match route {
         Route::Default => {
-            let hop = config
-                .routes
-                .get(&domain)
-                .or(config.smarthost.as_ref())
-                .and_then(|s| NextHop::parse(s).ok());
-            match hop {
-                Some(hop) => Decision::Deliver(configured(&hop)),
-                None => Decision::Deliver(Target::Mx(domain)),
-            }
+            let (hop, tls) = match config.routes.get(&domain) {
+                Some(entry) => (NextHop::parse(entry.next_hop()).ok(), entry.require_tls()),
+                None => (
+                    config
+                        .smarthost
+                        .as_deref()
+                        .and_then(|s| NextHop::parse(s).ok()),
+                    None,
+                ),
+            };
+            let hop = match hop {
+                Some(NextHop::Mx(Some(d))) => Via::Mx(d),
+                Some(NextHop::Smarthost(s)) => Via::Smarthost(s),
+                Some(NextHop::Mx(None)) | None => Via::Mx(domain),
+            };
+            Decision::Deliver(target(hop, tls))
         }
-        Route::Mx(d) => Decision::Deliver(Target::Mx(d.trim_end_matches('.').to_ascii_lowercase())),
+        Route::Mx(d) => Decision::Deliver(target(
+            Via::Mx(d.trim_end_matches('.').to_ascii_lowercase()),
+            None,
+        )),
         Route::Smarthost(url) => match SmartHost::parse(&url) {
-            Ok(s) => Decision::Deliver(Target::Smarthost(s)),
+            Ok(s) => Decision::Deliver(target(Via::Smarthost(s), None)),
             Err(e) => Decision::Reject(Reply::new(
                 554,
                 "5.3.5",
@@ -277,31 +300,53 @@ mod tests {
 
     #[test]
     fn decisions() {
+        use crate::config::{RouteEntry, RouteTable};
         let mut config = DeliveryConfig::default();
-        config
-            .routes
-            .insert("special.test".into(), "smtp://10.0.0.1:2525".into());
+        config.routes.insert(
+            "special.test".into(),
+            RouteEntry::NextHop("smtp://10.0.0.1:2525".into()),
+        );
+        config.routes.insert(
+            "secure.test".into(),
+            RouteEntry::Table(RouteTable {
+                next_hop: "mx".into(),
+                require_tls: Some(true),
+            }),
+        );
         let rcpt = |a: &str| Recipient::new(a);
+        let plain = |via| {
+            Decision::Deliver(Target {
+                via,
+                require_tls: false,
+            })
+        };
         assert_eq!(
             decide(&config, Route::Default, &rcpt("a@Other.Test.")),
-            Decision::Deliver(Target::Mx("other.test".into()))
+            plain(Via::Mx("other.test".into()))
         );
-        let Decision::Deliver(Target::Smarthost(s)) =
-            decide(&config, Route::Default, &rcpt("a@special.test"))
+        let Decision::Deliver(Target {
+            via: Via::Smarthost(s),
+            ..
+        }) = decide(&config, Route::Default, &rcpt("a@special.test"))
         else {
             panic!("route table not used");
         };
         assert_eq!(s.port, 2525);
+        assert_eq!(
+            decide(&config, Route::Default, &rcpt("a@secure.test")),
+            Decision::Deliver(Target {
+                via: Via::Mx("secure.test".into()),
+                require_tls: true
+            })
+        );
         config.smarthost = Some("smtp://hub.test".into());
         assert_eq!(
-            decide(&config, Route::Default, &rcpt("a@x.test")).clone(),
-            Decision::Deliver(Target::Smarthost(
-                SmartHost::parse("smtp://hub.test").unwrap()
-            ))
+            decide(&config, Route::Default, &rcpt("a@x.test")),
+            plain(Via::Smarthost(SmartHost::parse("smtp://hub.test").unwrap()))
         );
         assert_eq!(
             decide(&config, Route::Mx("y.test".into()), &rcpt("a@x.test")),
-            Decision::Deliver(Target::Mx("y.test".into()))
+            plain(Via::Mx("y.test".into()))
         );
         assert_eq!(
             decide(&config, Route::Discard, &rcpt("a@x.test")),

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::bounce;
 use super::client::{Client, Hop, Outgoing, Timeouts, TlsUse};
 use super::dns::Dns;
-use super::route::{decide, Decision, Target};
+use super::route::{decide, Decision, Target, Via};
 use super::state::{self, unix_now, DeliveryState, Status};
 use super::tls::ClientTls;
 use super::Error;
@@ -66,6 +66,52 @@ struct Shared {
     timer: Notify,
     /// The admission channel (new messages, DSNs).
     admit_tx: mpsc::UnboundedSender<QueueId>,
+    /// Removes finished messages off the async workers.
+    remover: Remover,
+}
+
+/// A thread that unlinks finished messages. An ext4 unlink can wait on the
+/// journal for a while; on a runtime worker that wait would stall sessions and
+/// deliveries. The removal never needed to be durable at once (a crash before
+/// it only means a duplicate), so handing it off changes no guarantee.
+struct Remover {
+    tx: std::sync::mpsc::Sender<QueueId>,
+    /// Removals handed over and not yet done (shutdown waits for them).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Remover {
+    fn start(queue_dir: PathBuf) -> Remover {
+        let (tx, rx) = std::sync::mpsc::channel::<QueueId>();
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let p = pending.clone();
+        std::thread::Builder::new()
+            .name("postern-remover".into())
+            .spawn(move || {
+                for id in rx {
+                    if let Err(e) = state::remove_message(&queue_dir, &id) {
+                        tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
+                    }
+                    p.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                }
+            })
+            .expect("spawning the spool remover thread");
+        Remover { tx, pending }
+    }
+
+    fn remove(&self, id: QueueId) {
+        self.pending
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if let Err(e) = self.tx.send(id) {
+            self.pending
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            tracing::warn!(queue_id = %e.0, "spool remover gone; message left for the next start");
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.pending.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 #[derive(Default)]
@@ -182,6 +228,7 @@ impl Delivery {
         let (tx, mut rx) = mpsc::unbounded_channel::<QueueId>();
         let shared = Arc::new(Shared {
             admit_tx: tx.clone(),
+            remover: Remover::start(ctx.spool.root().join("queue")),
             timeouts: Timeouts::rfc5321(d.connect_timeout.0),
             config: config.clone(),
             spool: ctx.spool.clone(),
@@ -224,7 +271,7 @@ impl Delivery {
             }
         }
         let deadline = Instant::now() + grace;
-        while self.shared.lock().connections > 0 {
+        while self.shared.lock().connections > 0 || self.shared.remover.pending() > 0 {
             if Instant::now() >= deadline {
                 tracing::warn!("delivery shutdown grace period over; connections cut");
                 return;
@@ -583,6 +630,8 @@ impl Shared {
     /// One outbound connection: takes jobs from its destination until none is left.
     async fn connection(self: Arc<Self>, key: String) {
         let mut client: Option<Client> = None;
+        // Addresses of the destination used up by `client` (for MX fallback).
+        let mut used = 0;
         loop {
             let next = {
                 let mut s = self.lock();
@@ -646,8 +695,11 @@ impl Shared {
             };
             let started = Instant::now();
             if !client.as_ref().is_some_and(Client::is_usable) {
-                match self.open(&target).await {
-                    Ok(c) => client = Some(c),
+                match self.open(&target, 0).await {
+                    Ok((c, n)) => {
+                        client = Some(c);
+                        used = n;
+                    }
                     Err(e) => {
                         let results = job
                             .rcpts
@@ -667,7 +719,6 @@ impl Shared {
                     }
                 }
             }
-            let Some(c) = client.as_mut() else { break };
             let outgoing = Outgoing {
                 sender: &meta.envelope.sender,
                 params: &meta.envelope.params,
@@ -678,28 +729,51 @@ impl Shared {
                     .collect(),
                 message: &body,
             };
-            let remote = Some(format!("{} [{}]", c.host, c.peer.ip()));
-            let dsn = c.supports_dsn();
-            let results: Vec<(usize, Outcome)> = match c.send(&outgoing).await {
-                Ok(per_rcpt) => job
-                    .rcpts
-                    .iter()
-                    .zip(per_rcpt)
-                    .map(|(&i, r)| {
-                        let o = match r {
-                            Ok(reply) => Outcome::delivered(reply, remote.clone(), dsn),
-                            Err(e) => Outcome::from_error(&e, remote.clone()),
-                        };
-                        (i, o)
-                    })
-                    .collect(),
-                Err(e) => job
-                    .rcpts
-                    .iter()
-                    .map(|&i| (i, Outcome::from_error(&e, remote.clone())))
-                    .collect(),
+            let mut fell_back = false;
+            let (results, host, addr, tls) = loop {
+                let Some(c) = client.as_mut() else {
+                    unreachable!("a usable client was just ensured")
+                };
+                let remote = Some(format!("{} [{}]", c.host, c.peer.ip()));
+                let dsn = c.supports_dsn();
+                let sent = c.send(&outgoing).await;
+                // RFC 5321 5.1: a temporary refusal of the transaction by one
+                // MX host is a reason to try the next one now, not in an hour.
+                let refused_4xx = matches!(
+                    &sent,
+                    Err(Error::Rejected { stage: "MAIL", reply }) if reply.code < 500
+                );
+                if refused_4xx && !fell_back && matches!(target.via, Via::Mx(_)) {
+                    fell_back = true;
+                    if let Ok((next, n)) = self.open(&target, used).await {
+                        if let Some(old) = client.replace(next) {
+                            old.quit().await;
+                        }
+                        used = n;
+                        continue;
+                    }
+                }
+                let results: Vec<(usize, Outcome)> = match sent {
+                    Ok(per_rcpt) => job
+                        .rcpts
+                        .iter()
+                        .zip(per_rcpt)
+                        .map(|(&i, r)| {
+                            let o = match r {
+                                Ok(reply) => Outcome::delivered(reply, remote.clone(), dsn),
+                                Err(e) => Outcome::from_error(&e, remote.clone()),
+                            };
+                            (i, o)
+                        })
+                        .collect(),
+                    Err(e) => job
+                        .rcpts
+                        .iter()
+                        .map(|&i| (i, Outcome::from_error(&e, remote.clone())))
+                        .collect(),
+                };
+                break (results, c.host.clone(), c.peer, c.tls);
             };
-            let (host, addr, tls) = (c.host.clone(), c.peer, c.tls);
             let attempt = Attempt {
                 route: &key,
                 host: Some(&host),
@@ -781,12 +855,14 @@ impl Shared {
 
     /// Opens a connection to a destination: MX hosts in order (or the smart
     /// host), each of their addresses, until one gets as far as MAIL.
-    async fn open(&self, target: &Target) -> Result<Client, Error> {
+    /// `skip` addresses are passed over (those tried by an earlier connection);
+    /// returns the client and how many addresses are used up with it.
+    async fn open(&self, target: &Target, skip: usize) -> Result<(Client, usize), Error> {
         let d = &self.config.delivery;
-        let (hosts, port, tls_use, credentials) = match target {
-            Target::Mx(domain) => {
+        let (hosts, port, tls_use, credentials) = match &target.via {
+            Via::Mx(domain) => {
                 let hosts = self.dns.mx_hosts(domain).await?;
-                let tls = if d.require_tls {
+                let tls = if target.require_tls {
                     TlsUse::Required
                 } else {
                     TlsUse::Opportunistic
@@ -798,10 +874,10 @@ impl Shared {
                     None,
                 )
             }
-            Target::Smarthost(sh) => {
+            Via::Smarthost(sh) => {
                 let tls = if sh.implicit_tls {
                     TlsUse::Implicit
-                } else if d.require_tls {
+                } else if target.require_tls {
                     TlsUse::Required
                 } else if sh.credentials.is_some() {
                     TlsUse::OfferedVerified
@@ -832,14 +908,31 @@ impl Shared {
                     break;
                 }
                 tried += 1;
+                if tried <= skip {
+                    continue;
+                }
                 let hop = Hop {
                     host,
                     addr,
                     tls: tls_use,
                     credentials,
                 };
-                match Client::connect(&hop, &self.config.hostname, &self.tls, self.timeouts).await {
-                    Ok(c) => return Ok(c),
+                let mut connected =
+                    Client::connect(&hop, &self.config.hostname, &self.tls, self.timeouts).await;
+                // Like Postfix's "may" level: when opportunistic TLS fails in the
+                // handshake, the same host is tried again in clear text, which is
+                // what it would have got from a server without STARTTLS.
+                if tls_use == TlsUse::Opportunistic && matches!(connected, Err(Error::Tls(_))) {
+                    let plain = Hop {
+                        tls: TlsUse::Plain,
+                        ..hop.clone()
+                    };
+                    connected =
+                        Client::connect(&plain, &self.config.hostname, &self.tls, self.timeouts)
+                            .await;
+                }
+                match connected {
+                    Ok(c) => return Ok((c, tried)),
                     Err(e) => {
                         tracing::debug!(host = %host, %addr, error = %e, "next hop failed; trying the next");
                         last_error = Some(e);
@@ -939,11 +1032,23 @@ impl Shared {
                 r.notified = true;
             }
         }
+        if age >= self.config.delivery.delay_warning.0.as_secs() {
+            for (i, r) in a.state.recipients.iter().enumerate() {
+                if bounce::wants_delay_notice(&meta.envelope.recipients[i], r) {
+                    notice.push(i);
+                }
+            }
+        }
         if !notice.is_empty() {
             match self.send_notice(&id, &meta, &a, &notice).await {
                 Ok(dsn) => {
                     for i in &notice {
-                        a.state.recipients[*i].notified = true;
+                        let r = &mut a.state.recipients[*i];
+                        if r.is_open() {
+                            r.delay_notified = true;
+                        } else {
+                            r.notified = true;
+                        }
                     }
                     if let Some(dsn) = dsn {
                         // Through the admission channel: calling admit from here
@@ -960,9 +1065,7 @@ impl Shared {
             a.state.held = true;
         }
         if !a.state.has_work() {
-            if let Err(e) = state::remove_message(&self.queue_dir, &id) {
-                tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
-            }
+            self.remover.remove(id);
             return;
         }
         let attempts = a

@@ -55,6 +55,9 @@ pub struct RcptState {
     /// notice is its job, not ours.
     #[serde(default)]
     pub dsn_relayed: bool,
+    /// A delay notice (NOTIFY=DELAY) has been queued; there is at most one.
+    #[serde(default)]
+    pub delay_notified: bool,
 }
 
 impl RcptState {
@@ -67,6 +70,7 @@ impl RcptState {
             enhanced: None,
             notified: false,
             dsn_relayed: false,
+            delay_notified: false,
         }
     }
 

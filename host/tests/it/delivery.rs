@@ -122,6 +122,8 @@ async fn mx_delivery_fallback_order_and_nodata() {
         ("127.0.0.3", Behavior::Accept),
         ("127.0.0.4", Behavior::Accept),
         ("127.0.0.5", Behavior::Accept),
+        ("127.0.0.7", Behavior::MailTempFail),
+        ("127.0.0.8", Behavior::Accept),
     ])
     .await;
     let dns = DnsServer::start().await;
@@ -140,11 +142,15 @@ async fn mx_delivery_fallback_order_and_nodata() {
     .a("mx3.dest.test", &["127.0.0.4"]);
     // No MX at all (NODATA): the domain's own address is the mail host.
     dns.a("plain.test", &["127.0.0.5"]);
+    // The best MX answers MAIL with 451: the next MX gets the message now.
+    dns.mx("busy.test", &[(10, "mx1.busy.test"), (20, "mx2.busy.test")])
+        .a("mx1.busy.test", &["127.0.0.7"])
+        .a("mx2.busy.test", &["127.0.0.8"]);
     let relay = Relay::start(dir.path(), &mx_config(&dns, port, "")).await;
     relay::send(
         relay.addr,
         "a@origin.test",
-        &["b@dest.test", "c@plain.test"],
+        &["b@dest.test", "c@plain.test", "d@busy.test"],
         "",
         "",
         &body("mx"),
@@ -155,6 +161,15 @@ async fn mx_delivery_fallback_order_and_nodata() {
     assert_eq!(got[0].rcpts, vec!["b@dest.test"]);
     let got = sinks[3].wait_for(1, WAIT).await;
     assert_eq!(got[0].rcpts, vec!["c@plain.test"]);
+    let got = sinks[5].wait_for(1, WAIT).await;
+    assert_eq!(got[0].rcpts, vec!["d@busy.test"]);
+    assert_eq!(
+        sinks[4]
+            .transactions
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "best MX tried first"
+    );
     assert!(
         sinks[0]
             .connections
@@ -759,10 +774,16 @@ async fn clean_restart_during_delivery_delivers_nothing_twice() {
     assert_eq!(acked.len(), 120);
     // Stop while deliveries may still be in flight, then start again.
     // Off the runtime: the sink serving the relay's last QUIT runs on it.
+    let t0 = std::time::Instant::now();
     let status = tokio::task::spawn_blocking(move || bin.terminate())
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "SIGTERM took {:?}",
+        t0.elapsed()
+    );
     let _bin = Binary::serve(&config, addr, &dir.path().join("relay2.log")).await;
     let subject_of = |data: &[u8]| {
         let text = String::from_utf8_lossy(data);
@@ -886,4 +907,154 @@ async fn a_route_to_the_relay_itself_bounces_as_a_loop() {
         .await
         .is_some()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_tls_per_route_never_sends_in_clear() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let relay = Relay::start(
+        dir.path(),
+        &format!(
+            "retry = [\"1h\"]\n[delivery.routes]\n\"secure.test\" = {{ next_hop = \"smtp://{0}\", require_tls = true }}\n\"open.test\" = \"smtp://{0}\"\n",
+            plain.addr
+        ),
+    )
+    .await;
+    let id = relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["b@secure.test"],
+        "",
+        "",
+        &body("secret"),
+    )
+    .await
+    .unwrap();
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["b@open.test"],
+        "",
+        "",
+        &body("open"),
+    )
+    .await
+    .unwrap();
+    let got = plain.wait_for(1, WAIT).await;
+    assert_eq!(got[0].rcpts, vec!["b@open.test"]);
+    let v = eventually(WAIT, || {
+        let v = json(&relay::queue_cmd(&relay.config, &["show", &id, "--json"]));
+        (v["state"] == "deferred").then_some(v)
+    })
+    .await
+    .expect("deferred, not sent in clear");
+    assert!(
+        v["last_reply"]
+            .as_str()
+            .unwrap()
+            .contains("TLS is required"),
+        "{v}"
+    );
+    assert_eq!(
+        plain.transactions.load(SeqCst),
+        1,
+        "only the open route's message"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_delay_gets_one_delay_notice() {
+    let dir = tempfile::tempdir().unwrap();
+    let deferring = Sink::start("127.0.0.1", Options::new(Behavior::TempFail)).await;
+    let sender_sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let relay = Relay::start(
+        dir.path(),
+        &format!(
+            "retry = [\"1s\"]\ndelay_warning = \"1s\"\n[delivery.routes]\n\"dest.test\" = \"smtp://{}\"\n\"origin.test\" = \"smtp://{}\"\n",
+            deferring.addr, sender_sink.addr
+        ),
+    )
+    .await;
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["slow@dest.test"],
+        "",
+        " NOTIFY=DELAY,FAILURE",
+        &body("delayed"),
+    )
+    .await
+    .unwrap();
+    // Without NOTIFY=DELAY: no delay notice.
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["quiet@dest.test"],
+        "",
+        "",
+        &body("quiet"),
+    )
+    .await
+    .unwrap();
+    let got = sender_sink.wait_for(1, WAIT).await;
+    let status = dsn_status(&got[0].data);
+    assert!(
+        status.contains("Final-Recipient: rfc822; slow@dest.test"),
+        "{status}"
+    );
+    assert!(
+        status.contains("Action: delayed") && status.contains("Status: 4.3.0"),
+        "{status}"
+    );
+    // Retries go on; still only the one notice.
+    let before = deferring
+        .transactions
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(eventually(WAIT, || (deferring
+        .transactions
+        .load(std::sync::atomic::Ordering::SeqCst)
+        >= before + 4)
+        .then_some(()))
+    .await
+    .is_some());
+    assert_eq!(
+        sender_sink.messages().len(),
+        1,
+        "one delay notice, and none without NOTIFY=DELAY"
+    );
+    assert_eq!(relay.spooled().len(), 2);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opportunistic_tls_failure_falls_back_to_clear_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = Options::new(Behavior::Accept);
+    opts.broken_tls = true;
+    let sink = Sink::start("127.0.0.1", opts).await;
+    let relay = Relay::start(
+        dir.path(),
+        &format!("smarthost = \"smtp://{}\"\n", sink.addr),
+    )
+    .await;
+    relay::send(
+        relay.addr,
+        "a@origin.test",
+        &["b@dest.test"],
+        "",
+        "",
+        &body("tls broken"),
+    )
+    .await
+    .unwrap();
+    let got = sink.wait_for(1, WAIT).await;
+    assert!(!got[0].tls);
+    assert!(
+        sink.connections.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "a TLS try, then clear text"
+    );
+    relay.stop().await;
 }

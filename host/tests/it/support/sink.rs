@@ -25,6 +25,8 @@ pub enum Behavior {
     Reject,
     /// 421 instead of the greeting.
     Greeting421,
+    /// 451 to every MAIL.
+    MailTempFail,
     /// Closes the connection in the middle of the message data.
     DropMidData,
 }
@@ -62,6 +64,8 @@ pub struct Options {
     pub auth_in_clear: bool,
     /// Advertise only PIPELINING and SIZE 2000 (no 8BITMIME, SMTPUTF8, DSN).
     pub minimal: bool,
+    /// Offer STARTTLS, say 220, then break the handshake.
+    pub broken_tls: bool,
 }
 
 impl Options {
@@ -73,6 +77,7 @@ impl Options {
             auth: None,
             auth_in_clear: false,
             minimal: false,
+            broken_tls: false,
         }
     }
 }
@@ -195,7 +200,7 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
                     "ENHANCEDSTATUSCODES",
                 ]
             };
-            if sh.opts.tls.is_some() && !tls {
+            if (sh.opts.tls.is_some() || sh.opts.broken_tls) && !tls {
                 caps.push("STARTTLS");
             }
             if sh.opts.auth.is_some() && (tls || sh.opts.auth_in_clear) {
@@ -206,6 +211,10 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
                 .enumerate()
                 .map(|(i, c)| format!("250{}{c}\r\n", if i + 1 == n { " " } else { "-" }))
                 .collect()
+        } else if upper == "STARTTLS" && sh.opts.broken_tls {
+            conn.write_all(b"220 2.0.0 go ahead\r\nthis is not TLS\r\n")
+                .await?;
+            return Ok(());
         } else if upper == "STARTTLS" && !tls {
             let Some(acceptor) = sh.opts.tls.clone() else {
                 conn.write_all(b"502 5.5.1 no\r\n").await?;
@@ -237,6 +246,8 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
             sh.transactions.fetch_add(1, Ordering::SeqCst);
             if sh.opts.auth.is_some() && auth.is_none() {
                 "530 5.7.0 authentication required\r\n".into()
+            } else if sh.opts.behavior == Behavior::MailTempFail {
+                "451 4.3.2 not now\r\n".into()
             } else {
                 tx = Some(Captured {
                     mail: cmd.clone(),
