@@ -47,8 +47,8 @@ pub enum Route {
     Mx(String),
     /// A smart host URL (`smtp://host:port` or `smtps://host:port`).
     Smarthost(String),
-    /// Write the message as `.eml` into this folder (relative to the plugin's
-    /// archive grant).
+    /// Write the message as `.eml` into this folder (relative to
+    /// `delivery.local_folder`; `..` is refused).
     LocalFolder(String),
     /// Drop the recipient silently (counts as delivered).
     Discard,

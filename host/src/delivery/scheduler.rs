@@ -462,13 +462,19 @@ impl Shared {
                     apply(id, &meta, &mut dstate, i, &o, &attempt("discard"));
                 }
                 Decision::Reject(reply) => {
-                    let reply = if reply.code >= 500 {
-                        reply
-                    } else {
-                        Reply::new(550, "5.7.1", reply.text().to_string())
+                    // A 4xx from the route hook (a plugin's tempfail, or its
+                    // on_error = "tempfail") defers the recipient; anything
+                    // else that is not a 5xx is made one.
+                    let (status, reply) = match reply.code {
+                        400..=499 => (Status::Deferred, reply),
+                        500..=599 => (Status::Failed, reply),
+                        _ => (
+                            Status::Failed,
+                            Reply::new(550, "5.7.1", reply.text().to_string()),
+                        ),
                     };
                     let o = Outcome {
-                        status: Status::Failed,
+                        status,
                         reply,
                         remote: None,
                         dsn_relayed: false,
