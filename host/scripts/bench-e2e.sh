@@ -14,7 +14,6 @@ set -eu -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 BENCH=${BENCH:-$REPO/../shared/bench}
-[ -x "$BENCH/relay-bench.sh" ] || BENCH=/work/shared/bench
 N=${1:-20000}; S=${2:-20}; KB=${3:-4}; R=${4:-1}
 PORT=${PORT:-2529}; SPORT=${SINK_PORT:-2626}
 SPOOL=${SPOOL:-/tmp/postern-bench-spool}
