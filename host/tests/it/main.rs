@@ -5,4 +5,5 @@ mod core;
 mod crash;
 mod delivery;
 mod plugins;
+mod routes;
 mod support;
