@@ -3,6 +3,8 @@
 //! of another domain, a smart host, a local folder, nowhere, or back to the
 //! sender as a bounce), and a route that fails temporarily keeps it queued.
 
+// The plugin build helper, included as `plugins.rs` includes it; only its
+// build and target folder are used here.
 #[allow(dead_code, clippy::duplicate_mod)]
 #[path = "support/plugins.rs"]
 mod plugin_build;
@@ -190,7 +192,7 @@ impl World {
              \"gone.test\" = \"reject\"\n",
             smarthost.addr
         );
-        let relay = Relay::start(chain.unwrap_or(""), &delivery).await?;
+        let relay = Relay::start(chain.unwrap_or(&router), &delivery).await?;
         Ok(World {
             _dns: dns,
             mx,
