@@ -26,6 +26,34 @@ pub struct MxHost {
     pub preference: u16,
 }
 
+/// A resolver for the relay (delivery and the plugins' `dns` interface): the
+/// given `ip:port` nameservers, or the system's when there are none.
+pub fn build_resolver(nameservers: &[String], opts: ResolverOpts) -> Result<TokioResolver, String> {
+    let builder = if nameservers.is_empty() {
+        TokioResolver::builder_tokio().map_err(|e| format!("system resolver: {e}"))?
+    } else {
+        let mut servers = Vec::new();
+        for ns in nameservers {
+            let addr: SocketAddr = ns
+                .parse()
+                .map_err(|_| format!("nameserver {ns:?} is not ip:port"))?;
+            let mut udp = ConnectionConfig::udp();
+            udp.port = addr.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = addr.port();
+            servers.push(NameServerConfig::new(addr.ip(), true, vec![udp, tcp]));
+        }
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(servers),
+            TokioRuntimeProvider::default(),
+        )
+    };
+    builder
+        .with_options(opts)
+        .build()
+        .map_err(|e| format!("resolver: {e}"))
+}
+
 /// The resolver delivery uses.
 #[derive(Clone)]
 pub struct Dns {
@@ -40,29 +68,7 @@ impl Dns {
         opts.attempts = 2;
         opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         opts.ndots = 0;
-        let builder = if nameservers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| format!("system resolver: {e}"))?
-        } else {
-            let mut servers = Vec::new();
-            for ns in nameservers {
-                let addr: SocketAddr = ns
-                    .parse()
-                    .map_err(|_| format!("nameserver {ns:?} is not ip:port"))?;
-                let mut udp = ConnectionConfig::udp();
-                udp.port = addr.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = addr.port();
-                servers.push(NameServerConfig::new(addr.ip(), true, vec![udp, tcp]));
-            }
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                TokioRuntimeProvider::default(),
-            )
-        };
-        let resolver = builder
-            .with_options(opts)
-            .build()
-            .map_err(|e| format!("resolver: {e}"))?;
+        let resolver = build_resolver(nameservers, opts)?;
         Ok(Dns { resolver })
     }
 

@@ -2,12 +2,10 @@
 //! resolver (`delivery.nameservers`, or the system's), each with its own
 //! timeout so a slow server cannot hold a plugin past what the relay allows.
 
-use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::config::ResolverOpts;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
@@ -74,29 +72,7 @@ fn build(nameservers: &[String]) -> Result<TokioResolver, String> {
     opts.timeout = Duration::from_secs(2);
     opts.attempts = 2;
     opts.ndots = 0;
-    let builder = if nameservers.is_empty() {
-        TokioResolver::builder_tokio().map_err(|e| format!("system resolver: {e}"))?
-    } else {
-        let mut servers = Vec::new();
-        for ns in nameservers {
-            let addr: SocketAddr = ns
-                .parse()
-                .map_err(|_| format!("nameserver {ns:?} is not ip:port"))?;
-            let mut udp = ConnectionConfig::udp();
-            udp.port = addr.port();
-            let mut tcp = ConnectionConfig::tcp();
-            tcp.port = addr.port();
-            servers.push(NameServerConfig::new(addr.ip(), true, vec![udp, tcp]));
-        }
-        TokioResolver::builder_with_config(
-            ResolverConfig::from_name_servers(servers),
-            TokioRuntimeProvider::default(),
-        )
-    };
-    builder
-        .with_options(opts)
-        .build()
-        .map_err(|e| format!("resolver: {e}"))
+    crate::delivery::dns::build_resolver(nameservers, opts)
 }
 
 /// NXDOMAIN is an answer (`not-found`); a name without records of the type is
