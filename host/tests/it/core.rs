@@ -584,3 +584,75 @@ fn disk_full_gives_452_and_no_false_250() {
     ));
     assert_eq!(relay.spooled().len(), 1);
 }
+
+/// Postfix's own load tools on both sides: smtp-source sends, Postern queues and
+/// delivers, smtp-sink receives. Every message must arrive and the spool empty.
+#[test]
+fn smtp_source_through_postern_to_smtp_sink() {
+    let sink_port = free_port();
+    let counts = tempfile::NamedTempFile::new().unwrap();
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    let mut sink = Command::new("smtp-sink");
+    sink.arg("-c");
+    if root {
+        // smtp-sink refuses to run as root without dropping privileges.
+        sink.args(["-u", "nobody"]);
+    }
+    let mut sink = sink
+        .args([format!("127.0.0.1:{sink_port}"), "128".into()])
+        .stdout(counts.reopen().unwrap())
+        .spawn()
+        .expect("smtp-sink (Debian package postfix) is installed");
+    // Mail for sink.test goes to the sink; everything else stays queued.
+    let relay = Relay::start(&format!(
+        "[delivery.routes]\n\"sink.test\" = \"smtp://127.0.0.1:{sink_port}\"\n"
+    ));
+    let out = Command::new("smtp-source")
+        .args([
+            "-s",
+            "10",
+            "-m",
+            "300",
+            "-l",
+            "2048",
+            "-f",
+            "a@source.test",
+            "-t",
+            "b@sink.test",
+        ])
+        .arg(relay.addr().to_string())
+        .output()
+        .expect("smtp-source (Debian package postfix) is installed");
+    assert!(
+        out.status.success(),
+        "smtp-source: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let delivered = |text: &str| {
+        text.split(['\r', '\n'])
+            .filter_map(|l| l.split("mesg=").nth(1))
+            .filter_map(|n| n.trim().parse::<usize>().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = delivered(&std::fs::read_to_string(counts.path()).unwrap_or_default());
+        if got >= 300 && relay.spooled().is_empty() {
+            assert_eq!(got, 300, "messages arrived more than once");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sink got {got} of 300; log:\n{}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = sink.kill();
+    let _ = sink.wait();
+}
