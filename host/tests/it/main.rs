@@ -4,6 +4,7 @@
 mod core;
 mod crash;
 mod delivery;
+mod plugin_cli;
 mod plugins;
 mod routes;
 mod support;

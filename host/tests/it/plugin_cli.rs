@@ -1,0 +1,284 @@
+//! The plugin tools of the real `postern` binary: `plugin check`, `plugin
+//! test` and `plugin new`, and a SIGHUP that reloads the chain of a running
+//! relay.
+
+// The plugin build helper, included as `plugins.rs` includes it; only its
+// build and target folder are used here.
+#[allow(dead_code, clippy::duplicate_mod)]
+#[path = "support/plugins.rs"]
+mod plugin_build;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::relay::{base_config, free_port, Relay};
+use crate::support::smtp::Raw;
+
+/// The blocklist plugin, built for wasm32-wasip2.
+fn blocklist_wasm() -> PathBuf {
+    plugin_build::wasm_dir().join("blocklist.wasm")
+}
+
+/// Runs `postern` with these arguments in `dir`, without a config from the
+/// environment.
+fn postern(dir: &Path, args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("POSTERN_CONFIG")
+        .env_remove("POSTERN_SDK")
+        .output()
+        .expect("running postern")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `[plugins]` and a blocklist entry refusing recipients in `domains`; the
+/// plugin cache is shared with the other plugin tests.
+fn blocklist_config(domains: &str) -> String {
+    let cache = plugin_build::target_dir().join("postern-test-plugin-cache");
+    format!(
+        "[plugins]\ndir = \"plugins\"\ncache_dir = {cache:?}\nwatch = false\n\
+         [[plugin]]\nname = \"blocklist\"\npath = \"blocklist.wasm\"\n\
+         [plugin.config]\ndomains = [{domains}]\n"
+    )
+}
+
+/// A good plugin fits: the command succeeds and names its hooks and grants.
+#[test]
+fn check_accepts_a_plugin_and_names_hooks_and_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = blocklist_wasm();
+    let out = postern(
+        dir.path(),
+        &["plugin".as_ref(), "check".as_ref(), wasm.as_os_str()],
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("fits postern:relay/plugin@0.1.0"),
+        "{stdout}"
+    );
+    let line = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(key).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {key} line in:\n{stdout}"))
+    };
+    assert_eq!(line("hooks:"), "mail_from, rcpt");
+    assert_eq!(line("grants:"), "none");
+    assert_eq!(line("sha256:").len(), 64, "{stdout}");
+}
+
+/// Bytes that are no component: the command fails and says so.
+#[test]
+fn check_refuses_a_file_that_is_not_a_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, [0x0f, 0x64, 0xb8, 0x9b, 1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+    let out = postern(
+        dir.path(),
+        &["plugin".as_ref(), "check".as_ref(), junk.as_os_str()],
+    );
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "check accepted junk: {stderr}");
+    assert!(
+        stderr.contains("junk.wasm: not a valid component"),
+        "{stderr}"
+    );
+    assert!(!text(&out.stdout).contains("fits"), "{}", text(&out.stdout));
+}
+
+/// With the relay config's `[[plugin]]` entry, a recipient in a blocked
+/// domain is refused and one outside it goes on.
+#[test]
+fn test_runs_the_configured_plugin_against_a_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("postern.toml");
+    std::fs::write(
+        &config,
+        base_config(free_port(), &blocklist_config("\"blocked.test\"")),
+    )
+    .unwrap();
+    let message = dir.path().join("message.eml");
+    std::fs::write(
+        &message,
+        "From: a@sender.test\nTo: x@blocked.test\nSubject: hello\n\nhi\n",
+    )
+    .unwrap();
+    let wasm = blocklist_wasm();
+    let out = postern(
+        dir.path(),
+        &[
+            "plugin".as_ref(),
+            "test".as_ref(),
+            wasm.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--message".as_ref(),
+            message.as_os_str(),
+            "--from".as_ref(),
+            "a@sender.test".as_ref(),
+            "--to".as_ref(),
+            "x@blocked.test".as_ref(),
+            "--to".as_ref(),
+            "y@fine.test".as_ref(),
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{stdout}"))
+            .to_string()
+    };
+    let blocked = line("rcpt x@blocked.test:");
+    assert!(
+        blocked.contains("reject") && blocked.contains("550"),
+        "{stdout}"
+    );
+    assert!(blocked.contains("recipient domain is blocked"), "{stdout}");
+    assert_eq!(line("rcpt y@fine.test:"), "rcpt y@fine.test: continue");
+    assert_eq!(line("mail_from:"), "mail_from: continue");
+    assert_eq!(line("  recipients:"), "  recipients: y@fine.test");
+}
+
+/// `plugin new` writes a crate against the SDK this binary came with; it is
+/// not built here.
+#[test]
+fn new_creates_a_crate_against_this_sdk() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = postern(
+        dir.path(),
+        &["plugin".as_ref(), "new".as_ref(), "my-filter".as_ref()],
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let krate = dir.path().join("my-filter");
+    let manifest = std::fs::read_to_string(krate.join("Cargo.toml")).expect("Cargo.toml");
+    let lib = std::fs::read_to_string(krate.join("src/lib.rs")).expect("src/lib.rs");
+
+    let manifest: toml::Table = toml::from_str(&manifest).expect("Cargo.toml is TOML");
+    assert_eq!(
+        manifest["package"]["name"].as_str(),
+        Some("my-filter"),
+        "{manifest}"
+    );
+    assert_eq!(
+        manifest["lib"]["crate-type"].as_array().map(|a| a.len()),
+        Some(1),
+        "{manifest}"
+    );
+    assert_eq!(manifest["lib"]["crate-type"][0].as_str(), Some("cdylib"));
+    let sdk = manifest["dependencies"]["postern-sdk"]["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no postern-sdk path in {manifest}"));
+    let sdk = Path::new(sdk);
+    assert!(sdk.is_absolute(), "{}", sdk.display());
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../sdk")
+        .canonicalize()
+        .unwrap();
+    assert_eq!(sdk.canonicalize().expect("the SDK path exists"), ours);
+    let sdk_manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(sdk.join("Cargo.toml")).unwrap()).unwrap();
+    assert_eq!(
+        sdk_manifest["package"]["name"].as_str(),
+        Some("postern-sdk")
+    );
+
+    assert!(lib.contains("use postern_sdk::prelude::*;"), "{lib}");
+    assert!(lib.contains("impl Plugin for MyFilter"), "{lib}");
+    assert!(lib.contains("postern_sdk::export!(MyFilter);"), "{lib}");
+}
+
+/// Opens a new session and returns the RCPT reply codes for `rcpts`.
+fn rcpt_codes(relay: &Relay, rcpts: &[&str]) -> Vec<String> {
+    let mut c = Raw::connect(relay.addr());
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let r = c.cmd("MAIL FROM:<a@sender.test>");
+    assert!(r.starts_with("250"), "{r}");
+    let codes = rcpts
+        .iter()
+        .map(|t| {
+            let r = c.cmd(&format!("RCPT TO:<{t}>"));
+            r.get(..3).unwrap_or(&r).to_string()
+        })
+        .collect();
+    c.cmd("QUIT");
+    codes
+}
+
+/// SIGHUP re-reads the config and swaps in the chain it describes, with
+/// file watching off so the signal is the only trigger.
+#[test]
+fn sighup_reloads_the_chain() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(blocklist_wasm(), plugins.join("blocklist.wasm")).unwrap();
+    let port = free_port();
+    let relay = Relay::start_in(
+        dir.clone(),
+        port,
+        &base_config(port, &blocklist_config("\"a.test\"")),
+    );
+    assert_eq!(
+        rcpt_codes(&relay, &["x@a.test", "x@b.test"]),
+        ["550", "250"],
+        "{}",
+        relay.log()
+    );
+
+    let config = dir.path().join("postern.toml");
+    std::fs::write(&config, base_config(port, &blocklist_config("\"b.test\""))).unwrap();
+    // Without the signal, nothing changes.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rcpt_codes(&relay, &["x@a.test", "x@b.test"]),
+        ["550", "250"],
+        "reloaded without SIGHUP; log:\n{}",
+        relay.log()
+    );
+
+    relay.signal(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let codes = rcpt_codes(&relay, &["x@b.test", "x@a.test"]);
+        if codes == ["550", "250"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "chain not reloaded after SIGHUP (last codes {codes:?}); log:\n{}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        relay.log().contains("plugin chain reloaded"),
+        "{}",
+        relay.log()
+    );
+}
