@@ -39,6 +39,16 @@ fn dsn_status(data: &[u8]) -> String {
     text[start..].to_string()
 }
 
+/// Delivery settings sending `dest.test` to one sink and `origin.test` (the
+/// senders' domain, where bounces go) to another; `before` comes first.
+fn two_sink_routes(
+    before: &str,
+    dest: std::net::SocketAddr,
+    origin: std::net::SocketAddr,
+) -> String {
+    format!("{before}[delivery.routes]\n\"dest.test\" = \"smtp://{dest}\"\n\"origin.test\" = \"smtp://{origin}\"\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smarthost_retry_after_4xx_then_success() {
     let dir = tempfile::tempdir().unwrap();
@@ -261,10 +271,7 @@ async fn bounce_after_5xx_is_an_rfc3464_report_honouring_dsn_params() {
     let sender_sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
     let relay = Relay::start(
         dir.path(),
-        &format!(
-            "[delivery.routes]\n\"dest.test\" = \"smtp://{}\"\n\"origin.test\" = \"smtp://{}\"\n",
-            rejecting.addr, sender_sink.addr
-        ),
+        &two_sink_routes("", rejecting.addr, sender_sink.addr),
     )
     .await;
     // Full message returned by default.
@@ -399,9 +406,10 @@ async fn expiry_bounces_with_4_4_7() {
     let sender_sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
     let relay = Relay::start(
         dir.path(),
-        &format!(
-            "retry = [\"1s\"]\nmax_age = \"3s\"\n[delivery.routes]\n\"dest.test\" = \"smtp://{}\"\n\"origin.test\" = \"smtp://{}\"\n",
-            deferring.addr, sender_sink.addr
+        &two_sink_routes(
+            "retry = [\"1s\"]\nmax_age = \"3s\"\n",
+            deferring.addr,
+            sender_sink.addr,
         ),
     )
     .await;
@@ -819,14 +827,7 @@ async fn next_hop_lacking_8bitmime_smtputf8_or_size_fails_with_the_right_code() 
     opts.minimal = true;
     let old = Sink::start("127.0.0.1", opts).await;
     let sender_sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
-    let relay = Relay::start(
-        dir.path(),
-        &format!(
-            "[delivery.routes]\n\"dest.test\" = \"smtp://{}\"\n\"origin.test\" = \"smtp://{}\"\n",
-            old.addr, sender_sink.addr
-        ),
-    )
-    .await;
+    let relay = Relay::start(dir.path(), &two_sink_routes("", old.addr, sender_sink.addr)).await;
     let send = |rcpt: &'static str, params: &'static str, text: String| {
         let addr = relay.addr;
         async move {
@@ -972,9 +973,10 @@ async fn notify_delay_gets_one_delay_notice() {
     let sender_sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
     let relay = Relay::start(
         dir.path(),
-        &format!(
-            "retry = [\"1s\"]\ndelay_warning = \"1s\"\n[delivery.routes]\n\"dest.test\" = \"smtp://{}\"\n\"origin.test\" = \"smtp://{}\"\n",
-            deferring.addr, sender_sink.addr
+        &two_sink_routes(
+            "retry = [\"1s\"]\ndelay_warning = \"1s\"\n",
+            deferring.addr,
+            sender_sink.addr,
         ),
     )
     .await;

@@ -49,6 +49,19 @@ fn blocklist_config(domains: &str) -> String {
 }
 
 /// A good plugin fits: the command succeeds and names its hooks and grants.
+/// Asserts the command succeeded (showing what it printed if not) and returns
+/// its standard output.
+fn succeeded(out: &std::process::Output) -> String {
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn check_accepts_a_plugin_and_names_hooks_and_grants() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,13 +70,7 @@ fn check_accepts_a_plugin_and_names_hooks_and_grants() {
         dir.path(),
         &["plugin".as_ref(), "check".as_ref(), wasm.as_os_str()],
     );
-    let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{stdout}\n{}",
-        out.status,
-        text(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(
         stdout.contains("fits postern:relay/plugin@0.1.0"),
         "{stdout}"
@@ -134,13 +141,7 @@ fn test_runs_the_configured_plugin_against_a_transaction() {
             "y@fine.test".as_ref(),
         ],
     );
-    let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{stdout}\n{}",
-        out.status,
-        text(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     let line = |prefix: &str| {
         stdout
             .lines()
