@@ -291,6 +291,7 @@ async fn test(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let handle = Arc::new(ChainHandle::new(chain));
     let chain = handle.current();
+    let mut hooks = chain.lease();
 
     let raw = std::fs::read(message).with_context(|| format!("reading {}", message.display()))?;
     let text = String::from_utf8_lossy(&raw)
@@ -305,15 +306,15 @@ async fn test(
         auth_user: None,
         may_relay: true,
     };
-    println!("connect:   {}", show(&chain.connect(&session).await));
+    println!("connect:   {}", show(&hooks.connect(&session).await));
     let mut envelope = Envelope::new(Address(from.to_string()), MailParams::default());
     println!(
         "mail_from: {}",
-        show(&chain.mail_from(&session, &envelope).await)
+        show(&hooks.mail_from(&session, &envelope).await)
     );
     for t in to {
         let rcpt = Recipient::new(t.clone());
-        let v = chain.rcpt(&session, &envelope, &rcpt).await;
+        let v = hooks.rcpt(&session, &envelope, &rcpt).await;
         println!("rcpt {t}: {}", show(&v));
         if v.lets_through() {
             envelope.recipients.push(rcpt);
@@ -324,7 +325,7 @@ async fn test(
         message: text.into_bytes(),
         quarantine: None,
     };
-    println!("data:      {}", show(&chain.data(&session, &mut tx).await));
+    println!("data:      {}", show(&hooks.data(&session, &mut tx).await));
     let recipients: Vec<&str> = tx
         .envelope
         .recipients
@@ -345,7 +346,7 @@ async fn test(
         String::from_utf8_lossy(&tx.message[..end]).replace("\r\n", "\n    ")
     );
     for rcpt in &tx.envelope.recipients {
-        let route = chain
+        let route = hooks
             .route(RouteQuery {
                 envelope: &tx.envelope,
                 recipient: rcpt,

@@ -420,7 +420,8 @@ impl Shared {
         }
         let body = Arc::new(stored.read_message()?);
         let expired = now.saturating_sub(meta.received) >= self.config.delivery.max_age.0.as_secs();
-        let chain = self.chain.current();
+        // One lease for the message: its recipients share the instances.
+        let mut hooks = self.chain.current().lease();
         let headers = &body[..header_end(&body)];
         let mut groups: HashMap<String, (Target, Vec<usize>)> = HashMap::new();
         for (i, rcpt) in meta.envelope.recipients.iter().enumerate() {
@@ -431,7 +432,7 @@ impl Shared {
                 // finalize() turns open recipients of an expired message into failures.
                 continue;
             }
-            let route = chain
+            let route = hooks
                 .route(RouteQuery {
                     envelope: &meta.envelope,
                     recipient: rcpt,

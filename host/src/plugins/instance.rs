@@ -398,7 +398,10 @@ impl LoadedPlugin {
         Ok(self.instantiate().await?.0)
     }
 
-    fn release(&self, instance: Instance) {
+    /// Takes back an instance at the end of the transaction it was lent to.
+    /// A fresh-mode instance is dropped; a warm one rejoins the pool unless it
+    /// has served [`MAX_USES`] calls or its memory passed the high-water mark.
+    pub(crate) fn release(&self, instance: Instance) {
         if self.config.instances == Instances::Fresh {
             return;
         }
@@ -415,13 +418,18 @@ impl LoadedPlugin {
         }
     }
 
-    /// Calls one hook on an instance lent for the call. Traps, deadline and
-    /// memory overruns retire the instance; an invalid answer does not (the
-    /// guest is intact, only its answer is refused).
-    pub async fn call(&self, call: &Call<'_>) -> Result<Answer, CallError> {
+    /// Calls one hook on the instance lent to this transaction (`held`),
+    /// borrowing one from the pool first if the transaction has none yet.
+    /// Traps, deadline and memory overruns retire the instance; an invalid
+    /// answer does not (the guest is intact, only its answer is refused).
+    pub async fn call(
+        &self,
+        held: &mut Option<Instance>,
+        call: &Call<'_>,
+    ) -> Result<Answer, CallError> {
         let hook = call.hook();
         let started = Instant::now();
-        let result = self.call_inner(call).await;
+        let result = self.call_inner(held, call).await;
         self.stats.call(
             hook,
             started.elapsed().as_micros().min(u64::MAX as u128) as u64,
@@ -434,10 +442,19 @@ impl LoadedPlugin {
         result
     }
 
-    async fn call_inner(&self, call: &Call<'_>) -> Result<Answer, CallError> {
+    async fn call_inner(
+        &self,
+        held: &mut Option<Instance>,
+        call: &Call<'_>,
+    ) -> Result<Answer, CallError> {
         let hook = call.hook();
         let deadline = self.config.timeout(hook);
-        let mut instance = self.acquire().await?;
+        // Out of the slot while the guest runs: if this future is dropped
+        // mid-call, the instance goes with it and is never reused.
+        let mut instance = match held.take() {
+            Some(i) => i,
+            None => self.acquire().await?,
+        };
         let Instance { store, plugin, .. } = &mut instance;
         store.data_mut().arm(deadline);
         store.set_epoch_deadline(1);
@@ -484,7 +501,7 @@ impl LoadedPlugin {
             Raw::Verdict(v) => convert::verdict(v).map(Answer::Verdict),
             Raw::Route(r) => convert::route(r).map(Answer::Route),
         };
-        self.release(instance);
+        *held = Some(instance);
         answer.map_err(CallError::Invalid)
     }
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 use crate::config::{HookName, OnError};
 use crate::envelope::{Envelope, Recipient, SessionInfo};
 use crate::plugins::host::message::{MessageRef, MessageState};
-use crate::plugins::instance::{Answer, Call, CallError, LoadedPlugin};
+use crate::plugins::instance::{Answer, Call, CallError, Instance, LoadedPlugin};
 use crate::policy::{DataTransaction, Route, RouteQuery, Verdict};
 use crate::smtp::reply::Reply;
 
@@ -138,21 +138,77 @@ impl Chain {
         &self.plugins
     }
 
-    fn handling(&self, hook: HookName) -> impl Iterator<Item = &Arc<LoadedPlugin>> {
-        self.plugins.iter().filter(move |p| p.handles(hook))
+    fn handling(&self, hook: HookName) -> bool {
+        self.plugins.iter().any(|p| p.handles(hook))
+    }
+
+    /// A lease on this chain for one session: the hooks are called through
+    /// it, and each plugin's instance stays lent to it until the transaction
+    /// ends ([`Lease::end`]).
+    pub fn lease(self: &Arc<Self>) -> Lease {
+        Lease {
+            chain: self.clone(),
+            held: (0..self.plugins.len()).map(|_| None).collect(),
+        }
+    }
+}
+
+/// A session's hold on its chain, and the instances lent to its transaction
+/// in progress: one per plugin, taken from the warm pool at the plugin's
+/// first hook of the transaction (or made, with `instances = "fresh"`) and
+/// given back when the transaction ends, so no two transactions share an
+/// instance at the same time. Dropping the lease ends the transaction too.
+pub struct Lease {
+    chain: Arc<Chain>,
+    /// By chain position.
+    held: Vec<Option<Instance>>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("plugins", &self.chain.plugins.len())
+            .field("held", &self.held.iter().filter(|h| h.is_some()).count())
+            .finish()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl Lease {
+    /// The chain this lease is on.
+    pub fn chain(&self) -> &Arc<Chain> {
+        &self.chain
+    }
+
+    /// Ends the transaction: every instance it holds goes back to its plugin.
+    pub fn end(&mut self) {
+        for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
+            if let Some(instance) = held.take() {
+                p.release(instance);
+            }
+        }
     }
 
     /// Runs a verdict hook: the first answer other than `Continue` ends it.
-    async fn verdict(&self, call: Call<'_>) -> Verdict {
-        for p in self.handling(call.hook()) {
-            let v = match p.call(&call).await {
+    async fn verdict(&mut self, call: Call<'_>) -> Verdict {
+        let hook = call.hook();
+        for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
+            if !p.handles(hook) {
+                continue;
+            }
+            let v = match p.call(held, &call).await {
                 Ok(Answer::Verdict(v)) => v,
                 Ok(Answer::Route(_)) => on_error(
                     p,
-                    call.hook(),
+                    hook,
                     CallError::Invalid("a route from a verdict hook".into()),
                 ),
-                Err(e) => on_error(p, call.hook(), e),
+                Err(e) => on_error(p, hook, e),
             };
             if v != Verdict::Continue {
                 return v;
@@ -161,18 +217,20 @@ impl Chain {
         Verdict::Continue
     }
 
-    /// connect hook.
-    pub async fn connect(&self, session: &SessionInfo) -> Verdict {
-        if self.handling(HookName::Connect).next().is_none() {
+    /// connect hook. Not part of a transaction: the instances go back at once.
+    pub async fn connect(&mut self, session: &SessionInfo) -> Verdict {
+        if !self.chain.handling(HookName::Connect) {
             return Verdict::Continue;
         }
         let s = convert::session(session);
-        self.verdict(Call::Connect(&s)).await
+        let verdict = self.verdict(Call::Connect(&s)).await;
+        self.end();
+        verdict
     }
 
     /// mail-from hook.
-    pub async fn mail_from(&self, session: &SessionInfo, envelope: &Envelope) -> Verdict {
-        if self.handling(HookName::MailFrom).next().is_none() {
+    pub async fn mail_from(&mut self, session: &SessionInfo, envelope: &Envelope) -> Verdict {
+        if !self.chain.handling(HookName::MailFrom) {
             return Verdict::Continue;
         }
         let s = convert::session(session);
@@ -182,12 +240,12 @@ impl Chain {
 
     /// rcpt hook.
     pub async fn rcpt(
-        &self,
+        &mut self,
         session: &SessionInfo,
         envelope: &Envelope,
         rcpt: &Recipient,
     ) -> Verdict {
-        if self.handling(HookName::Rcpt).next().is_none() {
+        if !self.chain.handling(HookName::Rcpt) {
             return Verdict::Continue;
         }
         let s = convert::session(session);
@@ -196,17 +254,18 @@ impl Chain {
         self.verdict(Call::Rcpt(&s, &e, &r)).await
     }
 
-    /// data hook: may change the transaction. The message is parsed once and
-    /// shared by the plugins; each sees the edits of those before it, and the
-    /// edits are applied to `tx` whatever the verdict.
-    pub async fn data(&self, session: &SessionInfo, tx: &mut DataTransaction) -> Verdict {
-        if self.handling(HookName::Data).next().is_none() {
+    /// data hook: may change the transaction. The message is shared by the
+    /// plugins (and parsed only if one of them asks for its structure); each
+    /// sees the edits of those before it, and the edits are applied to `tx`
+    /// whatever the verdict.
+    pub async fn data(&mut self, session: &SessionInfo, tx: &mut DataTransaction) -> Verdict {
+        if !self.chain.handling(HookName::Data) {
             return Verdict::Continue;
         }
         let s = convert::session(session);
         let e = convert::envelope(&tx.envelope);
         let raw = Arc::new(std::mem::take(&mut tx.message));
-        let state = Arc::new(Mutex::new(MessageState::parse(
+        let state = Arc::new(Mutex::new(MessageState::new(
             raw,
             tx.envelope.recipients.clone(),
         )));
@@ -219,7 +278,7 @@ impl Chain {
             // theirs, but the edits must not be lost if one did).
             Err(shared) => std::mem::replace(
                 &mut *shared.lock().unwrap_or_else(|e| e.into_inner()),
-                MessageState::parse(Arc::new(Vec::new()), Vec::new()),
+                MessageState::new(Arc::new(Vec::new()), Vec::new()),
             ),
         };
         state.finish(tx);
@@ -229,16 +288,19 @@ impl Chain {
     /// route hook, per recipient at delivery. A plugin failure with
     /// `on_error = "tempfail"` answers `Reject` with a 4xx reply, which delivery
     /// should treat as "try again later".
-    pub async fn route(&self, query: RouteQuery<'_>) -> Route {
-        if self.handling(HookName::Route).next().is_none() {
+    pub async fn route(&mut self, query: RouteQuery<'_>) -> Route {
+        if !self.chain.handling(HookName::Route) {
             return Route::Default;
         }
         let e = convert::envelope(query.envelope);
         let r = convert::address(&query.recipient.address);
         let h = convert::headers(query.headers);
         let call = Call::Route(&e, &r, &h);
-        for p in self.handling(HookName::Route) {
-            let route = match p.call(&call).await {
+        for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
+            if !p.handles(HookName::Route) {
+                continue;
+            }
+            let route = match p.call(held, &call).await {
                 Ok(Answer::Route(r)) => r,
                 Ok(Answer::Verdict(_)) => route_error(
                     p,

@@ -116,6 +116,48 @@ async fn data_edits_reach_the_spool() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An instance is lent to one transaction at a time: two sessions whose
+/// commands interleave each get their own instance, which runs that
+/// transaction's mail-from, rcpt and data hooks and nothing else meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_serves_one_transaction_at_a_time() -> anyhow::Result<()> {
+    let relay = Relay::start(
+        "[[plugin]]\nname = \"tag\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n[plugin.config]\ntag_instance = true\n",
+    )
+    .await?;
+    let (mut a, _) = relay.client().await?;
+    let (mut b, _) = relay.client().await?;
+    for c in [&mut a, &mut b] {
+        c.cmd("EHLO client.test").await?;
+    }
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.cmd("MAIL FROM:<s@b.test>").await?.code, 250);
+    }
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.cmd("RCPT TO:<r@local.test>").await?.code, 250);
+    }
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.cmd("RCPT TO:<q@local.test>").await?.code, 250);
+    }
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.cmd("DATA").await?.code, 354);
+    }
+    for c in [&mut a, &mut b] {
+        let r = c.cmd("Subject: x\r\n\r\nbody\r\n.").await?;
+        assert_eq!(r.code, 250, "{r:?}");
+        let (_, message) = relay.spooled(&queue_id(&r).expect("queue id"))?;
+        // mail-from, two rcpt, data: four calls, none from the other session.
+        assert!(message.contains("\r\nX-Testkit-Calls: 4\r\n"), "{message}");
+    }
+    // The next transaction on a session starts over (on a pooled instance).
+    let r = a
+        .send("s@b.test", &["r@local.test"], "Subject: y\r\n\r\nbody\r\n")
+        .await?;
+    let (_, message) = relay.spooled(&queue_id(&r).expect("queue id"))?;
+    assert!(message.contains("\r\nX-Testkit-Calls: 3\r\n"), "{message}");
+    Ok(())
+}
+
 /// A plugin that traps gets its on_error policy: tempfail (the default),
 /// continue, reject.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,6 +414,7 @@ async fn every_route_verdict() -> anyhow::Result<()> {
         let route = relay
             .handle
             .current()
+            .lease()
             .route(RouteQuery {
                 envelope: &envelope,
                 recipient: &rcpt,
@@ -386,19 +429,19 @@ async fn every_route_verdict() -> anyhow::Result<()> {
             "[[plugin]]\nname = \"router\"\npath = \"router.wasm\"\n[plugin.config.routes]\n\"dest.test\" = \"local:archive\"\n\"*\" = \"smtp://gw.test:587\"\n",
         )
         .await?;
-    let chain = relay.handle.current();
+    let mut hooks = relay.handle.current().lease();
     let q = |r| RouteQuery {
         envelope: &envelope,
         recipient: r,
         headers,
     };
     assert_eq!(
-        chain.route(q(&rcpt)).await,
+        hooks.route(q(&rcpt)).await,
         Route::LocalFolder("archive".into())
     );
     let other = Recipient::new("x@Other.Test");
     assert_eq!(
-        chain.route(q(&other)).await,
+        hooks.route(q(&other)).await,
         Route::Smarthost("smtp://gw.test:587".into())
     );
     Ok(())

@@ -8,8 +8,10 @@
 //! route = { route = "local-folder", arg = "inbox" }
 //! misbehave = { hook = "rcpt", how = "trap" }   # or "loop", "alloc"
 //! count = true                                   # kv counter per hook (needs the kv grant)
+//! tag_instance = true                            # data adds X-Testkit-Calls: hooks this instance ran since MAIL
 //! ```
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use postern_sdk::prelude::*;
@@ -57,10 +59,20 @@ struct Testkit {
     misbehave: Option<Misbehave>,
     #[serde(default)]
     count: bool,
+    #[serde(default)]
+    tag_instance: bool,
+    /// Hooks this instance has run since its last mail-from; shows whether
+    /// one instance served a whole transaction and nothing else meanwhile.
+    #[serde(skip)]
+    calls: Cell<u32>,
 }
 
 impl Testkit {
     fn enter(&self, hook: &str) {
+        if hook == "mail_from" {
+            self.calls.set(0);
+        }
+        self.calls.set(self.calls.get() + 1);
         if self.count {
             // A counter in the host store, so tests see how often a hook ran.
             let _ = postern_sdk::kv::incr(hook, 1, None);
@@ -125,6 +137,12 @@ impl Plugin for Testkit {
 
     fn data(&self, _session: &Session, _envelope: &Envelope, message: &Message) -> Verdict {
         self.enter("data");
+        if self.tag_instance {
+            let calls = self.calls.get().to_string();
+            if message.add_header("X-Testkit-Calls", &calls).is_err() {
+                return Verdict::reject(554, "5.6.0", "header edit refused");
+            }
+        }
         if let Some(a) = self.hooks.get("data") {
             if let Some((name, value)) = &a.add_header {
                 if message.add_header(name, value).is_err() {

@@ -1,11 +1,12 @@
 //! `postern:relay/message`: the message of the data hook as a host resource.
 //!
-//! The relay parses the message once per data hook ([`MessageState::parse`]);
-//! every plugin in the chain reads that one parse through its own handle, and
-//! content is handed out in ranges so a plugin never needs the whole message in
-//! its memory. Edits (headers, recipients, quarantine) are recorded here, seen by
-//! the plugins after the one that made them, and applied to the spooled message
-//! once the chain has run ([`MessageState::finish`]).
+//! The relay parses the message at most once per data hook, when a plugin first
+//! asks for its structure; every plugin in the chain reads that one parse
+//! through its own handle, and content is handed out in ranges so a plugin never
+//! needs the whole message in its memory. Edits (headers, recipients,
+//! quarantine) are recorded here, seen by the plugins after the one that made
+//! them, and applied to the spooled message once the chain has run
+//! ([`MessageState::finish`]).
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,27 +45,19 @@ struct PartData {
     content: Content,
 }
 
-/// One data hook's message: the parse, and the edits so far.
-pub struct MessageState {
-    raw: Arc<Vec<u8>>,
-    headers: Vec<(String, String)>,
+/// The MIME structure of a message, as the parser found it.
+struct Mime {
     subject: Option<String>,
     parts: Vec<PartData>,
     texts: Vec<String>,
-    added: Vec<(String, String)>,
-    removed: Vec<String>,
-    recipients: Vec<Recipient>,
-    quarantine: Option<String>,
 }
 
-impl MessageState {
-    /// Parses the transaction's message (the relay's one parse for the hook).
-    pub fn parse(raw: Arc<Vec<u8>>, recipients: Vec<Recipient>) -> MessageState {
-        let headers = top_headers(&raw);
+impl Mime {
+    fn parse(raw: &[u8]) -> Mime {
         let mut parts = Vec::new();
         let mut subject = None;
         let mut texts = Vec::new();
-        if let Some(m) = MessageParser::default().parse(&raw[..]) {
+        if let Some(m) = MessageParser::default().parse(raw) {
             subject = m.subject().map(str::to_string);
             for n in 0..m.text_body.len() {
                 if let Some(t) = m.body_text(n) {
@@ -112,12 +105,35 @@ impl MessageState {
                 }
             }
         }
-        MessageState {
-            raw,
-            headers,
+        Mime {
             subject,
             parts,
             texts,
+        }
+    }
+}
+
+/// One data hook's message: the parse, and the edits so far.
+pub struct MessageState {
+    raw: Arc<Vec<u8>>,
+    /// The top-level header fields, split out on first use.
+    headers: Option<Vec<(String, String)>>,
+    /// The MIME parse, made on first use: a chain whose plugins only look at
+    /// the envelope or the headers never pays for it.
+    mime: Option<Mime>,
+    added: Vec<(String, String)>,
+    removed: Vec<String>,
+    recipients: Vec<Recipient>,
+    quarantine: Option<String>,
+}
+
+impl MessageState {
+    /// The transaction's message, for the plugins of one data hook to share.
+    pub fn new(raw: Arc<Vec<u8>>, recipients: Vec<Recipient>) -> MessageState {
+        MessageState {
+            raw,
+            headers: None,
+            mime: None,
             added: Vec::new(),
             removed: Vec::new(),
             recipients,
@@ -125,11 +141,20 @@ impl MessageState {
         }
     }
 
-    fn current_headers(&self) -> Vec<Header> {
+    /// The raw message and its MIME parse (the relay's one parse for the hook).
+    fn parsed(&mut self) -> (&[u8], &Mime) {
+        let raw = &self.raw;
+        let mime = self.mime.get_or_insert_with(|| Mime::parse(raw));
+        (raw, mime)
+    }
+
+    fn current_headers(&mut self) -> Vec<Header> {
+        let raw = &self.raw;
+        let headers = self.headers.get_or_insert_with(|| top_headers(raw));
         self.added
             .iter()
             .chain(
-                self.headers
+                headers
                     .iter()
                     .filter(|(n, _)| !self.removed.iter().any(|r| r.eq_ignore_ascii_case(n))),
             )
@@ -140,9 +165,9 @@ impl MessageState {
             .collect()
     }
 
-    fn read(&self, content: &Content, offset: u64, len: u32) -> Vec<u8> {
+    fn read(raw: &[u8], content: &Content, offset: u64, len: u32) -> Vec<u8> {
         let bytes: &[u8] = match content {
-            Content::Raw(r) => &self.raw[r.clone()],
+            Content::Raw(r) => &raw[r.clone()],
             Content::Decoded(v) => v,
         };
         let start = usize::try_from(offset)
@@ -296,7 +321,7 @@ impl HostMessage for HostState {
 
     async fn subject(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<Option<String>> {
         self.host_call_done();
-        Ok(self.table.get(&m)?.lock().subject.clone())
+        Ok(self.table.get(&m)?.lock().parsed().1.subject.clone())
     }
 
     async fn size(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<u64> {
@@ -310,6 +335,8 @@ impl HostMessage for HostState {
             .table
             .get(&m)?
             .lock()
+            .parsed()
+            .1
             .parts
             .iter()
             .map(|p| p.info.clone())
@@ -322,7 +349,15 @@ impl HostMessage for HostState {
         n: u32,
     ) -> wasmtime::Result<Option<String>> {
         self.host_call_done();
-        Ok(self.table.get(&m)?.lock().texts.get(n as usize).cloned())
+        Ok(self
+            .table
+            .get(&m)?
+            .lock()
+            .parsed()
+            .1
+            .texts
+            .get(n as usize)
+            .cloned())
     }
 
     async fn read_part(
@@ -333,9 +368,10 @@ impl HostMessage for HostState {
         len: u32,
     ) -> wasmtime::Result<Vec<u8>> {
         self.host_call_done();
-        let state = self.table.get(&m)?.lock();
-        Ok(match state.parts.get(index as usize) {
-            Some(p) => state.read(&p.content, offset, len),
+        let mut state = self.table.get(&m)?.lock();
+        let (raw, mime) = state.parsed();
+        Ok(match mime.parts.get(index as usize) {
+            Some(p) => MessageState::read(raw, &p.content, offset, len),
             None => Vec::new(),
         })
     }
@@ -349,7 +385,7 @@ impl HostMessage for HostState {
         self.host_call_done();
         let state = self.table.get(&m)?.lock();
         let all = Content::Raw(0..state.raw.len());
-        Ok(state.read(&all, offset, len))
+        Ok(MessageState::read(&state.raw, &all, offset, len))
     }
 
     async fn add_header(
@@ -468,15 +504,18 @@ mod tests {
     #[test]
     fn parse_reads_parts_in_ranges() {
         let raw = b"Subject: t\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain\r\n\r\nhello\r\n--x\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=a.bin\r\nContent-Transfer-Encoding: base64\r\n\r\nAAECAw==\r\n--x--\r\n";
-        let s = MessageState::parse(Arc::new(raw.to_vec()), vec![]);
-        assert_eq!(s.subject.as_deref(), Some("t"));
-        assert_eq!(s.texts, vec!["hello".to_string()]);
-        let att = s.parts.iter().find(|p| p.info.is_attachment).unwrap();
+        let mut s = MessageState::new(Arc::new(raw.to_vec()), vec![]);
+        assert!(s.mime.is_none(), "parsed only on first use");
+        let (raw, m) = s.parsed();
+        assert_eq!(m.subject.as_deref(), Some("t"));
+        assert_eq!(m.texts, vec!["hello".to_string()]);
+        let att = m.parts.iter().find(|p| p.info.is_attachment).unwrap();
         assert_eq!(att.info.name.as_deref(), Some("a.bin"));
         assert_eq!(att.info.size, 4);
-        assert_eq!(s.read(&att.content, 1, 2), vec![1, 2]);
-        assert_eq!(s.read(&att.content, 3, 100), vec![3]);
-        assert!(s.read(&att.content, 99, 100).is_empty());
-        assert_eq!(s.headers[0], ("Subject".to_string(), "t".to_string()));
+        assert_eq!(MessageState::read(raw, &att.content, 1, 2), vec![1, 2]);
+        assert_eq!(MessageState::read(raw, &att.content, 3, 100), vec![3]);
+        assert!(MessageState::read(raw, &att.content, 99, 100).is_empty());
+        let h = s.current_headers();
+        assert_eq!((h[0].name.as_str(), h[0].value.as_str()), ("Subject", "t"));
     }
 }

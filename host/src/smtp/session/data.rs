@@ -148,7 +148,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             message: full,
             quarantine: None,
         };
-        let verdict = self.chain.data(&self.info, &mut tx).await;
+        let verdict = self.hooks.data(&self.info, &mut tx).await;
+        // The data hook is the transaction's last.
+        self.hooks.end();
         if !matches!(verdict, Verdict::Continue | Verdict::Accept) {
             tracing::info!(queue_id = %id, peer = %self.info.peer, verdict = ?verdict, "message refused by policy");
             return self.refused(verdict).unwrap_or(Flow::Continue);

@@ -32,8 +32,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ));
         }
         let envelope = Envelope::new(sender, params);
-        let verdict = self.chain.mail_from(&self.info, &envelope).await;
+        let verdict = self.hooks.mail_from(&self.info, &envelope).await;
         if let Some(flow) = self.refused(verdict) {
+            // No transaction began: the instances go back.
+            self.hooks.end();
             return flow;
         }
         self.tx = Some(envelope);

@@ -16,7 +16,7 @@ use smtp_proto::Request;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::envelope::{Envelope, SessionInfo};
-use crate::plugins::Chain;
+use crate::plugins::Lease;
 use crate::policy::Verdict;
 use crate::server::{Context, Listener};
 use crate::smtp::codec::{self, BdatReceiver, CommandLine};
@@ -57,8 +57,9 @@ pub struct Session<S> {
     output: Vec<u8>,
     ctx: Arc<Context>,
     listener: Arc<Listener>,
-    /// The chain this session started with; a reload does not change it.
-    chain: Arc<Chain>,
+    /// The chain this session started with (a reload does not change it),
+    /// and the plugin instances lent to the transaction in progress.
+    hooks: Lease,
     info: SessionInfo,
     /// EHLO (rather than HELO) was used.
     esmtp: bool,
@@ -77,7 +78,7 @@ pub struct Session<S> {
 pub struct Carry {
     ctx: Arc<Context>,
     listener: Arc<Listener>,
-    chain: Arc<Chain>,
+    hooks: Lease,
     info: SessionInfo,
     errors: usize,
 }
@@ -90,13 +91,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         listener: Arc<Listener>,
         info: SessionInfo,
     ) -> Session<S> {
-        let chain = ctx.chain.current();
+        let hooks = ctx.chain.current().lease();
         Session::resume(
             stream,
             Carry {
                 ctx,
                 listener,
-                chain,
+                hooks,
                 info,
                 errors: 0,
             },
@@ -114,7 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             output: Vec::with_capacity(1024),
             ctx: carry.ctx,
             listener: carry.listener,
-            chain: carry.chain,
+            hooks: carry.hooks,
             info,
             esmtp: false,
             tx: None,
@@ -126,11 +127,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Takes the stream and the state that survives STARTTLS.
-    pub fn into_parts(self) -> (S, Carry) {
+    pub fn into_parts(mut self) -> (S, Carry) {
+        self.hooks.end();
         let carry = Carry {
             ctx: self.ctx,
             listener: self.listener,
-            chain: self.chain,
+            hooks: self.hooks,
             info: self.info,
             errors: self.errors,
         };
@@ -150,7 +152,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Runs the connect hook and sends the banner. Returns false when the
     /// connection is to be closed.
     pub async fn greet(&mut self) -> bool {
-        let verdict = self.chain.connect(&self.info).await;
+        let verdict = self.hooks.connect(&self.info).await;
         match verdict {
             Verdict::Continue | Verdict::Accept => {
                 let banner = format!("{} ESMTP Postern", self.ctx.config.hostname);
@@ -286,6 +288,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Clears the transaction (RSET, EHLO, after the end of data).
     fn reset_transaction(&mut self) {
+        self.hooks.end();
         self.tx = None;
         self.bdat = None;
         self.bdat_memory = None;

@@ -44,7 +44,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             orcpt: to.orcpt,
             notify: notify(to.flags),
         };
-        let verdict = self.chain.rcpt(&self.info, tx, &recipient).await;
+        let verdict = self.hooks.rcpt(&self.info, tx, &recipient).await;
         if let Some(flow) = self.refused(verdict) {
             return flow;
         }
