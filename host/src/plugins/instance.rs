@@ -17,6 +17,7 @@ use crate::plugins::host::dns::Resolver;
 use crate::plugins::host::kv::KvStore;
 use crate::plugins::host::message::MessageRef;
 use crate::plugins::stats::Stats;
+use crate::plugins::ticker::Ticker;
 use crate::plugins::{convert, TICK};
 use crate::policy::{Route, Verdict};
 
@@ -211,6 +212,7 @@ pub struct LoadedPlugin {
     engine: Engine,
     pre: PluginPre<HostState>,
     services: Arc<Services>,
+    ticker: Arc<Ticker>,
     archive: Option<PathBuf>,
     pool: Mutex<Vec<Instance>>,
 }
@@ -243,6 +245,7 @@ impl LoadedPlugin {
         engine: Engine,
         pre: PluginPre<HostState>,
         services: Arc<Services>,
+        ticker: Arc<Ticker>,
         archive: Option<PathBuf>,
     ) -> LoadedPlugin {
         LoadedPlugin {
@@ -255,6 +258,7 @@ impl LoadedPlugin {
             engine,
             pre,
             services,
+            ticker,
             archive,
             pool: Mutex::new(Vec::new()),
         }
@@ -353,6 +357,7 @@ impl LoadedPlugin {
     async fn instantiate(&self) -> Result<(Instance, Vec<HookName>), CallError> {
         let mut store = self.new_store()?;
         let deadline = INIT_TIMEOUT.max(self.config.timeout(HookName::Connect));
+        let _ticking = self.ticker.busy();
         store.data_mut().arm(deadline);
         store.set_epoch_deadline(1);
         let plugin = match self.pre.instantiate_async(&mut store).await {
@@ -456,6 +461,7 @@ impl LoadedPlugin {
             None => self.acquire().await?,
         };
         let Instance { store, plugin, .. } = &mut instance;
+        let _ticking = self.ticker.busy();
         store.data_mut().arm(deadline);
         store.set_epoch_deadline(1);
         let raw = match call {

@@ -11,6 +11,7 @@
 //! - [`check`] and [`convert`]: what a plugin's answer must satisfy.
 //! - [`reload`]: hot reload on file changes and SIGHUP, and the control socket.
 //! - [`stats`]: counters for `postern plugin list`.
+//! - [`ticker`]: the epoch ticker behind deadlines, parked while idle.
 
 pub mod bindings;
 pub mod check;
@@ -20,6 +21,7 @@ pub mod instance;
 pub mod reload;
 pub mod runtime;
 pub mod stats;
+pub mod ticker;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};

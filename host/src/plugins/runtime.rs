@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
@@ -16,7 +15,8 @@ use crate::config::{Config, Grant, PluginConfig};
 use crate::plugins::bindings::{self, PluginPre};
 use crate::plugins::host::dns::Resolver;
 use crate::plugins::instance::{HostState, LoadedPlugin, Services};
-use crate::plugins::{Chain, Error, TICK};
+use crate::plugins::ticker::Ticker;
+use crate::plugins::{Chain, Error};
 
 /// Most instances the pool holds, whatever the config says: each reserves
 /// address space for a memory slot.
@@ -30,7 +30,7 @@ pub struct Runtime {
     /// does not even read the disk cache.
     components: Mutex<HashMap<String, Component>>,
     max_memory_mb: u64,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -69,7 +69,7 @@ impl Runtime {
             .memory_guard_size(64 * 1024)
             .memory_reservation_for_growth(0);
         let engine = Engine::new(&c).map_err(|e| Error::Engine(format!("{e:#}")))?;
-        let ticker_stop = start_ticker(&engine);
+        let ticker = Ticker::start(&engine);
         Ok(Arc::new(Runtime {
             engine,
             services: Arc::new(Services {
@@ -78,7 +78,7 @@ impl Runtime {
             }),
             components: Mutex::new(HashMap::new()),
             max_memory_mb: config.plugins.max_memory_mb,
-            ticker_stop,
+            ticker,
         }))
     }
 
@@ -166,6 +166,7 @@ impl Runtime {
             self.engine.clone(),
             pre,
             self.services.clone(),
+            self.ticker.clone(),
             archive,
         );
         plugin.validate().await.map_err(|message| Error::Init {
@@ -176,29 +177,9 @@ impl Runtime {
     }
 }
 
-/// One thread for the whole relay advances the engine's epoch every [`TICK`];
-/// it stops when the runtime is dropped.
-fn start_ticker(engine: &Engine) -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let engine = engine.clone();
-    let flag = stop.clone();
-    let spawned = std::thread::Builder::new()
-        .name("postern-epoch".into())
-        .spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                std::thread::sleep(TICK);
-                engine.increment_epoch();
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the plugin epoch ticker; plugin deadlines will not fire");
-    }
-    stop
-}
-
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 

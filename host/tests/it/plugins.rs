@@ -116,6 +116,37 @@ async fn data_edits_reach_the_spool() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A recipient a data-hook plugin adds faces the access rules RCPT does: a
+/// client that may not relay cannot have mail sent to another domain through
+/// a plugin, while a local address is fine; a trusted client may have both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_added_by_plugins_obey_the_access_rules() -> anyhow::Result<()> {
+    let chain = |rcpt: &str| {
+        format!(
+            "[[plugin]]\nname = \"bcc\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n[plugin.config]\ndata = {{ add_rcpt = \"{rcpt}\" }}\n"
+        )
+    };
+    for (trusted, added, kept) in [
+        (false, "copy@elsewhere.test", false),
+        (false, "copy@local.test", true),
+        (true, "copy@elsewhere.test", true),
+    ] {
+        let relay = Relay::start_with(&chain(added), trusted).await?;
+        let (mut c, _) = relay.client().await?;
+        let r = c.send("a@b.test", &["c@local.test"], MESSAGE).await?;
+        assert_eq!(r.code, 250, "{r:?}");
+        let (meta, _) = relay.spooled(&queue_id(&r).expect("queue id"))?;
+        let meta = meta.to_string();
+        assert!(meta.contains("\"c@local.test\""), "{meta}");
+        assert_eq!(
+            meta.contains(added),
+            kept,
+            "trusted={trusted} {added}: {meta}"
+        );
+    }
+    Ok(())
+}
+
 /// An instance is lent to one transaction at a time: two sessions whose
 /// commands interleave each get their own instance, which runs that
 /// transaction's mail-from, rcpt and data hooks and nothing else meanwhile.

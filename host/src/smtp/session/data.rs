@@ -10,7 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::ehlo::printable;
 use super::{Flow, Session};
 use crate::config::BareNewline;
-use crate::envelope::SessionInfo;
+use crate::envelope::{Address, Envelope, SessionInfo};
 use crate::policy::{DataTransaction, Verdict};
 use crate::queue::QueueId;
 use crate::smtp::codec::{self, BdatReceiver, ContentFlags, ContentLimits, DataReceiver};
@@ -108,6 +108,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.end_of_message(message, flags).await
     }
 
+    /// Recipients a data-hook plugin added face the access rules that RCPT
+    /// does, and the recipient limit: a plugin that takes addresses from the
+    /// message must not make the relay open. Those refused are dropped and
+    /// logged; the message goes on to the others.
+    fn check_added_recipients(&self, id: &QueueId, given: &[Address], envelope: &mut Envelope) {
+        let access = &self.ctx.access;
+        let mut room = self
+            .ctx
+            .config
+            .limits
+            .max_recipients
+            .saturating_sub(given.len());
+        envelope.recipients.retain_mut(|r| {
+            if given.contains(&r.address) {
+                return true;
+            }
+            if room == 0 {
+                tracing::warn!(queue_id = %id, rcpt = %r.address, "recipient added by a plugin dropped: limits.max_recipients reached");
+                return false;
+            }
+            match access.check_recipient(self.info.may_relay, &r.address) {
+                Ok(address) => {
+                    r.address = address;
+                    room -= 1;
+                    true
+                }
+                Err(reply) => {
+                    tracing::warn!(queue_id = %id, peer = %self.info.peer, rcpt = %r.address, reply = %reply, "recipient added by a plugin dropped: the access rules refuse it for this client");
+                    false
+                }
+            }
+        });
+    }
+
     /// The message has ended: check it, run the data hook, spool it, reply.
     async fn end_of_message(&mut self, message: Vec<u8>, flags: ContentFlags) -> Flow {
         let Some(envelope) = self.tx.take() else {
@@ -148,9 +182,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             message: full,
             quarantine: None,
         };
+        let given: Vec<Address> = tx
+            .envelope
+            .recipients
+            .iter()
+            .map(|r| r.address.clone())
+            .collect();
         let verdict = self.hooks.data(&self.info, &mut tx).await;
         // The data hook is the transaction's last.
         self.hooks.end();
+        self.check_added_recipients(&id, &given, &mut tx.envelope);
         if !matches!(verdict, Verdict::Continue | Verdict::Accept) {
             tracing::info!(queue_id = %id, peer = %self.info.peer, verdict = ?verdict, "message refused by policy");
             return self.refused(verdict).unwrap_or(Flow::Continue);
