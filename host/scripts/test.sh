@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs first what the tests use: Debian's swaks
-# and postfix (for smtp-source/smtp-sink) as real peers, Python for smtplib
-# clients, openssl, and the wasm32-wasip2 target for the plugins.
+# and postfix (for smtp-source/smtp-sink) as real peers, redis-server for the
+# shared kv store, Python for smtplib clients, openssl, and the wasm32-wasip2
+# target for the plugins.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -10,6 +11,7 @@ sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v swaks >/dev/null || missing+=(swaks)
 command -v smtp-source >/dev/null || missing+=(postfix)
+command -v redis-server >/dev/null || missing+=(redis-server)
 command -v python3 >/dev/null || missing+=(python3)
 command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -77,6 +77,9 @@ pub struct Config {
     /// The hook chain, in order.
     #[serde(default, rename = "plugin")]
     pub plugin_chain: Vec<PluginConfig>,
+    /// The key-value store of plugins granted `kv`.
+    #[serde(default)]
+    pub kv: KvConfig,
     /// Log settings.
     #[serde(default)]
     pub log: LogConfig,
@@ -425,6 +428,43 @@ impl Default for PluginsConfig {
             archive_dir: PathBuf::from("archive"),
             max_memory_mb: 256,
             watch: true,
+        }
+    }
+}
+
+/// Where the plugins' key-value store lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvBackend {
+    /// In the relay's memory: fast, private to this relay, gone on restart.
+    #[default]
+    Memory,
+    /// In Redis, so several relays share counters.
+    Redis,
+}
+
+/// `[kv]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvConfig {
+    /// `memory` (default) or `redis`.
+    pub backend: KvBackend,
+    /// `redis://[user:password@]host:port/db`, or `rediss://` for TLS.
+    pub redis_url: String,
+    /// Keys are stored in Redis as `<key_prefix>:<plugin name>:<key>`.
+    pub key_prefix: String,
+    /// Time one Redis call may take, connecting included; past it the plugin
+    /// gets `unavailable`.
+    pub timeout: HumanDuration,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        KvConfig {
+            backend: KvBackend::Memory,
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            key_prefix: "postern".into(),
+            timeout: HumanDuration(Duration::from_millis(200)),
         }
     }
 }
@@ -807,7 +847,33 @@ impl Config {
                 );
             }
         }
-        self.check_plugins()
+        self.check_plugins()?;
+        self.check_kv()
+    }
+
+    fn check_kv(&self) -> Result<(), Error> {
+        let kv = &self.kv;
+        crate::plugins::host::kv::redis::client(&kv.redis_url)
+            .map_err(|e| self.invalid("kv.redis_url", e))?;
+        if kv.key_prefix.is_empty() {
+            return Err(self.invalid("kv.key_prefix", "must not be empty"));
+        }
+        if kv.timeout.0.is_zero() {
+            return Err(self.invalid("kv.timeout", "must be more than 0"));
+        }
+        if kv.backend == KvBackend::Redis {
+            // With a `:` in a name, plugin `a:b` key `c` and plugin `a` key
+            // `b:c` would be the same Redis key.
+            for (i, p) in self.plugin_chain.iter().enumerate() {
+                if p.grants.contains(&Grant::Kv) && p.name.contains(':') {
+                    return Err(self.invalid(
+                        &format!("plugin[{i}].name"),
+                        "must not contain `:` with [kv] backend = \"redis\" (keys are <key_prefix>:<plugin name>:<key>)",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_plugins(&self) -> Result<(), Error> {
@@ -960,6 +1026,67 @@ mod tests {
                 .to_string();
             assert!(err.contains(needle), "{body:?}: {err}");
         }
+    }
+
+    #[test]
+    fn kv_has_defaults_and_takes_redis() {
+        let c = Config::parse(MINIMAL, Path::new("t.toml")).unwrap();
+        assert_eq!(c.kv.backend, KvBackend::Memory);
+        assert_eq!(c.kv.redis_url, "redis://127.0.0.1:6379/0");
+        assert_eq!(c.kv.key_prefix, "postern");
+        assert_eq!(c.kv.timeout.0, Duration::from_millis(200));
+
+        let text = format!(
+            "{MINIMAL}[kv]\nbackend = \"redis\"\nredis_url = \"rediss://:secret@127.0.0.1:6380/2\"\n\
+             key_prefix = \"mx-eu\"\ntimeout = \"1s\"\n"
+        );
+        let c = Config::parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.kv.backend, KvBackend::Redis);
+        assert_eq!(c.kv.redis_url, "rediss://:secret@127.0.0.1:6380/2");
+        assert_eq!(c.kv.key_prefix, "mx-eu");
+        assert_eq!(c.kv.timeout.0, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn kv_errors_name_the_key() {
+        for (body, needle) in [
+            ("[kv]\nbackend = \"mongodb\"", "backend"),
+            ("[kv]\nredis_host = \"127.0.0.1\"", "redis_host"),
+            ("[kv]\nredis_url = \"http://127.0.0.1:6379\"", "kv.redis_url"),
+            ("[kv]\nredis_url = \"redis+unix:///run/redis.sock\"", "kv.redis_url"),
+            ("[kv]\nredis_url = \"redis://127.0.0.1:port\"", "kv.redis_url"),
+            ("[kv]\nkey_prefix = \"\"", "kv.key_prefix"),
+            ("[kv]\ntimeout = \"0ms\"", "kv.timeout"),
+            ("[kv]\ntimeout = \"soon\"", "timeout"),
+            (
+                "[kv]\nbackend = \"redis\"\n[[plugin]]\nname = \"a:b\"\npath = \"a.wasm\"\ngrants = [\"kv\"]",
+                "plugin[0].name",
+            ),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}{body}\n"), Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{body:?}: {err}");
+            assert!(err.starts_with("config t.toml"), "{err}");
+        }
+        // The URL may hold a password; the message does not repeat it.
+        for url in [
+            "http://:hunter2@127.0.0.1",
+            "redis://:hunter2@127.0.0.1:port",
+        ] {
+            let text = format!("{MINIMAL}[kv]\nredis_url = {url:?}\n");
+            let err = Config::parse(&text, Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("kv.redis_url") && !err.contains("hunter2"),
+                "{err}"
+            );
+        }
+        // Without a store shared by name, a `:` in a plugin name is harmless.
+        let text =
+            format!("{MINIMAL}[[plugin]]\nname = \"a:b\"\npath = \"a.wasm\"\ngrants = [\"kv\"]\n");
+        assert!(Config::parse(&text, Path::new("t.toml")).is_ok());
     }
 
     #[test]

@@ -367,8 +367,9 @@ pub mod log {
     }
 }
 
-/// The plugin's key-value store (grant `kv`): shared by all its instances,
-/// values expire after their TTL, `incr` is atomic.
+/// The plugin's key-value store (grant `kv`): shared by all its instances
+/// (and by every relay on the same Redis, with the Redis backend), values
+/// expire after their TTL, `incr` is atomic.
 ///
 /// ```no_run
 /// use std::time::Duration;

@@ -34,7 +34,7 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 /// What every plugin instance shares: the host-side services.
 #[derive(Debug, Default)]
 pub struct Services {
-    /// The embedded key-value store.
+    /// The key-value store (`[kv]`).
     pub kv: KvStore,
     /// The relay's resolver.
     pub dns: Resolver,

@@ -105,6 +105,9 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The kv store could not be opened.
+    #[error("kv store: {0}")]
+    Kv(String),
     /// The engine could not be built or no longer fits the config.
     #[error("plugin runtime: {0}")]
     Engine(String),

@@ -11,9 +11,10 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::config::{Config, Grant, PluginConfig};
+use crate::config::{Config, Grant, KvConfig, PluginConfig};
 use crate::plugins::bindings::{self, PluginPre};
 use crate::plugins::host::dns::Resolver;
+use crate::plugins::host::kv::KvStore;
 use crate::plugins::instance::{HostState, LoadedPlugin, Services};
 use crate::plugins::ticker::Ticker;
 use crate::plugins::{Chain, Error};
@@ -30,6 +31,8 @@ pub struct Runtime {
     /// does not even read the disk cache.
     components: Mutex<HashMap<String, Component>>,
     max_memory_mb: u64,
+    /// The `[kv]` the store was opened with.
+    kv: KvConfig,
     ticker: Arc<Ticker>,
 }
 
@@ -42,8 +45,9 @@ impl std::fmt::Debug for Runtime {
 impl Runtime {
     /// Builds the engine with a pooling allocator sized from the config
     /// (sessions x plugins, twice over so the old and new chain fit during a
-    /// reload) and starts the epoch ticker.
+    /// reload), opens the kv store and starts the epoch ticker.
     pub fn new(config: &Config) -> Result<Arc<Runtime>, Error> {
+        let kv = KvStore::new(&config.kv).map_err(Error::Kv)?;
         let plugins = config.plugin_chain.len().max(1) as u64;
         let sessions = config.limits.max_connections as u64;
         let instances = (sessions * plugins * 2).clamp(16, MAX_POOL as u64) as u32;
@@ -73,11 +77,12 @@ impl Runtime {
         Ok(Arc::new(Runtime {
             engine,
             services: Arc::new(Services {
-                kv: Default::default(),
+                kv,
                 dns: Resolver::new(&config.delivery.nameservers),
             }),
             components: Mutex::new(HashMap::new()),
             max_memory_mb: config.plugins.max_memory_mb,
+            kv: config.kv.clone(),
             ticker,
         }))
     }
@@ -95,6 +100,11 @@ impl Runtime {
                 "plugins.max_memory_mb grew from {} to {}; the pool is sized at start, restart the relay",
                 self.max_memory_mb, config.plugins.max_memory_mb
             )));
+        }
+        if config.kv != self.kv {
+            return Err(Error::Kv(
+                "[kv] changed; the store is opened at start, restart the relay".into(),
+            ));
         }
         let mut plugins = Vec::new();
         for p in &config.plugin_chain {

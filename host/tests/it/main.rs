@@ -4,6 +4,7 @@
 mod core;
 mod crash;
 mod delivery;
+mod kv;
 mod plugin_cli;
 mod plugins;
 mod routes;

@@ -8,12 +8,15 @@
 //! route = { route = "local-folder", arg = "inbox" }
 //! misbehave = { hook = "rcpt", how = "trap" }   # or "loop", "alloc"
 //! count = true                                   # kv counter per hook (needs the kv grant)
+//! count_ttl_ms = 60000                           # the counters' TTL, set when one is created
+//! count_errors = true                            # a failed count answers 451 with the kv error
 //! tag_instance = true                            # data adds X-Testkit-Calls: hooks this instance ran since MAIL
 //! ```
 
 use std::cell::Cell;
 use std::collections::HashMap;
 
+use postern_sdk::kv;
 use postern_sdk::prelude::*;
 
 #[derive(serde::Deserialize, Default)]
@@ -60,6 +63,10 @@ struct Testkit {
     #[serde(default)]
     count: bool,
     #[serde(default)]
+    count_ttl_ms: Option<u64>,
+    #[serde(default)]
+    count_errors: bool,
+    #[serde(default)]
     tag_instance: bool,
     /// Hooks this instance has run since its last mail-from; shows whether
     /// one instance served a whole transaction and nothing else meanwhile.
@@ -68,14 +75,34 @@ struct Testkit {
 }
 
 impl Testkit {
-    fn enter(&self, hook: &str) {
+    /// Counts and misbehaves as configured; `Some` is a verdict that ends
+    /// the hook (a failed count, with `count_errors`).
+    fn enter(&self, hook: &str) -> Option<Verdict> {
         if hook == "mail_from" {
             self.calls.set(0);
         }
         self.calls.set(self.calls.get() + 1);
         if self.count {
             // A counter in the host store, so tests see how often a hook ran.
-            let _ = postern_sdk::kv::incr(hook, 1, None);
+            let ttl = self.count_ttl_ms.map(std::time::Duration::from_millis);
+            if let Err(e) = postern_sdk::kv::incr(hook, 1, ttl) {
+                if self.count_errors {
+                    let text = match e {
+                        kv::Error::NotANumber => "kv not-a-number".to_string(),
+                        kv::Error::TooLarge => "kv too-large".to_string(),
+                        kv::Error::Unavailable(m) => format!("kv unavailable: {m}"),
+                    };
+                    // One short line, as a reply must be.
+                    let text: String = text
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .take(200)
+                        .collect();
+                    return Some(Verdict::Tempfail(Reply::new(451, "4.3.0", text)));
+                }
+            }
         }
         match &self.misbehave {
             Some(m) if m.hook == hook => match m.how.as_str() {
@@ -97,6 +124,7 @@ impl Testkit {
             },
             _ => {}
         }
+        None
     }
 
     fn verdict(&self, hook: &str) -> Verdict {
@@ -121,22 +149,30 @@ impl Plugin for Testkit {
     }
 
     fn connect(&self, _session: &Session) -> Verdict {
-        self.enter("connect");
+        if let Some(v) = self.enter("connect") {
+            return v;
+        }
         self.verdict("connect")
     }
 
     fn mail_from(&self, _session: &Session, _envelope: &Envelope) -> Verdict {
-        self.enter("mail_from");
+        if let Some(v) = self.enter("mail_from") {
+            return v;
+        }
         self.verdict("mail_from")
     }
 
     fn rcpt(&self, _session: &Session, _rcpt: &Address) -> Verdict {
-        self.enter("rcpt");
+        if let Some(v) = self.enter("rcpt") {
+            return v;
+        }
         self.verdict("rcpt")
     }
 
     fn data(&self, _session: &Session, _envelope: &Envelope, message: &Message) -> Verdict {
-        self.enter("data");
+        if let Some(v) = self.enter("data") {
+            return v;
+        }
         if self.tag_instance {
             let calls = self.calls.get().to_string();
             if message.add_header("X-Testkit-Calls", &calls).is_err() {
@@ -166,7 +202,7 @@ impl Plugin for Testkit {
     }
 
     fn route(&self, _envelope: &Envelope, _rcpt: &Address, _headers: &[Header]) -> Route {
-        self.enter("route");
+        let _ = self.enter("route");
         let Some(a) = self.hooks.get("route") else {
             return Route::Default;
         };

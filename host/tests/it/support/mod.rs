@@ -1,10 +1,11 @@
-//! Test helpers: a DNS server, capture sinks, a relay started as a library or
-//! as the binary, minimal SMTP clients, and certificates.
+//! Test helpers: a DNS server, capture sinks, a Redis server, a relay started
+//! as a library or as the binary, minimal SMTP clients, and certificates.
 
 #![allow(dead_code)]
 
 pub mod dns;
 pub mod inprocess;
+pub mod redis;
 pub mod relay;
 pub mod sink;
 pub mod smtp;

@@ -63,11 +63,22 @@ impl Relay {
 
     /// Starts a relay with this config text in `dir` (reused across restarts).
     pub fn start_in(dir: Arc<tempfile::TempDir>, port: u16, config: &str) -> Relay {
+        Relay::start_in_env(dir, port, config, &[])
+    }
+
+    /// Like [`Relay::start_in`], with more environment variables.
+    pub fn start_in_env(
+        dir: Arc<tempfile::TempDir>,
+        port: u16,
+        config: &str,
+        env: &[(&str, &Path)],
+    ) -> Relay {
         std::fs::write(dir.path().join("postern.toml"), config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
             .args(["serve", "--config"])
             .arg(dir.path().join("postern.toml"))
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
