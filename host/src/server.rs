@@ -16,7 +16,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ListenerConfig, TlsMode};
 use crate::envelope::SessionInfo;
 use crate::plugins::{Chain, ChainHandle};
-use crate::queue::{QueueId, Spool};
+use crate::queue::{Spool, Spooled};
 use crate::relay::AccessRules;
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{Flow, Session};
@@ -64,7 +64,7 @@ pub struct Context {
     /// Becomes true when the relay is shutting down.
     pub shutdown: watch::Receiver<bool>,
     /// Told about each newly queued message (the delivery scheduler listens).
-    pub on_queued: OnceLock<mpsc::UnboundedSender<QueueId>>,
+    pub on_queued: OnceLock<mpsc::UnboundedSender<Spooled>>,
     /// Memory for messages being received, in KiB permits (`limits.max_message_memory`).
     pub message_memory: Arc<Semaphore>,
 }
@@ -94,9 +94,9 @@ impl Context {
     }
 
     /// Tells delivery about a newly spooled message.
-    pub fn queued(&self, id: &QueueId) {
+    pub fn queued(&self, spooled: Spooled) {
         if let Some(tx) = self.on_queued.get() {
-            let _ = tx.send(id.clone());
+            let _ = tx.send(spooled);
         }
     }
 }

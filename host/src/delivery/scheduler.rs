@@ -30,7 +30,7 @@ use super::Error;
 use crate::config::Config;
 use crate::plugins::ChainHandle;
 use crate::policy::RouteQuery;
-use crate::queue::{QueueId, QueuedMeta, Spool};
+use crate::queue::{QueueId, QueuedMeta, Spool, Spooled};
 use crate::server::Context;
 use crate::smtp::reply::Reply;
 
@@ -65,7 +65,7 @@ struct Shared {
     /// Wakes the timer loop when an earlier timer or a scan is due.
     timer: Notify,
     /// The admission channel (new messages, DSNs).
-    admit_tx: mpsc::UnboundedSender<QueueId>,
+    admit_tx: mpsc::UnboundedSender<Spooled>,
     /// Removes finished messages off the async workers.
     remover: Remover,
 }
@@ -225,7 +225,7 @@ impl Delivery {
         if removed > 0 {
             tracing::info!(removed, "removed delivery states of messages already gone");
         }
-        let (tx, mut rx) = mpsc::unbounded_channel::<QueueId>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Spooled>();
         let shared = Arc::new(Shared {
             admit_tx: tx.clone(),
             remover: Remover::start(ctx.spool.root().join("queue")),
@@ -247,8 +247,9 @@ impl Delivery {
         let delivery = Delivery { shared };
         let admitter = delivery.shared.clone();
         tokio::spawn(async move {
-            while let Some(id) = rx.recv().await {
-                admitter.clone().admit(id, false).await;
+            while let Some(spooled) = rx.recv().await {
+                let id = spooled.id.clone();
+                admitter.clone().admit_with(id, false, Some(spooled)).await;
             }
         });
         tokio::spawn(delivery.shared.clone().timer_loop());
@@ -374,6 +375,12 @@ impl Shared {
     /// Loads a message and queues jobs for its open recipients, unless it is
     /// held, not due (and not `force`d), already active, or there is no room.
     async fn admit(self: Arc<Self>, id: QueueId, force: bool) {
+        self.admit_with(id, force, None).await;
+    }
+
+    /// [`Shared::admit`], for a message that may have just been spooled: its
+    /// record and bytes come along, so nothing is read back from disk.
+    async fn admit_with(self: Arc<Self>, id: QueueId, force: bool, fresh: Option<Spooled>) {
         {
             let mut s = self.lock();
             if s.stopping || s.active.contains_key(&id) || s.admitting.contains(&id) {
@@ -386,27 +393,42 @@ impl Shared {
             }
             s.admitting.insert(id.clone());
         }
-        let result = self.clone().admit_inner(&id, force).await;
+        let result = self.clone().admit_inner(&id, force, fresh).await;
         self.lock().admitting.remove(&id);
         if let Err(e) = result {
             tracing::warn!(queue_id = %id, error = %e, "cannot load spooled message");
         }
     }
 
-    async fn admit_inner(self: Arc<Self>, id: &QueueId, force: bool) -> Result<(), Error> {
-        let stored = match self.spool.load(id) {
-            Ok(s) => s,
-            Err(crate::queue::Error::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let meta = Arc::new(stored.meta.clone());
-        let mut dstate = match state::load(&self.queue_dir, &meta, id) {
-            Ok(s) => s,
-            Err(e) => {
-                // Starting over may deliver some recipients twice; refusing to
-                // deliver at all would lose the message.
-                tracing::warn!(queue_id = %id, error = %e, "damaged delivery state; starting over");
-                DeliveryState::new(&meta)
+    async fn admit_inner(
+        self: Arc<Self>,
+        id: &QueueId,
+        force: bool,
+        fresh: Option<Spooled>,
+    ) -> Result<(), Error> {
+        // A message just spooled has no delivery state yet.
+        let (meta, mut dstate, stored, fresh_body) = match fresh {
+            Some(f) => {
+                let dstate = DeliveryState::new(&f.meta);
+                (Arc::new(f.meta), dstate, None, Some(f.message))
+            }
+            None => {
+                let stored = match self.spool.load(id) {
+                    Ok(s) => s,
+                    Err(crate::queue::Error::NotFound(_)) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
+                let meta = Arc::new(stored.meta.clone());
+                let dstate = match state::load(&self.queue_dir, &meta, id) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Starting over may deliver some recipients twice;
+                        // refusing to deliver at all would lose the message.
+                        tracing::warn!(queue_id = %id, error = %e, "damaged delivery state; starting over");
+                        DeliveryState::new(&meta)
+                    }
+                };
+                (meta, dstate, Some(stored), None)
             }
         };
         if dstate.is_held(&meta) {
@@ -418,7 +440,11 @@ impl Shared {
             self.push_deferred(&mut s, dstate.next_attempt, id.clone());
             return Ok(());
         }
-        let body = Arc::new(stored.read_message()?);
+        let body = match (fresh_body, stored) {
+            (Some(body), _) => body,
+            (None, Some(stored)) => Arc::new(stored.read_message()?),
+            (None, None) => return Ok(()),
+        };
         let expired = now.saturating_sub(meta.received) >= self.config.delivery.max_age.0.as_secs();
         // One lease for the message: its recipients share the instances.
         let mut hooks = self.chain.current().lease();
@@ -1109,7 +1135,7 @@ impl Shared {
         base + base.mul_f64(jitter)
     }
 
-    /// Queues the DSN about `notice`; returns its id, or `None` when there is
+    /// Queues the DSN about `notice`; returns it as spooled, or `None` when there is
     /// nobody to tell (null sender and no postmaster).
     async fn send_notice(
         &self,
@@ -1117,7 +1143,7 @@ impl Shared {
         meta: &QueuedMeta,
         a: &Active,
         notice: &[usize],
-    ) -> Result<Option<QueueId>, Error> {
+    ) -> Result<Option<Spooled>, Error> {
         let to = if meta.envelope.sender.is_null() {
             match &self.config.delivery.postmaster {
                 Some(pm) => pm.clone(),
@@ -1144,11 +1170,12 @@ impl Shared {
         let report = bounce::build(&self.config.hostname, meta, &message, &items);
         let envelope = bounce::envelope(meta, &to, &report);
         let dsn_id = QueueId::generate();
-        self.spool
+        let spooled = self
+            .spool
             .store(&dsn_id, &envelope, None, None, Arc::new(report))
             .await?;
         tracing::info!(queue_id = %id, dsn_id = %dsn_id, to = %to, recipients = notice.len(), "delivery status notification queued");
-        Ok(Some(dsn_id))
+        Ok(Some(spooled))
     }
 
     async fn timer_loop(self: Arc<Self>) {

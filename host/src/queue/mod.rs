@@ -5,11 +5,12 @@
 //! - `lock`: held (flock) by the running relay, so a second `serve` refuses to start.
 //! - `queue/<id>`: one file per message: a JSON line with [`QueuedMeta`] (envelope,
 //!   client, hold reason), then the message bytes exactly as received (CRLF).
-//!   Written as `queue/<id>.tmp`, fsynced, renamed, then the folder fsynced:
-//!   a crash leaves either the whole message or a `.tmp` that recovery removes.
+//!   Written as `queue/<id>.tmp`, renamed, fsynced, then the folder fsynced:
+//!   a crash leaves the whole message, a `.tmp` that recovery removes, or a
+//!   file shorter than its record that recovery sets aside (never acknowledged).
 
 mod id;
 mod spool;
 
 pub use id::QueueId;
-pub use spool::{list_ids, load as spool_load, Error, QueuedMeta, Spool, StoredMessage};
+pub use spool::{list_ids, load as spool_load, Error, QueuedMeta, Spool, Spooled, StoredMessage};

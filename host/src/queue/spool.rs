@@ -89,6 +89,18 @@ impl StoredMessage {
     }
 }
 
+/// A message the spool has just made durable, with its bytes, so delivery
+/// can start on it without reading it back.
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    /// The queue id.
+    pub id: QueueId,
+    /// The record as written.
+    pub meta: QueuedMeta,
+    /// The message bytes as written.
+    pub message: Arc<Vec<u8>>,
+}
+
 /// The open, locked spool.
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -197,7 +209,7 @@ impl Spool {
         client: Option<&SessionInfo>,
         hold: Option<String>,
         message: Arc<Vec<u8>>,
-    ) -> Result<(), Error> {
+    ) -> Result<Spooled, Error> {
         let meta = QueuedMeta {
             version: SPOOL_VERSION,
             id: id.to_string(),
@@ -213,11 +225,12 @@ impl Spool {
         let tmp_path = final_path.with_extension("tmp");
         let inner = self.inner.clone();
         let path = final_path.clone();
+        let bytes = message.clone();
         // One trip to the blocking pool for the whole write. The folder fsync
         // makes the name durable; one fsync covers every message renamed before
         // it started (group commit).
         tokio::task::spawn_blocking(move || {
-            write_synced(&tmp_path, &final_path, &header, &message)?;
+            write_synced(&tmp_path, &final_path, &header, &bytes)?;
             inner
                 .dir_sync
                 .sync(&inner.queue_dir)
@@ -227,7 +240,12 @@ impl Spool {
         .map_err(|e| Error::Io {
             path,
             source: io::Error::other(e),
-        })?
+        })??;
+        Ok(Spooled {
+            id: id.clone(),
+            meta,
+            message,
+        })
     }
 
     /// Ids of every message in the spool, oldest first.

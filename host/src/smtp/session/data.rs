@@ -218,7 +218,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             )
             .await
         {
-            Ok(()) => {
+            Ok(spooled) => {
                 tracing::info!(
                     queue_id = %id,
                     peer = %self.info.peer,
@@ -231,7 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     quarantine = tx.quarantine.as_deref().unwrap_or(""),
                     "queued"
                 );
-                self.ctx.queued(&id);
+                self.ctx.queued(spooled);
                 self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")))
             }
             Err(e) => {
