@@ -62,15 +62,16 @@ pub mod bindings {
 
 pub use bindings::postern::relay::message::{EditError, Message, Part};
 pub use bindings::postern::relay::types::{
-    Address, BodyType, Envelope, Header, Hook, MailParams, Reply, Route, Session, TlsInfo, Verdict,
+    Address, BodyType, Envelope, Header, Hook, IpAddress, MailParams, Reply, Route, Session,
+    TlsInfo, Verdict,
 };
 pub use postern_sdk_macros::plugin;
 
 /// Everything a plugin usually needs: `use postern_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Address, Config, ConfigError, Envelope, Header, Hook, Message, Plugin, Reply, Route,
-        Session, Verdict,
+        Address, Config, ConfigError, Envelope, Header, Headers, Hook, Message, Plugin, Reply,
+        Route, Session, Verdict,
     };
 }
 
@@ -103,8 +104,9 @@ pub trait Plugin: Sized + 'static {
         Verdict::Continue
     }
 
-    /// At delivery, per recipient: where it goes.
-    fn route(&self, _envelope: &Envelope, _rcpt: &Address, _headers: &[Header]) -> Route {
+    /// At delivery, per recipient: where it goes. `headers` reads the
+    /// message's header fields.
+    fn route(&self, _envelope: &Envelope, _rcpt: &Address, _headers: &Headers) -> Route {
         Route::Default
     }
 }
@@ -118,6 +120,113 @@ thread_local! {
 /// and during `connect`.
 pub fn envelope() -> Option<Envelope> {
     CURRENT_ENVELOPE.with(|e| e.borrow().clone())
+}
+
+impl From<IpAddress> for std::net::IpAddr {
+    fn from(ip: IpAddress) -> Self {
+        match ip {
+            IpAddress::Ipv4((a, b, c, d)) => std::net::Ipv4Addr::new(a, b, c, d).into(),
+            IpAddress::Ipv6((a, b, c, d, e, f, g, h)) => {
+                std::net::Ipv6Addr::new(a, b, c, d, e, f, g, h).into()
+            }
+        }
+    }
+}
+
+impl Session {
+    /// The client's address and port.
+    ///
+    /// ```
+    /// # use postern_sdk::{IpAddress, Session};
+    /// let session = Session {
+    ///     peer_ip: IpAddress::Ipv4((192, 0, 2, 1)),
+    ///     peer_port: 40000,
+    ///     local_ip: IpAddress::Ipv4((192, 0, 2, 10)),
+    ///     local_port: 25,
+    ///     helo: None,
+    ///     tls: None,
+    ///     auth_user: None,
+    ///     may_relay: false,
+    /// };
+    /// assert_eq!(session.peer().to_string(), "192.0.2.1:40000");
+    /// assert!(session.peer().ip().is_ipv4());
+    /// assert_eq!(session.local().port(), 25);
+    /// ```
+    pub fn peer(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.peer_ip.into(), self.peer_port)
+    }
+
+    /// The address and port of the listener the client connected to.
+    pub fn local(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.local_ip.into(), self.local_port)
+    }
+}
+
+/// A message's header section, as the route hook gets it: fields are read
+/// on request, so a hook that does not look at them pays nothing.
+///
+/// ```
+/// # use postern_sdk::Headers;
+/// let h = Headers::new("Received: from a\r\n\tby b\r\nSubject: hi\r\nX-Tag: 1\r\nx-tag: 2\r\n".into());
+/// assert_eq!(h.get("subject").as_deref(), Some("hi"));
+/// assert_eq!(h.get("Received").as_deref(), Some("from a\tby b"));
+/// assert_eq!(h.get_all("X-Tag"), vec!["1", "2"]);
+/// assert_eq!(h.iter().count(), 4);
+/// assert!(h.get("Date").is_none());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Headers {
+    raw: String,
+}
+
+impl Headers {
+    /// Wraps a header section (CRLF or LF line ends).
+    pub fn new(raw: String) -> Headers {
+        Headers { raw }
+    }
+
+    /// The section as the relay sent it.
+    pub fn raw(&self) -> &str {
+        &self.raw
+    }
+
+    /// Every field in order, with its value unfolded and trimmed.
+    pub fn iter(&self) -> impl Iterator<Item = Header> + '_ {
+        let mut lines = self
+            .raw
+            .split('\n')
+            .map(|l| l.trim_end_matches('\r'))
+            .peekable();
+        std::iter::from_fn(move || loop {
+            let line = lines.next()?;
+            let Some((name, first)) = line.split_once(':') else {
+                continue;
+            };
+            let mut value = first.to_string();
+            while let Some(next) = lines.next_if(|l| l.starts_with([' ', '\t'])) {
+                value.push_str(next);
+            }
+            return Some(Header {
+                name: name.trim().to_string(),
+                value: value.trim().to_string(),
+            });
+        })
+    }
+
+    /// The first field called `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+
+    /// Every field called `name` (case-insensitive), in order.
+    pub fn get_all(&self, name: &str) -> Vec<String> {
+        self.iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+            .collect()
+    }
 }
 
 /// The plugin's `[plugin.config]` table, as the relay hands it to `init`.
@@ -451,12 +560,18 @@ pub mod __private {
         const HOOKS: &'static [Hook];
     }
 
-    /// Runs `f` with the envelope available through [`envelope()`].
-    pub fn with_envelope<R>(envelope: &Envelope, f: impl FnOnce() -> R) -> R {
-        CURRENT_ENVELOPE.with(|e| *e.borrow_mut() = Some(envelope.clone()));
-        let r = f();
-        CURRENT_ENVELOPE.with(|e| *e.borrow_mut() = None);
-        r
+    /// Runs `f` on the envelope while [`envelope()`] can see it too. The
+    /// envelope is lent to both, not copied: a hook call stays cheap.
+    pub fn with_envelope<R>(envelope: Envelope, f: impl FnOnce(&Envelope) -> R) -> R {
+        CURRENT_ENVELOPE.with(|cell| {
+            cell.replace(Some(envelope));
+            let r = match &*cell.borrow() {
+                Some(envelope) => f(envelope),
+                None => unreachable!("the envelope was set just above"),
+            };
+            cell.replace(None);
+            r
+        })
     }
 
     /// The error an uninitialized instance answers with: the relay always
@@ -507,8 +622,8 @@ macro_rules! export {
                     session: $crate::Session,
                     envelope: $crate::Envelope,
                 ) -> $crate::Verdict {
-                    $crate::__private::with_envelope(&envelope, || {
-                        with(|p| p.mail_from(&session, &envelope))
+                    $crate::__private::with_envelope(envelope, |envelope| {
+                        with(|p| p.mail_from(&session, envelope))
                     })
                 }
 
@@ -517,7 +632,7 @@ macro_rules! export {
                     envelope: $crate::Envelope,
                     recipient: $crate::Address,
                 ) -> $crate::Verdict {
-                    $crate::__private::with_envelope(&envelope, || {
+                    $crate::__private::with_envelope(envelope, |_| {
                         with(|p| p.rcpt(&session, &recipient))
                     })
                 }
@@ -527,18 +642,18 @@ macro_rules! export {
                     envelope: $crate::Envelope,
                     message: &$crate::Message,
                 ) -> $crate::Verdict {
-                    $crate::__private::with_envelope(&envelope, || {
-                        with(|p| p.data(&session, &envelope, message))
+                    $crate::__private::with_envelope(envelope, |envelope| {
+                        with(|p| p.data(&session, envelope, message))
                     })
                 }
 
                 fn route(
                     envelope: $crate::Envelope,
                     recipient: $crate::Address,
-                    headers: Vec<$crate::Header>,
+                    headers: String,
                 ) -> $crate::Route {
-                    $crate::__private::with_envelope(&envelope, || {
-                        with(|p| p.route(&envelope, &recipient, &headers))
+                    $crate::__private::with_envelope(envelope, |envelope| {
+                        with(|p| p.route(envelope, &recipient, &$crate::Headers::new(headers)))
                     })
                 }
             }

@@ -1,5 +1,7 @@
 //! Between the relay's own types and the WIT types of the bindings.
 
+use std::net::IpAddr;
+
 use crate::envelope::{self, Body, Envelope, SessionInfo};
 use crate::plugins::bindings::types as wit;
 use crate::plugins::check;
@@ -13,12 +15,27 @@ pub fn address(a: &envelope::Address) -> wit::Address {
     }
 }
 
+/// An IP address as numbers.
+fn ip(ip: IpAddr) -> wit::IpAddress {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            wit::IpAddress::Ipv4((a, b, c, d))
+        }
+        IpAddr::V6(v6) => {
+            let [a, b, c, d, e, f, g, h] = v6.segments();
+            wit::IpAddress::Ipv6((a, b, c, d, e, f, g, h))
+        }
+    }
+}
+
 /// The session facts.
 pub fn session(s: &SessionInfo) -> wit::Session {
     wit::Session {
-        peer_ip: s.peer.ip().to_string(),
+        peer_ip: ip(s.peer.ip()),
         peer_port: s.peer.port(),
-        local: s.local.to_string(),
+        local_ip: ip(s.local.ip()),
+        local_port: s.local.port(),
         helo: s.helo.clone(),
         tls: s.tls.as_ref().map(|t| wit::TlsInfo {
             version: t.version.clone(),
@@ -88,12 +105,4 @@ pub fn route(r: wit::Route) -> Result<Route, String> {
         wit::Route::Discard => Route::Discard,
         wit::Route::Reject(r) => Route::Reject(check::reply(&r, &[5])?),
     })
-}
-
-/// The header section as WIT headers.
-pub fn headers(section: &[u8]) -> Vec<wit::Header> {
-    super::host::message::top_headers(section)
-        .into_iter()
-        .map(|(name, value)| wit::Header { name, value })
-        .collect()
 }

@@ -164,7 +164,7 @@ pub enum Call<'a> {
     /// data.
     Data(&'a wit::Session, &'a wit::Envelope, &'a MessageRef),
     /// route.
-    Route(&'a wit::Envelope, &'a wit::Address, &'a [wit::Header]),
+    Route(&'a wit::Envelope, &'a wit::Address, &'a str),
 }
 
 impl Call<'_> {

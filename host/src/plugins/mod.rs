@@ -299,7 +299,13 @@ impl Lease {
         }
         let e = convert::envelope(query.envelope);
         let r = convert::address(&query.recipient.address);
-        let h = convert::headers(query.headers);
+        // The section without the empty line that ends it.
+        let section = query
+            .headers
+            .strip_suffix(b"\r\n")
+            .filter(|s| s.ends_with(b"\r\n"))
+            .unwrap_or(query.headers);
+        let h = String::from_utf8_lossy(section);
         let call = Call::Route(&e, &r, &h);
         for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
             if !p.handles(HookName::Route) {

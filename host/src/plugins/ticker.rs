@@ -23,6 +23,9 @@ pub struct Ticker {
     busy: AtomicUsize,
     /// Ticks so far (the engine's epoch cannot be read back).
     ticks: AtomicU64,
+    /// Set while the thread is parked (or about to park), so a call unparks
+    /// it only then.
+    parked: AtomicBool,
     stop: AtomicBool,
     thread: OnceLock<Thread>,
 }
@@ -43,6 +46,7 @@ impl Ticker {
         let ticker = Arc::new(Ticker {
             busy: AtomicUsize::new(0),
             ticks: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             thread: OnceLock::new(),
         });
@@ -65,12 +69,17 @@ impl Ticker {
     fn run(&self, engine: &Engine) {
         let mut idle = 0;
         while !self.stop.load(Ordering::Acquire) {
-            if self.busy.load(Ordering::Acquire) == 0 {
+            if self.busy.load(Ordering::SeqCst) == 0 {
                 idle += 1;
                 if idle > IDLE_TICKS_BEFORE_PARK {
-                    // A call that starts now unparks us (or has already left
-                    // the token that makes this return at once).
-                    std::thread::park();
+                    // Announce the park, then look again: a call that began in
+                    // between either is seen here or sees `parked` and unparks
+                    // us (both sides use SeqCst, so one of them must).
+                    self.parked.store(true, Ordering::SeqCst);
+                    if self.busy.load(Ordering::SeqCst) == 0 {
+                        std::thread::park();
+                    }
+                    self.parked.store(false, Ordering::SeqCst);
                     idle = 0;
                     continue;
                 }
@@ -85,10 +94,11 @@ impl Ticker {
 
     /// Call before running guest code; the ticker runs until the guard drops.
     pub fn busy(&self) -> Busy<'_> {
-        self.busy.fetch_add(1, Ordering::AcqRel);
-        // Cheap when the thread is not parked: it only leaves a token.
-        if let Some(t) = self.thread.get() {
-            t.unpark();
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            if let Some(t) = self.thread.get() {
+                t.unpark();
+            }
         }
         Busy(self)
     }

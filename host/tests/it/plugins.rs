@@ -411,7 +411,7 @@ async fn every_route_verdict() -> anyhow::Result<()> {
     let relay = Relay::start("").await?;
     let envelope = Envelope::new(Address("a@b.test".into()), MailParams::default());
     let rcpt = Recipient::new("user@dest.test");
-    let headers = b"Subject: hi\r\nFrom: a@b.test\r\n\r\n";
+    let headers = b"Subject: hi\r\nX-Folder: by\r\n header\r\nFrom: a@b.test\r\n\r\n";
     for (config, expected) in [
         (
             "route = { route = \"mx\", arg = \"mx.other.test\" }",
@@ -426,6 +426,11 @@ async fn every_route_verdict() -> anyhow::Result<()> {
             Route::LocalFolder("inbox/b".into()),
         ),
         ("route = { route = \"discard\" }", Route::Discard),
+        // The header section reaches the plugin, folded fields unfolded.
+        (
+            "route = { route = \"folder-from-header\", arg = \"x-folder\" }",
+            Route::LocalFolder("by header".into()),
+        ),
         (
             "route = { route = \"reject\", code = 550, enhanced = \"5.1.2\", text = \"gone\" }",
             Route::Reject(postern::smtp::reply::Reply::new(550, "5.1.2", "gone")),

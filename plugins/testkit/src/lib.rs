@@ -5,7 +5,7 @@
 //! [plugin.config]
 //! rcpt = { verdict = "reject", code = 550, enhanced = "5.7.1", text = "no" }
 //! data = { verdict = "continue", add_header = ["X-Test", "1"], remove_rcpt = "b@x.test" }
-//! route = { route = "local-folder", arg = "inbox" }
+//! route = { route = "local-folder", arg = "inbox" }   # or "folder-from-header" with arg = a header name
 //! misbehave = { hook = "rcpt", how = "trap" }   # or "loop", "alloc"
 //! count = true                                   # kv counter per hook (needs the kv grant)
 //! count_ttl_ms = 60000                           # the counters' TTL, set when one is created
@@ -201,7 +201,7 @@ impl Plugin for Testkit {
         self.verdict("data")
     }
 
-    fn route(&self, _envelope: &Envelope, _rcpt: &Address, _headers: &[Header]) -> Route {
+    fn route(&self, _envelope: &Envelope, _rcpt: &Address, headers: &Headers) -> Route {
         let _ = self.enter("route");
         let Some(a) = self.hooks.get("route") else {
             return Route::Default;
@@ -211,6 +211,10 @@ impl Plugin for Testkit {
             Some("smarthost") => Route::smarthost(a.arg.as_str()),
             Some("local-folder") => Route::local_folder(a.arg.as_str()),
             Some("discard") => Route::Discard,
+            Some("folder-from-header") => match headers.get(&a.arg) {
+                Some(folder) => Route::local_folder(folder.as_str()),
+                None => Route::Default,
+            },
             Some("reject") => Route::reject(a.code, &a.enhanced, &a.text),
             _ => Route::Default,
         }

@@ -238,7 +238,7 @@ fn fields(raw: &[u8]) -> Vec<(Option<&str>, &[u8])> {
     out
 }
 
-pub(crate) fn top_headers(raw: &[u8]) -> Vec<(String, String)> {
+fn top_headers(raw: &[u8]) -> Vec<(String, String)> {
     fields(raw)
         .into_iter()
         .filter_map(|(name, field)| {
