@@ -186,13 +186,18 @@ pub fn entry(queue_dir: &Path, id: &QueueId) -> Result<Entry, queue::Error> {
     })
 }
 
-/// Every message, oldest first (messages that vanish meanwhile are skipped).
+/// Every message, oldest first (messages that vanish meanwhile are skipped,
+/// damaged ones too, with a warning: the relay sets them aside when it meets
+/// them).
 pub fn list(queue_dir: &Path) -> Result<Vec<Entry>, queue::Error> {
     let mut out = Vec::new();
     for id in queue::list_ids(queue_dir)? {
         match entry(queue_dir, &id) {
             Ok(e) => out.push(e),
             Err(queue::Error::NotFound(_)) => {}
+            Err(e @ queue::Error::Damaged { .. }) => {
+                tracing::warn!(queue_id = %id, error = %e, "skipping a damaged message file")
+            }
             Err(e) => return Err(e),
         }
     }

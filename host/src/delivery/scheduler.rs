@@ -416,6 +416,11 @@ impl Shared {
                 let stored = match self.spool.load(id) {
                     Ok(s) => s,
                     Err(crate::queue::Error::NotFound(_)) => return Ok(()),
+                    // Never acknowledged (see `queue::spool_load`): not ours to deliver.
+                    Err(crate::queue::Error::Damaged { reason, .. }) => {
+                        self.spool.set_aside(id, &reason)?;
+                        return Ok(());
+                    }
                     Err(e) => return Err(e.into()),
                 };
                 let meta = Arc::new(stored.meta.clone());

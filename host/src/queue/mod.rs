@@ -6,8 +6,9 @@
 //! - `queue/<id>`: one file per message: a JSON line with [`QueuedMeta`] (envelope,
 //!   client, hold reason), then the message bytes exactly as received (CRLF).
 //!   Written as `queue/<id>.tmp`, renamed, fsynced, then the folder fsynced:
-//!   a crash leaves the whole message, a `.tmp` that recovery removes, or a
-//!   file shorter than its record that recovery sets aside (never acknowledged).
+//!   a crash leaves the whole message, a `.tmp` that start-up removes, or a
+//!   file shorter than its record (never acknowledged), which does not load
+//!   and is moved to `corrupt/` when delivery first meets it.
 
 mod id;
 mod spool;

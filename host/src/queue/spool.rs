@@ -161,38 +161,37 @@ impl Spool {
         &self.inner.root
     }
 
-    /// Removes `.tmp` debris and sets aside message files that a crash cut
-    /// short (possible only for messages that were never acknowledged, see
-    /// `write_synced`): they go to `corrupt/` for the operator, never to delivery.
+    /// Removes `.tmp` debris of writes a crash interrupted. It reads no
+    /// message: a file a crash cut short is found when delivery first loads it
+    /// ([`load`] checks the length) and set aside then ([`Spool::set_aside`]),
+    /// so a spool of millions costs one folder listing at start, not a read of
+    /// every file twice.
     fn remove_partial_writes(&self) -> Result<(), Error> {
         let queue = &self.inner.queue;
         for entry in fs::read_dir(queue).map_err(io_err(queue))? {
             let entry = entry.map_err(io_err(queue))?;
             let path = entry.path();
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.ends_with(".tmp") {
+            if entry.file_name().to_string_lossy().ends_with(".tmp") {
                 tracing::info!(path = %path.display(), "removing a spool file whose write did not finish");
                 fs::remove_file(&path).map_err(io_err(&path))?;
-                continue;
-            }
-            let Some(id) = QueueId::parse(&name) else {
-                continue;
-            };
-            let len = entry.metadata().map_err(io_err(&path))?.len();
-            let complete = match load(&path, &id) {
-                Ok(stored) => stored.body_offset + stored.meta.size == len,
-                Err(Error::NotFound(_)) => continue,
-                Err(_) => false,
-            };
-            if !complete {
-                let corrupt = self.inner.root.join("corrupt");
-                fs::create_dir_all(&corrupt).map_err(io_err(&corrupt))?;
-                tracing::warn!(queue_id = %id, "message file is incomplete (cut short by a crash before it was acknowledged); moved to corrupt/");
-                fs::rename(&path, corrupt.join(id.as_str())).map_err(io_err(&path))?;
             }
         }
         Ok(())
+    }
+
+    /// Moves a damaged message file (cut short by a crash before it was
+    /// acknowledged, or unreadable) to `corrupt/` for the operator, so it is
+    /// neither delivered nor tried again.
+    pub fn set_aside(&self, id: &QueueId, reason: &str) -> Result<(), Error> {
+        let corrupt = self.inner.root.join("corrupt");
+        fs::create_dir_all(&corrupt).map_err(io_err(&corrupt))?;
+        let path = self.message_path(id);
+        tracing::warn!(queue_id = %id, reason, "damaged message file moved to corrupt/");
+        match fs::rename(&path, corrupt.join(id.as_str())) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
     }
 
     /// Path of a message's spool file.
@@ -283,7 +282,8 @@ pub fn list_ids(queue: &Path) -> Result<Vec<QueueId>, Error> {
     Ok(ids)
 }
 
-/// Reads one spool file's record.
+/// Reads one spool file's record, and checks that the file is as long as
+/// the record says: a shorter one was cut by a crash before its 250.
 pub fn load(path: &Path, id: &QueueId) -> Result<StoredMessage, Error> {
     let f = match File::open(path) {
         Ok(f) => f,
@@ -301,6 +301,14 @@ pub fn load(path: &Path, id: &QueueId) -> Result<StoredMessage, Error> {
         return Err(Error::Damaged {
             path: path.into(),
             reason: format!("unknown version {}", meta.version),
+        });
+    }
+    let len = reader.get_ref().metadata().map_err(io_err(path))?.len();
+    let expected = line.len() as u64 + meta.size;
+    if len != expected {
+        return Err(Error::Damaged {
+            path: path.into(),
+            reason: format!("{len} bytes where the record says {expected}: cut short by a crash before it was acknowledged"),
         });
     }
     Ok(StoredMessage {
@@ -430,7 +438,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_message_cut_short_is_set_aside_at_open() {
+    async fn a_message_cut_short_does_not_load_and_is_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let id = QueueId::generate();
         {
@@ -450,6 +458,11 @@ mod tests {
             .set_len(len - 3)
             .unwrap();
         let spool = Spool::open(dir.path()).unwrap();
+        assert!(
+            matches!(spool.load(&id), Err(Error::Damaged { .. })),
+            "a short file does not load"
+        );
+        spool.set_aside(&id, "test").unwrap();
         assert!(spool.list().unwrap().is_empty());
         assert!(dir.path().join("corrupt").join(id.as_str()).exists());
     }
