@@ -189,6 +189,28 @@ async fn an_instance_serves_one_transaction_at_a_time() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A warm instance serves one transaction after another; with
+/// `instances = "fresh"` each transaction gets a new one, so nothing a plugin
+/// keeps in memory outlives the transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_instances_keep_nothing_between_transactions() -> anyhow::Result<()> {
+    for (instances, second) in [("warm", "2"), ("fresh", "1")] {
+        let relay = Relay::start(&format!(
+            "[[plugin]]\nname = \"tag\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\ninstances = \"{instances}\"\n[plugin.config]\ntag_instance = true\n"
+        ))
+        .await?;
+        let (mut c, _) = relay.client().await?;
+        for expected in ["1", second] {
+            let r = c.send("s@b.test", &["r@local.test"], MESSAGE).await?;
+            assert_eq!(r.code, 250, "{r:?}");
+            let (_, message) = relay.spooled(&queue_id(&r).expect("queue id"))?;
+            let header = format!("\r\nX-Testkit-Transactions: {expected}\r\n");
+            assert!(message.contains(&header), "{instances}: {message}");
+        }
+    }
+    Ok(())
+}
+
 /// A plugin that traps gets its on_error policy: tempfail (the default),
 /// continue, reject.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,8 @@
 //! count = true                                   # kv counter per hook (needs the kv grant)
 //! count_ttl_ms = 60000                           # the counters' TTL, set when one is created
 //! count_errors = true                            # a failed count answers 451 with the kv error
-//! tag_instance = true                            # data adds X-Testkit-Calls: hooks this instance ran since MAIL
+//! tag_instance = true                            # data adds X-Testkit-Calls (hooks this instance ran since MAIL)
+//!                                                # and X-Testkit-Transactions (MAILs this instance has seen)
 //! ```
 
 use std::cell::Cell;
@@ -72,6 +73,10 @@ struct Testkit {
     /// one instance served a whole transaction and nothing else meanwhile.
     #[serde(skip)]
     calls: Cell<u32>,
+    /// Transactions (mail-from calls) this instance has served: more than
+    /// one shows a warm instance was reused.
+    #[serde(skip)]
+    transactions: Cell<u32>,
 }
 
 impl Testkit {
@@ -80,6 +85,7 @@ impl Testkit {
     fn enter(&self, hook: &str) -> Option<Verdict> {
         if hook == "mail_from" {
             self.calls.set(0);
+            self.transactions.set(self.transactions.get() + 1);
         }
         self.calls.set(self.calls.get() + 1);
         if self.count {
@@ -175,7 +181,12 @@ impl Plugin for Testkit {
         }
         if self.tag_instance {
             let calls = self.calls.get().to_string();
-            if message.add_header("X-Testkit-Calls", &calls).is_err() {
+            let transactions = self.transactions.get().to_string();
+            if message.add_header("X-Testkit-Calls", &calls).is_err()
+                || message
+                    .add_header("X-Testkit-Transactions", &transactions)
+                    .is_err()
+            {
                 return Verdict::reject(554, "5.6.0", "header edit refused");
             }
         }
