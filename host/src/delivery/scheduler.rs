@@ -1116,7 +1116,15 @@ impl Shared {
             .unwrap_or(1);
         let next = now + self.retry_delay(attempts).as_secs().max(1);
         a.state.next_attempt = next;
-        if let Err(e) = state::store(&self.queue_dir, &id, &a.state) {
+        // The state file is fsynced: on a runtime worker that wait would stall
+        // every session and delivery scheduled there (a destination that is
+        // down defers thousands of messages at once).
+        let (dir, sid, st) = (self.queue_dir.clone(), id.clone(), a.state.clone());
+        let saved = tokio::task::spawn_blocking(move || state::store(&dir, &sid, &st))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = saved {
             tracing::warn!(queue_id = %id, error = %e, "cannot save delivery state");
         }
         if a.state.held {
