@@ -30,7 +30,7 @@ use super::Error;
 use crate::config::Config;
 use crate::plugins::ChainHandle;
 use crate::policy::RouteQuery;
-use crate::queue::{QueueId, QueuedMeta, Spool, Spooled};
+use crate::queue::{off_runtime, QueueId, QueuedMeta, Spool, Spooled};
 use crate::server::Context;
 use crate::smtp::reply::Reply;
 
@@ -413,7 +413,14 @@ impl Shared {
                 (Arc::new(f.meta), dstate, None, Some(f.message))
             }
             None => {
-                let stored = match self.spool.load(id) {
+                let (spool, dir, qid) = (self.spool.clone(), self.queue_dir.clone(), id.clone());
+                let loaded = off_runtime(move || {
+                    let stored = spool.load(&qid)?;
+                    let dstate = state::load(&dir, &stored.meta, &qid);
+                    Ok((stored, dstate))
+                })
+                .await;
+                let (stored, dstate) = match loaded {
                     Ok(s) => s,
                     Err(crate::queue::Error::NotFound(_)) => return Ok(()),
                     // Never acknowledged (see `queue::spool_load`): not ours to deliver.
@@ -424,7 +431,7 @@ impl Shared {
                     Err(e) => return Err(e.into()),
                 };
                 let meta = Arc::new(stored.meta.clone());
-                let dstate = match state::load(&self.queue_dir, &meta, id) {
+                let dstate = match dstate {
                     Ok(s) => s,
                     Err(e) => {
                         // Starting over may deliver some recipients twice;
@@ -447,7 +454,7 @@ impl Shared {
         }
         let body = match (fresh_body, stored) {
             (Some(body), _) => body,
-            (None, Some(stored)) => Arc::new(stored.read_message()?),
+            (None, Some(stored)) => Arc::new(off_runtime(move || stored.read_message()).await?),
             (None, None) => return Ok(()),
         };
         let expired = now.saturating_sub(meta.received) >= self.config.delivery.max_age.0.as_secs();
@@ -716,7 +723,7 @@ impl Shared {
             }
             let body = match body {
                 Some(b) => b,
-                None => match self.spool.load(&job.id).and_then(|m| m.read_message()) {
+                None => match self.read_spooled(&job.id).await {
                     Ok(b) => Arc::new(b),
                     Err(e) => {
                         let e = Error::from(e);
@@ -1148,6 +1155,12 @@ impl Shared {
         base + base.mul_f64(jitter)
     }
 
+    /// A spooled message's bytes, read off the async workers.
+    async fn read_spooled(&self, id: &QueueId) -> Result<Vec<u8>, crate::queue::Error> {
+        let (spool, id) = (self.spool.clone(), id.clone());
+        off_runtime(move || spool.load(&id)?.read_message()).await
+    }
+
     /// Queues the DSN about `notice`; returns it as spooled, or `None` when there is
     /// nobody to tell (null sender and no postmaster).
     async fn send_notice(
@@ -1174,7 +1187,7 @@ impl Shared {
         };
         let message = match &a.body {
             Some(b) => b.clone(),
-            None => Arc::new(self.spool.load(id)?.read_message()?),
+            None => Arc::new(self.read_spooled(id).await?),
         };
         let items: Vec<_> = notice
             .iter()

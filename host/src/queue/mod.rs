@@ -14,4 +14,6 @@ mod id;
 mod spool;
 
 pub use id::QueueId;
-pub use spool::{list_ids, load as spool_load, Error, QueuedMeta, Spool, Spooled, StoredMessage};
+pub use spool::{
+    list_ids, load as spool_load, off_runtime, Error, QueuedMeta, Spool, Spooled, StoredMessage,
+};

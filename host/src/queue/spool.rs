@@ -269,6 +269,20 @@ impl Spool {
     }
 }
 
+/// Runs spool file work on the blocking pool: a file that is not in the page
+/// cache waits for the disk, and on a runtime worker that wait would stall
+/// every session and delivery scheduled there.
+pub async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Io {
+            path: PathBuf::new(),
+            source: io::Error::other(e),
+        })?
+}
+
 /// Ids of the messages in a spool `queue/` folder, oldest first.
 pub fn list_ids(queue: &Path) -> Result<Vec<QueueId>, Error> {
     let mut ids = Vec::new();
