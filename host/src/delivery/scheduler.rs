@@ -70,6 +70,14 @@ struct Shared {
     remover: Remover,
 }
 
+/// Where the bytes of a message being admitted are.
+enum Body {
+    /// Just spooled: handed over by the session.
+    InMemory(Arc<Vec<u8>>),
+    /// Found in the spool: read when it is due.
+    OnDisk(Box<crate::queue::StoredMessage>),
+}
+
 /// A thread that unlinks finished messages. An ext4 unlink can wait on the
 /// journal for a while; on a runtime worker that wait would stall sessions and
 /// deliveries. The removal never needed to be durable at once (a crash before
@@ -406,11 +414,12 @@ impl Shared {
         force: bool,
         fresh: Option<Spooled>,
     ) -> Result<(), Error> {
-        // A message just spooled has no delivery state yet.
-        let (meta, mut dstate, stored, fresh_body) = match fresh {
+        // A message just spooled has no delivery state yet, and its bytes
+        // are at hand; one found in the spool is read only if it is due.
+        let (meta, mut dstate, body) = match fresh {
             Some(f) => {
                 let dstate = DeliveryState::new(&f.meta);
-                (Arc::new(f.meta), dstate, None, Some(f.message))
+                (Arc::new(f.meta), dstate, Body::InMemory(f.message))
             }
             None => {
                 let (spool, dir, qid) = (self.spool.clone(), self.queue_dir.clone(), id.clone());
@@ -440,7 +449,7 @@ impl Shared {
                         DeliveryState::new(&meta)
                     }
                 };
-                (meta, dstate, Some(stored), None)
+                (meta, dstate, Body::OnDisk(Box::new(stored)))
             }
         };
         if dstate.is_held(&meta) {
@@ -452,10 +461,9 @@ impl Shared {
             self.push_deferred(&mut s, dstate.next_attempt, id.clone());
             return Ok(());
         }
-        let body = match (fresh_body, stored) {
-            (Some(body), _) => body,
-            (None, Some(stored)) => Arc::new(off_runtime(move || stored.read_message()).await?),
-            (None, None) => return Ok(()),
+        let body = match body {
+            Body::InMemory(body) => body,
+            Body::OnDisk(stored) => Arc::new(off_runtime(move || stored.read_message()).await?),
         };
         let expired = now.saturating_sub(meta.received) >= self.config.delivery.max_age.0.as_secs();
         // One lease for the message: its recipients share the instances.
