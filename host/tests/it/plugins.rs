@@ -211,6 +211,29 @@ async fn fresh_instances_keep_nothing_between_transactions() -> anyhow::Result<(
     Ok(())
 }
 
+/// The data hook's message API end to end, through a real component: the
+/// subject, the MIME parts, the first text body, and an attachment's name,
+/// type, size and decoded content read in small ranges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_message_api_shows_parts_and_attachments() -> anyhow::Result<()> {
+    let relay = Relay::start(
+        "[[plugin]]\nname = \"look\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n[plugin.config]\ninspect = true\n",
+    )
+    .await?;
+    let (mut c, _) = relay.client().await?;
+    let message = "Subject: Report\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n\
+                   --b\r\nContent-Type: text/plain\r\n\r\nhello world\r\n\
+                   --b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=data.bin\r\n\
+                   Content-Transfer-Encoding: base64\r\n\r\nAAECAwQF\r\n--b--\r\n";
+    let r = c.send("a@b.test", &["c@local.test"], message).await?;
+    assert_eq!(r.code, 250, "{r:?}");
+    let (_, spooled) = relay.spooled(&queue_id(&r).expect("queue id"))?;
+    let expected = "X-Testkit-Inspect: subject=Report; parts=3; text=hello world; \
+                    attachment=data.bin:application/octet-stream:6:000102030405\r\n";
+    assert!(spooled.contains(expected), "{spooled}");
+    Ok(())
+}
+
 /// A plugin that traps gets its on_error policy: tempfail (the default),
 /// continue, reject.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

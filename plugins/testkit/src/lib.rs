@@ -12,6 +12,7 @@
 //! count_errors = true                            # a failed count answers 451 with the kv error
 //! tag_instance = true                            # data adds X-Testkit-Calls (hooks this instance ran since MAIL)
 //!                                                # and X-Testkit-Transactions (MAILs this instance has seen)
+//! inspect = true                                 # data adds X-Testkit-Inspect: subject, parts, text, attachments
 //! ```
 
 use std::cell::Cell;
@@ -69,6 +70,8 @@ struct Testkit {
     count_errors: bool,
     #[serde(default)]
     tag_instance: bool,
+    #[serde(default)]
+    inspect: bool,
     /// Hooks this instance has run since its last mail-from; shows whether
     /// one instance served a whole transaction and nothing else meanwhile.
     #[serde(skip)]
@@ -148,6 +151,35 @@ impl Testkit {
     }
 }
 
+/// What the message API shows of the message: subject, part count, first
+/// text body, and each attachment's name, type, size and content (read three
+/// bytes at a time, as a plugin streams a large attachment).
+fn inspect(message: &Message) -> String {
+    use std::io::Read;
+    let mut out = format!(
+        "subject={}; parts={}; text={}",
+        message.subject().unwrap_or_default(),
+        message.parts().len(),
+        message.text_body(0).unwrap_or_default().trim()
+    );
+    for a in message.attachments() {
+        let mut reader = message.part_reader(a.index);
+        let mut content = Vec::new();
+        let mut chunk = [0u8; 3];
+        while let Ok(n @ 1..) = reader.read(&mut chunk) {
+            content.extend_from_slice(&chunk[..n]);
+        }
+        let hex: String = content.iter().map(|b| format!("{b:02x}")).collect();
+        out.push_str(&format!(
+            "; attachment={}:{}:{}:{hex}",
+            a.name.unwrap_or_default(),
+            a.content_type,
+            a.size
+        ));
+    }
+    out
+}
+
 #[postern_sdk::plugin]
 impl Plugin for Testkit {
     fn init(config: Config) -> Result<Self, ConfigError> {
@@ -189,6 +221,13 @@ impl Plugin for Testkit {
             {
                 return Verdict::reject(554, "5.6.0", "header edit refused");
             }
+        }
+        if self.inspect
+            && message
+                .add_header("X-Testkit-Inspect", &inspect(message))
+                .is_err()
+        {
+            return Verdict::reject(554, "5.6.0", "header edit refused");
         }
         if let Some(a) = self.hooks.get("data") {
             if let Some((name, value)) = &a.add_header {

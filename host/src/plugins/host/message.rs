@@ -296,6 +296,18 @@ fn to_address(a: &WitAddress) -> Result<Address, EditError> {
 
 impl Host for HostState {}
 
+impl HostState {
+    /// A host call that reads the message's MIME parse (made on first use).
+    fn with_mime<R>(
+        &mut self,
+        m: &Resource<MessageRef>,
+        read: impl FnOnce(&Mime) -> R,
+    ) -> wasmtime::Result<R> {
+        self.host_call_done();
+        Ok(read(self.table.get(m)?.lock().parsed().1))
+    }
+}
+
 impl HostMessage for HostState {
     async fn headers(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<Vec<Header>> {
         self.host_call_done();
@@ -320,8 +332,7 @@ impl HostMessage for HostState {
     }
 
     async fn subject(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<Option<String>> {
-        self.host_call_done();
-        Ok(self.table.get(&m)?.lock().parsed().1.subject.clone())
+        self.with_mime(&m, |mime| mime.subject.clone())
     }
 
     async fn size(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<u64> {
@@ -330,17 +341,9 @@ impl HostMessage for HostState {
     }
 
     async fn parts(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<Vec<Part>> {
-        self.host_call_done();
-        Ok(self
-            .table
-            .get(&m)?
-            .lock()
-            .parsed()
-            .1
-            .parts
-            .iter()
-            .map(|p| p.info.clone())
-            .collect())
+        self.with_mime(&m, |mime| {
+            mime.parts.iter().map(|p| p.info.clone()).collect()
+        })
     }
 
     async fn text_body(
@@ -348,16 +351,7 @@ impl HostMessage for HostState {
         m: Resource<MessageRef>,
         n: u32,
     ) -> wasmtime::Result<Option<String>> {
-        self.host_call_done();
-        Ok(self
-            .table
-            .get(&m)?
-            .lock()
-            .parsed()
-            .1
-            .texts
-            .get(n as usize)
-            .cloned())
+        self.with_mime(&m, |mime| mime.texts.get(n as usize).cloned())
     }
 
     async fn read_part(
