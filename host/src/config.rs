@@ -534,11 +534,11 @@ pub enum OnError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Instances {
-    /// A pool of warm instances, each lent to one call at a time and retired
-    /// after a trap, a memory high-water mark or many uses.
+    /// A pool of warm instances, each lent to one transaction at a time and
+    /// retired after a trap, a memory high-water mark or many uses.
     #[default]
     Warm,
-    /// A new instance per call: no state outlives it.
+    /// A new instance per transaction: no state outlives it.
     Fresh,
 }
 
