@@ -121,11 +121,7 @@ async fn data_edits_reach_the_spool() -> anyhow::Result<()> {
 /// a plugin, while a local address is fine; a trusted client may have both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recipients_added_by_plugins_obey_the_access_rules() -> anyhow::Result<()> {
-    let chain = |rcpt: &str| {
-        format!(
-            "[[plugin]]\nname = \"bcc\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n[plugin.config]\ndata = {{ add_rcpt = \"{rcpt}\" }}\n"
-        )
-    };
+    let chain = |rcpt: &str| testkit(&format!("data = {{ add_rcpt = \"{rcpt}\" }}"), "");
     for (trusted, added, kept) in [
         (false, "copy@elsewhere.test", false),
         (false, "copy@local.test", true),
@@ -152,10 +148,7 @@ async fn recipients_added_by_plugins_obey_the_access_rules() -> anyhow::Result<(
 /// transaction's mail-from, rcpt and data hooks and nothing else meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_serves_one_transaction_at_a_time() -> anyhow::Result<()> {
-    let relay = Relay::start(
-        "[[plugin]]\nname = \"tag\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n[plugin.config]\ntag_instance = true\n",
-    )
-    .await?;
+    let relay = Relay::start(&testkit("tag_instance = true", "")).await?;
     let (mut a, _) = relay.client().await?;
     let (mut b, _) = relay.client().await?;
     for c in [&mut a, &mut b] {
@@ -195,10 +188,8 @@ async fn an_instance_serves_one_transaction_at_a_time() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_instances_keep_nothing_between_transactions() -> anyhow::Result<()> {
     for (instances, second) in [("warm", "2"), ("fresh", "1")] {
-        let relay = Relay::start(&format!(
-            "[[plugin]]\nname = \"tag\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\ninstances = \"{instances}\"\n[plugin.config]\ntag_instance = true\n"
-        ))
-        .await?;
+        let extra = format!("instances = \"{instances}\"");
+        let relay = Relay::start(&testkit("tag_instance = true", &extra)).await?;
         let (mut c, _) = relay.client().await?;
         for expected in ["1", second] {
             let r = c.send("s@b.test", &["r@local.test"], MESSAGE).await?;
@@ -216,10 +207,7 @@ async fn fresh_instances_keep_nothing_between_transactions() -> anyhow::Result<(
 /// type, size and decoded content read in small ranges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_message_api_shows_parts_and_attachments() -> anyhow::Result<()> {
-    let relay = Relay::start(
-        "[[plugin]]\nname = \"look\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n[plugin.config]\ninspect = true\n",
-    )
-    .await?;
+    let relay = Relay::start(&testkit("inspect = true", "")).await?;
     let (mut c, _) = relay.client().await?;
     let message = "Subject: Report\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n\
                    --b\r\nContent-Type: text/plain\r\n\r\nhello world\r\n\
