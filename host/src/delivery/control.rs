@@ -270,7 +270,7 @@ fn handle_direct(spool: &Spool, req: Request) -> Result<Vec<Entry>, queue::Error
             if !dir.join(id.as_str()).exists() {
                 return Err(queue::Error::NotFound(id));
             }
-            state::remove_message(&dir, &id).map(|_| Vec::new())
+            state::remove_message(spool, &id).map(|_| Vec::new())
         }
         Request::Hold { id } => set_hold(&dir, &parse_id(&id)?, true).map(|_| Vec::new()),
         Request::Release { id } => set_hold(&dir, &parse_id(&id)?, false).map(|_| Vec::new()),

@@ -89,7 +89,7 @@ struct Remover {
 }
 
 impl Remover {
-    fn start(queue_dir: PathBuf) -> Remover {
+    fn start(spool: Spool) -> Remover {
         let (tx, rx) = std::sync::mpsc::channel::<QueueId>();
         let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let p = pending.clone();
@@ -97,7 +97,7 @@ impl Remover {
             .name("postern-remover".into())
             .spawn(move || {
                 for id in rx {
-                    if let Err(e) = state::remove_message(&queue_dir, &id) {
+                    if let Err(e) = state::remove_message(&spool, &id) {
                         tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
                     }
                     p.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
@@ -236,7 +236,7 @@ impl Delivery {
         let (tx, mut rx) = mpsc::unbounded_channel::<Spooled>();
         let shared = Arc::new(Shared {
             admit_tx: tx.clone(),
-            remover: Remover::start(ctx.spool.root().join("queue")),
+            remover: Remover::start(ctx.spool.clone()),
             timeouts: Timeouts::rfc5321(d.connect_timeout.0),
             config: config.clone(),
             spool: ctx.spool.clone(),
@@ -327,7 +327,7 @@ impl Delivery {
                 return Ok(());
             }
         }
-        state::remove_message(&self.shared.queue_dir, id)
+        state::remove_message(&self.shared.spool, id)
     }
 
     /// Tries one message, or all deferred ones, now (destination backoffs are lifted).
@@ -1049,7 +1049,7 @@ impl Shared {
     /// removal from the spool.
     async fn finalize(self: Arc<Self>, id: QueueId, mut a: Active) {
         if a.cancel == Some(Cancel::Deleted) {
-            if let Err(e) = state::remove_message(&self.queue_dir, &id) {
+            if let Err(e) = state::remove_message(&self.spool, &id) {
                 tracing::warn!(queue_id = %id, error = %e, "cannot remove deleted message");
             }
             tracing::info!(queue_id = %id, "deleted by the operator");

@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::{Error, QueueId, QueuedMeta};
+use crate::queue::{Error, QueueId, QueuedMeta, Spool};
 
 /// Where a recipient stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,17 +180,16 @@ pub fn store(queue_dir: &Path, id: &QueueId, state: &DeliveryState) -> Result<()
     })
 }
 
-/// Removes a finished message: the message file first, then its state, so a
-/// crash in between leaves an orphan state (removed at start) rather than a
-/// message without its state (which would be delivered again from scratch).
-pub fn remove_message(queue_dir: &Path, id: &QueueId) -> Result<(), Error> {
-    let msg = queue_dir.join(id.as_str());
-    match fs::remove_file(&msg) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => return Err(Error::Io { path: msg, source }),
+/// Removes a finished message: the message file first (back to the spool's
+/// pool), then its state, so a crash in between leaves an orphan state
+/// (removed at start) rather than a message without its state (which would
+/// be delivered again from scratch).
+pub fn remove_message(spool: &Spool, id: &QueueId) -> Result<(), Error> {
+    match spool.remove(id) {
+        Ok(()) | Err(Error::NotFound(_)) => {}
+        Err(e) => return Err(e),
     }
-    let st = path(queue_dir, id);
+    let st = path(&spool.root().join("queue"), id);
     match fs::remove_file(&st) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

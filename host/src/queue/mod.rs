@@ -4,11 +4,15 @@
 //! Layout of the spool folder:
 //! - `lock`: held (flock) by the running relay, so a second `serve` refuses to start.
 //! - `queue/<id>`: one file per message: a JSON line with [`QueuedMeta`] (envelope,
-//!   client, hold reason), then the message bytes exactly as received (CRLF).
-//!   Written as `queue/<id>.tmp`, renamed, fsynced, then the folder fsynced:
-//!   a crash leaves the whole message, a `.tmp` that start-up removes, or a
-//!   file shorter than its record (never acknowledged), which does not load
-//!   and is moved to `corrupt/` when delivery first meets it.
+//!   client, hold reason, size), then the message bytes exactly as received
+//!   (CRLF). Written into a file of `pool/`, fdatasynced, renamed here, then the
+//!   folder fsynced: a crash leaves the whole message under its name or none.
+//!   A file shorter than its record (damaged) does not load and is moved to
+//!   `corrupt/` when delivery first meets it.
+//! - `queue/<id>.state`: delivery state, once a message has been tried.
+//! - `pool/<n>`: files of finished messages, written over by new ones (their
+//!   blocks are allocated already, which makes the fsync cheap). Bytes past a
+//!   record's `size` are the old tail of such a file.
 
 mod id;
 mod spool;

@@ -1,9 +1,11 @@
 //! Writing, reading and removing spooled messages, with group commit for the
-//! folder fsync that makes a new message's name durable.
+//! folder fsync that makes a new message's name durable, and a pool of
+//! finished message files that new messages are written over.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -78,13 +80,16 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
-    /// Reads the message bytes.
+    /// Reads the message bytes: `size` of them, since a file written over a
+    /// longer one from the pool keeps that one's tail after the message.
     pub fn read_message(&self) -> Result<Vec<u8>, Error> {
         let mut f = File::open(&self.path).map_err(io_err(&self.path))?;
         let mut out = Vec::with_capacity(self.meta.size as usize);
         io::Seek::seek(&mut f, io::SeekFrom::Start(self.body_offset))
             .map_err(io_err(&self.path))?;
-        f.read_to_end(&mut out).map_err(io_err(&self.path))?;
+        f.take(self.meta.size)
+            .read_to_end(&mut out)
+            .map_err(io_err(&self.path))?;
         Ok(out)
     }
 }
@@ -113,11 +118,90 @@ struct Inner {
     queue: PathBuf,
     queue_dir: File,
     dir_sync: DirSync,
+    pool: Pool,
     /// Held for the life of the process: the flock is the "one relay per spool" rule.
     _lock: File,
 }
 
 const SPOOL_VERSION: u32 = 1;
+
+/// Finished message files kept in `pool/` to be written over by new messages.
+/// Writing over a file whose blocks are already allocated spares the disk the
+/// inode creation, the block allocation and, at removal, the truncation (and
+/// the discard, on a filesystem mounted with it) that one file per message
+/// would cost: an fdatasync then writes the data blocks and nothing else.
+#[derive(Debug)]
+struct Pool {
+    dir: PathBuf,
+    free: Mutex<Vec<PathBuf>>,
+    next_name: AtomicU64,
+}
+
+/// Files kept in the pool at most; beyond, finished files are unlinked.
+const POOL_FILES: usize = 256;
+/// Larger files are unlinked rather than pooled, so the pool holds at most
+/// `POOL_FILES * POOL_FILE_MAX` bytes of disk.
+const POOL_FILE_MAX: u64 = 256 * 1024;
+
+impl Pool {
+    fn open(dir: PathBuf) -> Result<Pool, Error> {
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut free = Vec::new();
+        let mut last = 0;
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            match entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                Some(n) if free.len() < POOL_FILES => {
+                    last = last.max(n);
+                    free.push(entry.path());
+                }
+                _ => fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?,
+            }
+        }
+        Ok(Pool {
+            dir,
+            free: Mutex::new(free),
+            next_name: AtomicU64::new(last + 1),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A file to write a new message into: a pooled one, or else a new name
+    /// in the pool folder (`true`: the file does not exist yet).
+    fn take(&self) -> (PathBuf, bool) {
+        match self.lock().pop() {
+            Some(path) => (path, false),
+            None => {
+                let n = self.next_name.fetch_add(1, Ordering::Relaxed);
+                (self.dir.join(n.to_string()), true)
+            }
+        }
+    }
+
+    /// Retires a finished message file: into the pool if there is room and it
+    /// is small, else unlinked. Neither needs to be durable: after a crash the
+    /// message is still queued and is delivered again, a duplicate, never a loss.
+    fn retire(&self, path: &Path) -> io::Result<()> {
+        let len = fs::metadata(path)?.len();
+        // Checked without holding the lock over the rename; two removals
+        // racing may take the pool one or two files past its size.
+        if self.lock().len() >= POOL_FILES || len > POOL_FILE_MAX {
+            return fs::remove_file(path);
+        }
+        let n = self.next_name.fetch_add(1, Ordering::Relaxed);
+        let to = self.dir.join(n.to_string());
+        fs::rename(path, &to)?;
+        self.lock().push(to);
+        Ok(())
+    }
+}
 
 impl Spool {
     /// Opens (creating if needed) and locks the spool, and removes debris of
@@ -143,12 +227,14 @@ impl Spool {
             .and_then(|_| writeln!(lock, "{}", std::process::id()))
             .map_err(io_err(&lock_path))?;
         let queue_dir = File::open(&queue).map_err(io_err(&queue))?;
+        let pool = Pool::open(root.join("pool"))?;
         let spool = Spool {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
                 queue: queue.clone(),
                 queue_dir,
                 dir_sync: DirSync::default(),
+                pool,
                 _lock: lock,
             }),
         };
@@ -221,7 +307,6 @@ impl Spool {
         let mut header = serde_json::to_vec(&meta).expect("spool record serializes");
         header.push(b'\n');
         let final_path = self.message_path(id);
-        let tmp_path = final_path.with_extension("tmp");
         let inner = self.inner.clone();
         let path = final_path.clone();
         let bytes = message.clone();
@@ -229,7 +314,8 @@ impl Spool {
         // makes the name durable; one fsync covers every message renamed before
         // it started (group commit).
         tokio::task::spawn_blocking(move || {
-            write_synced(&tmp_path, &final_path, &header, &bytes)?;
+            let (file, new) = inner.pool.take();
+            write_synced(&file, new, &final_path, &header, &bytes)?;
             inner
                 .dir_sync
                 .sync(&inner.queue_dir)
@@ -257,11 +343,12 @@ impl Spool {
         load(&self.message_path(id), id)
     }
 
-    /// Removes a message whose recipients are all done. The removal need not be
-    /// durable at once: after a crash the message is just delivered again.
+    /// Removes a message whose recipients are all done; its file goes back to
+    /// the pool. The removal need not be durable at once: after a crash the
+    /// message is just delivered again.
     pub fn remove(&self, id: &QueueId) -> Result<(), Error> {
         let path = self.message_path(id);
-        match fs::remove_file(&path) {
+        match self.inner.pool.retire(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NotFound(id.clone())),
             Err(e) => Err(io_err(&path)(e)),
@@ -296,8 +383,10 @@ pub fn list_ids(queue: &Path) -> Result<Vec<QueueId>, Error> {
     Ok(ids)
 }
 
-/// Reads one spool file's record, and checks that the file is as long as
-/// the record says: a shorter one was cut by a crash before its 250.
+/// Reads one spool file's record, and checks that it is this id's and that
+/// the file holds as many bytes as the record says: a shorter one was cut by
+/// a crash before its 250. (A longer one was written over a longer pooled
+/// file; the bytes past the message are that file's old tail.)
 pub fn load(path: &Path, id: &QueueId) -> Result<StoredMessage, Error> {
     let f = match File::open(path) {
         Ok(f) => f,
@@ -317,9 +406,17 @@ pub fn load(path: &Path, id: &QueueId) -> Result<StoredMessage, Error> {
             reason: format!("unknown version {}", meta.version),
         });
     }
+    if meta.id != id.as_str() {
+        // A name whose removal a crash undid after the file went back to the
+        // pool and took a newer message: that message is under its own name.
+        return Err(Error::Damaged {
+            path: path.into(),
+            reason: format!("the file holds message {}", meta.id),
+        });
+    }
     let len = reader.get_ref().metadata().map_err(io_err(path))?.len();
     let expected = line.len() as u64 + meta.size;
-    if len != expected {
+    if len < expected {
         return Err(Error::Damaged {
             path: path.into(),
             reason: format!("{len} bytes where the record says {expected}: cut short by a crash before it was acknowledged"),
@@ -332,32 +429,48 @@ pub fn load(path: &Path, id: &QueueId) -> Result<StoredMessage, Error> {
     })
 }
 
-/// Writes a message file under its final name and makes it durable.
-///
-/// The order is chosen so that one journal commit covers everything: the file is
-/// written in full under a temporary name, renamed, and only then fsynced. On
-/// ext4 and XFS that fsync commits the data, the inode and the rename together,
-/// and the folder fsync that follows finds nothing left to commit. Until the
-/// fsync returns the relay has not said 250, so a crash in between can leave a
-/// final name whose content did not reach the disk: recovery finds it shorter
-/// than its record says and sets it aside ([`Spool::open`]).
-fn write_synced(tmp: &Path, dest: &Path, header: &[u8], message: &[u8]) -> Result<(), Error> {
-    let mut renamed = false;
+/// Writes a message into `file` (in the pool folder; `new`: not yet created),
+/// makes the bytes durable and only then renames it to its final name, whose
+/// durability the caller's folder fsync provides. A crash before the rename
+/// leaves a pool file, which is only ever written over; so a name in `queue/`
+/// always has its whole message behind it. For a pooled file an fdatasync
+/// writes only the data blocks: they are allocated already and the size
+/// changes only when the message is longer than the file.
+fn write_synced(
+    file: &Path,
+    new: bool,
+    dest: &Path,
+    header: &[u8],
+    message: &[u8],
+) -> Result<(), Error> {
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
-        f.write_all(header)?;
-        f.write_all(message)?;
-        fs::rename(tmp, dest)?;
-        renamed = true;
-        f.sync_all()
+        let mut f = OpenOptions::new().write(true).create_new(new).open(file)?;
+        write_both(&mut f, header, message)?;
+        f.sync_data()?;
+        fs::rename(file, dest)
     })();
     result.map_err(|source| {
-        let _ = fs::remove_file(if renamed { dest } else { tmp });
+        // The file may hold a half-written message; it is not pooled again.
+        let _ = fs::remove_file(file);
         Error::Io {
             path: dest.to_path_buf(),
             source,
         }
     })
+}
+
+/// Writes `a` then `b` with as few system calls as the kernel allows.
+fn write_both(f: &mut File, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
+    while !a.is_empty() {
+        let n = f.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    f.write_all(b)
 }
 
 fn restrict_to_owner(path: &Path) -> io::Result<()> {
@@ -437,18 +550,101 @@ mod tests {
     async fn store_load_remove() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let id = QueueId::generate();
-        let msg = Arc::new(b"Subject: hi\r\n\r\nbody\r\n".to_vec());
-        spool
-            .store(&id, &envelope(), None, None, msg.clone())
-            .await
-            .unwrap();
+        let (id, msg) = store(&spool, b"Subject: hi\r\n\r\nbody\r\n").await;
         assert_eq!(spool.list().unwrap(), vec![id.clone()]);
         let stored = spool.load(&id).unwrap();
         assert_eq!(stored.meta.envelope, envelope());
         assert_eq!(stored.read_message().unwrap(), *msg);
         spool.remove(&id).unwrap();
         assert!(matches!(spool.load(&id), Err(Error::NotFound(_))));
+    }
+
+    /// Stores `body` under a new id; returns the id and the bytes.
+    async fn store(spool: &Spool, body: &[u8]) -> (QueueId, Arc<Vec<u8>>) {
+        let id = QueueId::generate();
+        let msg = Arc::new(body.to_vec());
+        spool
+            .store(&id, &envelope(), None, None, msg.clone())
+            .await
+            .unwrap();
+        (id, msg)
+    }
+
+    fn pooled(dir: &Path) -> usize {
+        fs::read_dir(dir.join("pool")).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn finished_files_are_written_over_and_read_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let long = QueueId::generate();
+        let long_msg =
+            Arc::new(format!("Subject: long\r\n\r\n{}\r\n", "x".repeat(5000)).into_bytes());
+        spool
+            .store(&long, &envelope(), None, None, long_msg)
+            .await
+            .unwrap();
+        assert_eq!(pooled(dir.path()), 0, "the file moved to queue/");
+        spool.remove(&long).unwrap();
+        assert_eq!(pooled(dir.path()), 1, "the finished file went to the pool");
+
+        // The next message is written over it and keeps its old tail.
+        let (short, short_msg) = store(&spool, b"Subject: short\r\n\r\nhi\r\n").await;
+        assert_eq!(pooled(dir.path()), 0, "the pooled file was reused");
+        let stored = spool.load(&short).unwrap();
+        assert!(fs::metadata(&stored.path).unwrap().len() > stored.body_offset + 100);
+        assert_eq!(stored.read_message().unwrap(), *short_msg);
+
+        // A large file is unlinked, not pooled.
+        let big = QueueId::generate();
+        let big_msg = Arc::new(vec![b'x'; POOL_FILE_MAX as usize + 1]);
+        spool
+            .store(&big, &envelope(), None, None, big_msg)
+            .await
+            .unwrap();
+        spool.remove(&big).unwrap();
+        assert_eq!(pooled(dir.path()), 0);
+        assert!(matches!(spool.remove(&big), Err(Error::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn the_pool_survives_a_restart_and_loses_its_debris() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Spool::open(dir.path()).unwrap();
+            for _ in 0..3 {
+                let (id, _) = store(&spool, b"Subject: hi\r\n\r\n").await;
+                spool.remove(&id).unwrap();
+            }
+            assert_eq!(pooled(dir.path()), 1, "one file went round three times");
+        }
+        fs::write(dir.path().join("pool/junk"), b"?").unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(
+            pooled(dir.path()),
+            1,
+            "the stray file is gone, the pooled one kept"
+        );
+        let (id, msg) = store(&spool, b"Subject: again\r\n\r\n").await;
+        assert_eq!(
+            pooled(dir.path()),
+            0,
+            "the pooled file was reused after the restart"
+        );
+        assert_eq!(spool.load(&id).unwrap().read_message().unwrap(), *msg);
+    }
+
+    #[tokio::test]
+    async fn a_name_that_holds_another_message_does_not_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let (id, _) = store(&spool, b"Subject: hi\r\n\r\n").await;
+        // As if a crash undid the removal of `stale` after its file was reused for `id`.
+        let stale = QueueId::generate();
+        fs::hard_link(spool.message_path(&id), spool.message_path(&stale)).unwrap();
+        assert!(matches!(spool.load(&stale), Err(Error::Damaged { .. })));
+        assert!(spool.load(&id).is_ok());
     }
 
     #[tokio::test]

@@ -211,10 +211,16 @@ pub fn spooled(spool: &Path) -> Vec<Spooled> {
         }
         let bytes = std::fs::read(&path).unwrap();
         let nl = bytes.iter().position(|&b| b == b'\n').expect("record line");
+        let meta: serde_json::Value = serde_json::from_slice(&bytes[..nl]).expect("record is JSON");
+        // A file written over a longer pooled one keeps that one's tail.
+        let size = meta["size"].as_u64().expect("record has a size") as usize;
+        let message = bytes[nl + 1..]
+            .get(..size)
+            .expect("file as long as its record");
         out.push(Spooled {
             id: name,
-            meta: serde_json::from_slice(&bytes[..nl]).expect("record is JSON"),
-            message: bytes[nl + 1..].to_vec(),
+            meta,
+            message: message.to_vec(),
         });
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
