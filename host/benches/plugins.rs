@@ -66,7 +66,10 @@ async fn one_message(hooks: &mut Lease, f: &Fixture) {
     };
     assert!(hooks.data(&f.session, &mut tx).await.lets_through());
     hooks.end();
-    let headers = &tx.message[..tx.message.len() - 2];
+    // The header section, blank line included, as delivery hands it over.
+    let end = MESSAGE.len();
+    assert!(tx.message[..end].ends_with(b"\r\n\r\n"));
+    let headers = &tx.message[..end];
     hooks
         .route(RouteQuery {
             envelope: &tx.envelope,

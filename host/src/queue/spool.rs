@@ -247,11 +247,12 @@ impl Spool {
         &self.inner.root
     }
 
-    /// Removes `.tmp` debris of writes a crash interrupted. It reads no
-    /// message: a file a crash cut short is found when delivery first loads it
-    /// ([`load`] checks the length) and set aside then ([`Spool::set_aside`]),
-    /// so a spool of millions costs one folder listing at start, not a read of
-    /// every file twice.
+    /// Removes `.tmp` debris of delivery-state writes a crash interrupted (a
+    /// message write a crash interrupted stays in `pool/`, which is only ever
+    /// written over). It reads no message: a damaged file is found when
+    /// delivery first loads it ([`load`] checks the length) and set aside then
+    /// ([`Spool::set_aside`]), so a spool of millions costs one folder listing
+    /// at start, not a read of every file twice.
     fn remove_partial_writes(&self) -> Result<(), Error> {
         let queue = &self.inner.queue;
         for entry in fs::read_dir(queue).map_err(io_err(queue))? {
