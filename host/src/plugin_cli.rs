@@ -147,7 +147,7 @@ impl Plugin for {ty} {{
         config.parse()
     }}
 
-    fn rcpt(&self, _session: &Session, rcpt: &Address) -> Verdict {{
+    fn rcpt(&self, _session: &Session, rcpt: &Recipient) -> Verdict {{
         if self.domains.iter().any(|d| rcpt.domain().eq_ignore_ascii_case(d)) {{
             return Verdict::reject(550, "5.7.1", "recipient domain is blocked");
         }}

@@ -16,7 +16,7 @@
 //! impl Plugin for Blocklist {
 //!     fn init(config: Config) -> Result<Self, ConfigError> { config.parse() }
 //!
-//!     fn rcpt(&self, _session: &Session, rcpt: &Address) -> Verdict {
+//!     fn rcpt(&self, _session: &Session, rcpt: &Recipient) -> Verdict {
 //!         if self.domains.iter().any(|d| rcpt.domain().eq_ignore_ascii_case(d)) {
 //!             return Verdict::reject(550, "5.7.1", "recipient domain is blocked");
 //!         }
@@ -44,8 +44,9 @@
 // The generated bindings name their own crate by path, inside and outside it.
 extern crate self as postern_sdk;
 
-use std::cell::RefCell;
+use std::cell::OnceCell;
 use std::fmt;
+use std::ops::Deref;
 
 #[doc(hidden)]
 #[allow(missing_docs)]
@@ -60,18 +61,19 @@ pub mod bindings {
     });
 }
 
+use bindings::postern::relay::context;
 pub use bindings::postern::relay::message::{EditError, Message, Part};
 pub use bindings::postern::relay::types::{
-    Address, BodyType, Envelope, Header, Hook, IpAddress, MailParams, Reply, Route, Session,
-    TlsInfo, Verdict,
+    Address, BodyType, Envelope as EnvelopeInfo, Header, Hook, IpAddress, MailParams, Reply, Route,
+    Session as SessionInfo, TlsInfo, Verdict,
 };
 pub use postern_sdk_macros::plugin;
 
 /// Everything a plugin usually needs: `use postern_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Address, Config, ConfigError, Envelope, Header, Headers, Hook, Message, Plugin, Reply,
-        Route, Session, Verdict,
+        Address, Config, ConfigError, Envelope, Header, Headers, Hook, Message, Plugin, Recipient,
+        Reply, Route, Session, Verdict,
     };
 }
 
@@ -95,7 +97,7 @@ pub trait Plugin: Sized + 'static {
 
     /// At each RCPT TO, after the relay's access rules accepted it. The
     /// envelope so far is [`envelope()`].
-    fn rcpt(&self, _session: &Session, _rcpt: &Address) -> Verdict {
+    fn rcpt(&self, _session: &Session, _rcpt: &Recipient) -> Verdict {
         Verdict::Continue
     }
 
@@ -106,20 +108,92 @@ pub trait Plugin: Sized + 'static {
 
     /// At delivery, per recipient: where it goes. `headers` reads the
     /// message's header fields.
-    fn route(&self, _envelope: &Envelope, _rcpt: &Address, _headers: &Headers) -> Route {
+    fn route(&self, _envelope: &Envelope, _rcpt: &Recipient, _headers: &Headers) -> Route {
         Route::Default
     }
 }
 
-thread_local! {
-    static CURRENT_ENVELOPE: RefCell<Option<Envelope>> = const { RefCell::new(None) };
+/// The envelope of the transaction whose hook is running (during `rcpt`: the
+/// sender and the recipients accepted before this one), read from the relay
+/// when first used. `connect` has none: reading it there traps.
+pub fn envelope() -> Envelope {
+    Envelope::of_hook()
 }
 
-/// The envelope of the transaction whose hook is running (during `rcpt`: the
-/// sender and the recipients accepted before this one). `None` outside a hook
-/// and during `connect`.
-pub fn envelope() -> Option<Envelope> {
-    CURRENT_ENVELOPE.with(|e| e.borrow().clone())
+/// Something the running hook is about (its session, envelope or
+/// recipient): the relay sends it the first time the hook reads it, and it
+/// derefs to the value, so a hook that does not look pays nothing for it.
+/// Valid for the hook it was given to.
+///
+/// ```
+/// # use postern_sdk::{Address, Recipient};
+/// let rcpt = Recipient::new(Address::new("user", "example.org"));
+/// assert_eq!(rcpt.domain(), "example.org");
+/// ```
+#[derive(Debug, Clone)]
+pub struct FromHook<T> {
+    value: OnceCell<T>,
+    fetch: fn() -> T,
+}
+
+impl<T> FromHook<T> {
+    /// A value known already (for tests and tools; hooks get theirs from
+    /// the relay).
+    pub fn new(value: T) -> FromHook<T> {
+        FromHook {
+            value: OnceCell::from(value),
+            fetch: || unreachable!("a value made with `new` is set"),
+        }
+    }
+
+    fn fetched_by(fetch: fn() -> T) -> FromHook<T> {
+        FromHook {
+            value: OnceCell::new(),
+            fetch,
+        }
+    }
+}
+
+impl<T> Deref for FromHook<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        self.value.get_or_init(self.fetch)
+    }
+}
+
+/// The client session of the running hook; derefs to [`SessionInfo`].
+pub type Session = FromHook<SessionInfo>;
+
+/// The envelope of the running hook's transaction; derefs to [`EnvelopeInfo`].
+pub type Envelope = FromHook<EnvelopeInfo>;
+
+/// The recipient the running `rcpt` or `route` hook is about; derefs to
+/// [`Address`].
+pub type Recipient = FromHook<Address>;
+
+impl Session {
+    /// The running hook's session, not read yet.
+    #[doc(hidden)]
+    pub fn of_hook() -> Session {
+        FromHook::fetched_by(context::get_session)
+    }
+}
+
+impl Envelope {
+    /// The running hook's envelope, not read yet.
+    #[doc(hidden)]
+    pub fn of_hook() -> Envelope {
+        FromHook::fetched_by(context::get_envelope)
+    }
+}
+
+impl Recipient {
+    /// The running hook's recipient, not read yet.
+    #[doc(hidden)]
+    pub fn of_hook() -> Recipient {
+        FromHook::fetched_by(context::get_recipient)
+    }
 }
 
 impl From<IpAddress> for std::net::IpAddr {
@@ -133,12 +207,12 @@ impl From<IpAddress> for std::net::IpAddr {
     }
 }
 
-impl Session {
+impl SessionInfo {
     /// The client's address and port.
     ///
     /// ```
-    /// # use postern_sdk::{IpAddress, Session};
-    /// let session = Session {
+    /// # use postern_sdk::{IpAddress, Session, SessionInfo};
+    /// let session = Session::new(SessionInfo {
     ///     peer_ip: IpAddress::Ipv4((192, 0, 2, 1)),
     ///     peer_port: 40000,
     ///     local_ip: IpAddress::Ipv4((192, 0, 2, 10)),
@@ -147,7 +221,7 @@ impl Session {
     ///     tls: None,
     ///     auth_user: None,
     ///     may_relay: false,
-    /// };
+    /// });
     /// assert_eq!(session.peer().to_string(), "192.0.2.1:40000");
     /// assert!(session.peer().ip().is_ipv4());
     /// assert_eq!(session.local().port(), 25);
@@ -176,24 +250,34 @@ impl Session {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Headers {
-    raw: String,
+    raw: OnceCell<String>,
 }
 
 impl Headers {
     /// Wraps a header section (CRLF or LF line ends).
     pub fn new(raw: String) -> Headers {
-        Headers { raw }
+        Headers {
+            raw: OnceCell::from(raw),
+        }
     }
 
-    /// The section as the relay sent it.
+    /// The route hook's headers, not read yet.
+    #[doc(hidden)]
+    pub fn of_hook() -> Headers {
+        Headers {
+            raw: OnceCell::new(),
+        }
+    }
+
+    /// The section as the relay sent it; asked of the relay at the first read.
     pub fn raw(&self) -> &str {
-        &self.raw
+        self.raw.get_or_init(context::get_headers)
     }
 
     /// Every field in order, with its value unfolded and trimmed.
     pub fn iter(&self) -> impl Iterator<Item = Header> + '_ {
         let mut lines = self
-            .raw
+            .raw()
             .split('\n')
             .map(|l| l.trim_end_matches('\r'))
             .peekable();
@@ -560,20 +644,6 @@ pub mod __private {
         const HOOKS: &'static [Hook];
     }
 
-    /// Runs `f` on the envelope while [`envelope()`] can see it too. The
-    /// envelope is lent to both, not copied: a hook call stays cheap.
-    pub fn with_envelope<R>(envelope: Envelope, f: impl FnOnce(&Envelope) -> R) -> R {
-        CURRENT_ENVELOPE.with(|cell| {
-            cell.replace(Some(envelope));
-            let r = match &*cell.borrow() {
-                Some(envelope) => f(envelope),
-                None => unreachable!("the envelope was set just above"),
-            };
-            cell.replace(None);
-            r
-        })
-    }
-
     /// The error an uninitialized instance answers with: the relay always
     /// calls `init` first, so this only shows up as a plugin error.
     pub fn not_initialized() -> ! {
@@ -614,46 +684,37 @@ macro_rules! export {
                     Ok(<$plugin as $crate::__private::Hooks>::HOOKS.to_vec())
                 }
 
-                fn connect(session: $crate::Session) -> $crate::Verdict {
-                    with(|p| p.connect(&session))
+                // Session, envelope and headers are fetched from the
+                // relay only if the hook reads them.
+                fn connect() -> $crate::Verdict {
+                    with(|p| p.connect(&$crate::Session::of_hook()))
                 }
 
-                fn mail_from(
-                    session: $crate::Session,
-                    envelope: $crate::Envelope,
-                ) -> $crate::Verdict {
-                    $crate::__private::with_envelope(envelope, |envelope| {
-                        with(|p| p.mail_from(&session, envelope))
+                fn mail_from() -> $crate::Verdict {
+                    with(|p| p.mail_from(&$crate::Session::of_hook(), &$crate::Envelope::of_hook()))
+                }
+
+                fn rcpt() -> $crate::Verdict {
+                    with(|p| p.rcpt(&$crate::Session::of_hook(), &$crate::Recipient::of_hook()))
+                }
+
+                fn data(message: &$crate::Message) -> $crate::Verdict {
+                    with(|p| {
+                        p.data(
+                            &$crate::Session::of_hook(),
+                            &$crate::Envelope::of_hook(),
+                            message,
+                        )
                     })
                 }
 
-                fn rcpt(
-                    session: $crate::Session,
-                    envelope: $crate::Envelope,
-                    recipient: $crate::Address,
-                ) -> $crate::Verdict {
-                    $crate::__private::with_envelope(envelope, |_| {
-                        with(|p| p.rcpt(&session, &recipient))
-                    })
-                }
-
-                fn data(
-                    session: $crate::Session,
-                    envelope: $crate::Envelope,
-                    message: &$crate::Message,
-                ) -> $crate::Verdict {
-                    $crate::__private::with_envelope(envelope, |envelope| {
-                        with(|p| p.data(&session, envelope, message))
-                    })
-                }
-
-                fn route(
-                    envelope: $crate::Envelope,
-                    recipient: $crate::Address,
-                    headers: String,
-                ) -> $crate::Route {
-                    $crate::__private::with_envelope(envelope, |envelope| {
-                        with(|p| p.route(envelope, &recipient, &$crate::Headers::new(headers)))
+                fn route() -> $crate::Route {
+                    with(|p| {
+                        p.route(
+                            &$crate::Envelope::of_hook(),
+                            &$crate::Recipient::of_hook(),
+                            &$crate::Headers::of_hook(),
+                        )
                     })
                 }
             }

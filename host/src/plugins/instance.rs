@@ -13,6 +13,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use crate::config::{HookName, Instances, PluginConfig};
 use crate::plugins::bindings::types as wit;
 use crate::plugins::bindings::{Plugin, PluginPre};
+use crate::plugins::host::context::HookContext;
 use crate::plugins::host::dns::Resolver;
 use crate::plugins::host::kv::KvStore;
 use crate::plugins::host::message::MessageRef;
@@ -84,6 +85,9 @@ pub struct HostState {
     pub(crate) plugin: String,
     pub(crate) services: Arc<Services>,
     pub(crate) table: ResourceTable,
+    /// What the hook in progress is about (`postern:relay/context`); empty
+    /// between calls.
+    pub(crate) context: HookContext,
     wasi: WasiCtx,
     limiter: Limiter,
     /// Epoch ticks of guest time used since the call began or the last host
@@ -153,29 +157,38 @@ impl CallError {
     }
 }
 
+/// One hook call: what it is about (read by the guest on request) and its
+/// arguments.
+pub struct Call<'a> {
+    /// Session, envelope, recipient, headers.
+    pub context: &'a HookContext,
+    /// The hook and its arguments.
+    pub args: Args<'a>,
+}
+
 /// The arguments of one hook call.
-pub enum Call<'a> {
+pub enum Args<'a> {
     /// connect.
-    Connect(&'a wit::Session),
+    Connect,
     /// mail-from.
-    MailFrom(&'a wit::Session, &'a wit::Envelope),
+    MailFrom,
     /// rcpt.
-    Rcpt(&'a wit::Session, &'a wit::Envelope, &'a wit::Address),
+    Rcpt,
     /// data.
-    Data(&'a wit::Session, &'a wit::Envelope, &'a MessageRef),
+    Data(&'a MessageRef),
     /// route.
-    Route(&'a wit::Envelope, &'a wit::Address, &'a str),
+    Route,
 }
 
 impl Call<'_> {
     /// The hook this call is for.
     pub fn hook(&self) -> HookName {
-        match self {
-            Call::Connect(..) => HookName::Connect,
-            Call::MailFrom(..) => HookName::MailFrom,
-            Call::Rcpt(..) => HookName::Rcpt,
-            Call::Data(..) => HookName::Data,
-            Call::Route(..) => HookName::Route,
+        match self.args {
+            Args::Connect => HookName::Connect,
+            Args::MailFrom => HookName::MailFrom,
+            Args::Rcpt => HookName::Rcpt,
+            Args::Data(_) => HookName::Data,
+            Args::Route => HookName::Route,
         }
     }
 }
@@ -311,6 +324,7 @@ impl LoadedPlugin {
             plugin: self.config.name.clone(),
             services: self.services.clone(),
             table: ResourceTable::new(),
+            context: HookContext::default(),
             wasi: wasi.build(),
             limiter: Limiter {
                 cap: usize::try_from(self.config.memory_mb * 1024 * 1024).unwrap_or(usize::MAX),
@@ -463,18 +477,13 @@ impl LoadedPlugin {
         let Instance { store, plugin, .. } = &mut instance;
         let _ticking = self.ticker.busy();
         store.data_mut().arm(deadline);
+        store.data_mut().context = call.context.clone();
         store.set_epoch_deadline(1);
-        let raw = match call {
-            Call::Connect(s) => plugin.call_connect(&mut *store, s).await.map(Raw::Verdict),
-            Call::MailFrom(s, e) => plugin
-                .call_mail_from(&mut *store, s, e)
-                .await
-                .map(Raw::Verdict),
-            Call::Rcpt(s, e, r) => plugin
-                .call_rcpt(&mut *store, s, e, r)
-                .await
-                .map(Raw::Verdict),
-            Call::Data(s, e, m) => {
+        let raw = match call.args {
+            Args::Connect => plugin.call_connect(&mut *store).await.map(Raw::Verdict),
+            Args::MailFrom => plugin.call_mail_from(&mut *store).await.map(Raw::Verdict),
+            Args::Rcpt => plugin.call_rcpt(&mut *store).await.map(Raw::Verdict),
+            Args::Data(m) => {
                 let handle: Resource<MessageRef> = store
                     .data_mut()
                     .table
@@ -482,7 +491,7 @@ impl LoadedPlugin {
                     .map_err(|e| CallError::Instantiate(e.to_string()))?;
                 let rep = handle.rep();
                 let r = plugin
-                    .call_data(&mut *store, s, e, handle)
+                    .call_data(&mut *store, handle)
                     .await
                     .map(Raw::Verdict);
                 // The guest only borrowed the handle; take it back so the
@@ -493,11 +502,10 @@ impl LoadedPlugin {
                     .delete(Resource::<MessageRef>::new_own(rep));
                 r
             }
-            Call::Route(e, r, h) => plugin
-                .call_route(&mut *store, e, r, h)
-                .await
-                .map(Raw::Route),
+            Args::Route => plugin.call_route(&mut *store).await.map(Raw::Route),
         };
+        // The context is the caller's; an idle instance keeps none of it.
+        store.data_mut().context = HookContext::default();
         let raw = match raw {
             Ok(r) => r,
             Err(e) => return Err(self.classify(store, deadline, e)),

@@ -29,8 +29,9 @@ use std::time::Duration;
 
 use crate::config::{HookName, OnError};
 use crate::envelope::{Envelope, Recipient, SessionInfo};
+use crate::plugins::host::context::HookContext;
 use crate::plugins::host::message::{MessageRef, MessageState};
-use crate::plugins::instance::{Answer, Call, CallError, Instance, LoadedPlugin};
+use crate::plugins::instance::{Answer, Args, Call, CallError, Instance, LoadedPlugin};
 use crate::policy::{DataTransaction, Route, RouteQuery, Verdict};
 use crate::smtp::reply::Reply;
 
@@ -227,8 +228,16 @@ impl Lease {
         if !self.chain.handling(HookName::Connect) {
             return Verdict::Continue;
         }
-        let s = convert::session(session);
-        let verdict = self.verdict(Call::Connect(&s)).await;
+        let context = HookContext {
+            session: Some(Arc::new(convert::session(session))),
+            ..HookContext::default()
+        };
+        let verdict = self
+            .verdict(Call {
+                context: &context,
+                args: Args::Connect,
+            })
+            .await;
         self.end();
         verdict
     }
@@ -238,9 +247,12 @@ impl Lease {
         if !self.chain.handling(HookName::MailFrom) {
             return Verdict::Continue;
         }
-        let s = convert::session(session);
-        let e = convert::envelope(envelope);
-        self.verdict(Call::MailFrom(&s, &e)).await
+        let context = transaction_context(session, envelope);
+        self.verdict(Call {
+            context: &context,
+            args: Args::MailFrom,
+        })
+        .await
     }
 
     /// rcpt hook.
@@ -253,10 +265,15 @@ impl Lease {
         if !self.chain.handling(HookName::Rcpt) {
             return Verdict::Continue;
         }
-        let s = convert::session(session);
-        let e = convert::envelope(envelope);
-        let r = convert::address(&rcpt.address);
-        self.verdict(Call::Rcpt(&s, &e, &r)).await
+        let context = HookContext {
+            recipient: Some(Arc::new(convert::address(&rcpt.address))),
+            ..transaction_context(session, envelope)
+        };
+        self.verdict(Call {
+            context: &context,
+            args: Args::Rcpt,
+        })
+        .await
     }
 
     /// data hook: may change the transaction. The message is shared by the
@@ -267,15 +284,19 @@ impl Lease {
         if !self.chain.handling(HookName::Data) {
             return Verdict::Continue;
         }
-        let s = convert::session(session);
-        let e = convert::envelope(&tx.envelope);
+        let context = transaction_context(session, &tx.envelope);
         let raw = Arc::new(std::mem::take(&mut tx.message));
         let state = Arc::new(Mutex::new(MessageState::new(
             raw,
             tx.envelope.recipients.clone(),
         )));
         let message = MessageRef(state.clone());
-        let verdict = self.verdict(Call::Data(&s, &e, &message)).await;
+        let verdict = self
+            .verdict(Call {
+                context: &context,
+                args: Args::Data(&message),
+            })
+            .await;
         drop(message);
         let state = match Arc::try_unwrap(state) {
             Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
@@ -297,16 +318,22 @@ impl Lease {
         if !self.chain.handling(HookName::Route) {
             return Route::Default;
         }
-        let e = convert::envelope(query.envelope);
-        let r = convert::address(&query.recipient.address);
         // The section without the empty line that ends it.
         let section = query
             .headers
             .strip_suffix(b"\r\n")
             .filter(|s| s.ends_with(b"\r\n"))
             .unwrap_or(query.headers);
-        let h = String::from_utf8_lossy(section);
-        let call = Call::Route(&e, &r, &h);
+        let context = HookContext {
+            session: None,
+            envelope: Some(Arc::new(convert::envelope(query.envelope))),
+            recipient: Some(Arc::new(convert::address(&query.recipient.address))),
+            headers: Some(Arc::new(String::from_utf8_lossy(section).into_owned())),
+        };
+        let call = Call {
+            context: &context,
+            args: Args::Route,
+        };
         for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
             if !p.handles(HookName::Route) {
                 continue;
@@ -324,6 +351,16 @@ impl Lease {
             }
         }
         Route::Default
+    }
+}
+
+/// The context of a transaction's hooks: its session and envelope.
+fn transaction_context(session: &SessionInfo, envelope: &Envelope) -> HookContext {
+    HookContext {
+        session: Some(Arc::new(convert::session(session))),
+        envelope: Some(Arc::new(convert::envelope(envelope))),
+        recipient: None,
+        headers: None,
     }
 }
 

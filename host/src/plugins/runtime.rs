@@ -273,7 +273,7 @@ fn cache_dir(dir: &Path) -> Result<(), String> {
 /// What grant, if any, an import of the `postern:relay` package needs.
 fn grant_for(interface: &str) -> Option<Option<Grant>> {
     match interface {
-        "types" | "message" => Some(None),
+        "types" | "message" | "context" => Some(None),
         "log" => Some(Some(Grant::Log)),
         "kv" => Some(Some(Grant::Kv)),
         "dns" => Some(Some(Grant::Dns)),
@@ -334,6 +334,7 @@ fn link(
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(e)?;
     bindings::types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?;
     bindings::message::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?;
+    bindings::context::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?;
     for g in grants {
         match g {
             Grant::Log => {

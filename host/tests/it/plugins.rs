@@ -222,6 +222,46 @@ async fn the_message_api_shows_parts_and_attachments() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A hook reads its session, envelope and recipient from the relay when it
+/// first uses them, and gets the right ones; a hook asking for what it does
+/// not have (the envelope at connect) traps and gets its on_error verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_read_their_context_on_request() -> anyhow::Result<()> {
+    let relay = Relay::start(&testkit("show_context = true", "")).await?;
+    let (mut c, _) = relay.client().await?;
+    let r = c
+        .send("a@b.test", &["c@local.test", "d@local.test"], MESSAGE)
+        .await?;
+    assert_eq!(r.code, 250, "{r:?}");
+    let (_, spooled) = relay.spooled(&queue_id(&r).expect("queue id"))?;
+    let expected = format!(
+        "X-Testkit-Context: helo=client.test; peer=127.0.0.1; local-port={}; sender=a@b.test; rcpts=2\r\n",
+        relay.addr.port()
+    );
+    assert!(spooled.contains(&expected), "{spooled}");
+    // The rcpt hook read its recipient: it refuses one outside local.test
+    // (which the access rules let through for this trusted client).
+    let (mut c, _) = relay.client().await?;
+    c.cmd("EHLO client.test").await?;
+    c.cmd("MAIL FROM:<a@b.test>").await?;
+    let r = c.cmd("RCPT TO:<x@other.test>").await?;
+    assert_eq!(r.code, 550, "{r:?}");
+    assert!(
+        r.text.contains("testkit saw recipient x@other.test"),
+        "{r:?}"
+    );
+
+    relay
+        .set_chain(&testkit(
+            "misbehave = { hook = \"connect\", how = \"envelope\" }",
+            "on_error = \"reject\"",
+        ))
+        .await?;
+    let (_, banner) = relay.client().await?;
+    assert_eq!(banner.code, 550, "{banner:?}");
+    Ok(())
+}
+
 /// A plugin that traps gets its on_error policy: tempfail (the default),
 /// continue, reject.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

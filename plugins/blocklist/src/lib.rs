@@ -37,7 +37,7 @@ impl Plugin for Blocklist {
         Verdict::Continue
     }
 
-    fn rcpt(&self, _session: &Session, rcpt: &Address) -> Verdict {
+    fn rcpt(&self, _session: &Session, rcpt: &Recipient) -> Verdict {
         if listed(&self.domains, rcpt.domain()) {
             return Verdict::reject(550, "5.7.1", "recipient domain is blocked");
         }

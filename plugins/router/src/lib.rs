@@ -48,7 +48,7 @@ impl Plugin for Router {
         Ok(router)
     }
 
-    fn route(&self, _envelope: &Envelope, rcpt: &Address, _headers: &Headers) -> Route {
+    fn route(&self, _envelope: &Envelope, rcpt: &Recipient, _headers: &Headers) -> Route {
         let domain = rcpt.domain().to_ascii_lowercase();
         let rule = self
             .routes

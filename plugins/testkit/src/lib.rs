@@ -72,6 +72,10 @@ struct Testkit {
     tag_instance: bool,
     #[serde(default)]
     inspect: bool,
+    /// Data hook: adds `X-Testkit-Context` with what the hook read of its
+    /// session and envelope, and `rcpt` and `route` check their recipient.
+    #[serde(default)]
+    show_context: bool,
     /// Hooks this instance has run since its last mail-from; shows whether
     /// one instance served a whole transaction and nothing else meanwhile.
     #[serde(skip)]
@@ -116,6 +120,10 @@ impl Testkit {
         match &self.misbehave {
             Some(m) if m.hook == hook => match m.how.as_str() {
                 "trap" => panic!("testkit: trap in {hook}"),
+                // Asks for the envelope, which `connect` does not have.
+                "envelope" => {
+                    let _ = postern_sdk::envelope().sender.domain().len();
+                }
                 "loop" => {
                     let mut n: u64 = 0;
                     loop {
@@ -200,14 +208,17 @@ impl Plugin for Testkit {
         self.verdict("mail_from")
     }
 
-    fn rcpt(&self, _session: &Session, _rcpt: &Address) -> Verdict {
+    fn rcpt(&self, _session: &Session, rcpt: &Recipient) -> Verdict {
         if let Some(v) = self.enter("rcpt") {
             return v;
+        }
+        if self.show_context && rcpt.domain() != "local.test" {
+            return Verdict::reject(550, "5.1.1", &format!("testkit saw recipient {}", **rcpt));
         }
         self.verdict("rcpt")
     }
 
-    fn data(&self, _session: &Session, _envelope: &Envelope, message: &Message) -> Verdict {
+    fn data(&self, session: &Session, envelope: &Envelope, message: &Message) -> Verdict {
         if let Some(v) = self.enter("data") {
             return v;
         }
@@ -219,6 +230,19 @@ impl Plugin for Testkit {
                     .add_header("X-Testkit-Transactions", &transactions)
                     .is_err()
             {
+                return Verdict::reject(554, "5.6.0", "header edit refused");
+            }
+        }
+        if self.show_context {
+            let text = format!(
+                "helo={}; peer={}; local-port={}; sender={}; rcpts={}",
+                session.helo.as_deref().unwrap_or(""),
+                session.peer().ip(),
+                session.local().port(),
+                envelope.sender,
+                envelope.recipients.len(),
+            );
+            if message.add_header("X-Testkit-Context", &text).is_err() {
                 return Verdict::reject(554, "5.6.0", "header edit refused");
             }
         }
@@ -251,7 +275,7 @@ impl Plugin for Testkit {
         self.verdict("data")
     }
 
-    fn route(&self, _envelope: &Envelope, _rcpt: &Address, headers: &Headers) -> Route {
+    fn route(&self, _envelope: &Envelope, _rcpt: &Recipient, headers: &Headers) -> Route {
         let _ = self.enter("route");
         let Some(a) = self.hooks.get("route") else {
             return Route::Default;

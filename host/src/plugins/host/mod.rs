@@ -1,7 +1,8 @@
-//! Host interfaces a plugin may import. `types` and `message` are always
-//! linked; `log`, `kv` and `dns` only when the plugin's `grants` name them, so
-//! a plugin that imports one it was not granted fails to load.
+//! Host interfaces a plugin may import. `types`, `message` and `context` are
+//! always linked; `log`, `kv` and `dns` only when the plugin's `grants` name
+//! them, so a plugin that imports one it was not granted fails to load.
 
+pub mod context;
 pub mod dns;
 pub mod kv;
 pub mod log;
