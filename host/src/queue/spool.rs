@@ -4,6 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -150,12 +151,16 @@ impl Pool {
         let mut last = 0;
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let entry = entry.map_err(io_err(&dir))?;
+            // A file with a second name is a message still in `queue/`: a
+            // crash kept both names of a rename that a filesystem without a
+            // journal did not finish. Only the pool's name goes.
+            let shared = entry.metadata().map_err(io_err(&entry.path()))?.nlink() > 1;
             match entry
                 .file_name()
                 .to_str()
                 .and_then(|n| n.parse::<u64>().ok())
             {
-                Some(n) if free.len() < POOL_FILES => {
+                Some(n) if free.len() < POOL_FILES && !shared => {
                     last = last.max(n);
                     free.push(entry.path());
                 }
@@ -189,10 +194,11 @@ impl Pool {
     /// is small, else unlinked. Neither needs to be durable: after a crash the
     /// message is still queued and is delivered again, a duplicate, never a loss.
     fn retire(&self, path: &Path) -> io::Result<()> {
-        let len = fs::metadata(path)?.len();
+        let meta = fs::metadata(path)?;
         // Checked without holding the lock over the rename; two removals
-        // racing may take the pool one or two files past its size.
-        if self.lock().len() >= POOL_FILES || len > POOL_FILE_MAX {
+        // racing may take the pool one or two files past its size. A file
+        // with another name (in `corrupt/`) is never written over.
+        if self.lock().len() >= POOL_FILES || meta.len() > POOL_FILE_MAX || meta.nlink() > 1 {
             return fs::remove_file(path);
         }
         let n = self.next_name.fetch_add(1, Ordering::Relaxed);
@@ -637,6 +643,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pool_file_that_is_also_queued_is_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, msg) = {
+            let spool = Spool::open(dir.path()).unwrap();
+            store(&spool, b"Subject: kept\r\n\r\n").await
+        };
+        // As if a crash kept both names of the rename into queue/.
+        fs::hard_link(
+            dir.path().join("queue").join(id.as_str()),
+            dir.path().join("pool/7"),
+        )
+        .unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(pooled(dir.path()), 0, "the second name is gone");
+        let (other, _) = store(&spool, b"Subject: other\r\n\r\n").await;
+        assert_eq!(spool.load(&id).unwrap().read_message().unwrap(), *msg);
+        assert!(spool.load(&other).is_ok());
+    }
+
+    #[tokio::test]
     async fn a_name_that_holds_another_message_does_not_load() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
@@ -646,6 +672,12 @@ mod tests {
         fs::hard_link(spool.message_path(&id), spool.message_path(&stale)).unwrap();
         assert!(matches!(spool.load(&stale), Err(Error::Damaged { .. })));
         assert!(spool.load(&id).is_ok());
+        // Set aside, the stale name keeps the file: once `id` is done, the
+        // file is unlinked rather than pooled and written over.
+        spool.set_aside(&stale, "test").unwrap();
+        spool.remove(&id).unwrap();
+        assert_eq!(pooled(dir.path()), 0);
+        assert!(dir.path().join("corrupt").join(stale.as_str()).exists());
     }
 
     #[tokio::test]
