@@ -250,14 +250,14 @@ impl SessionInfo {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Headers {
-    raw: OnceCell<String>,
+    raw: FromHook<String>,
 }
 
 impl Headers {
     /// Wraps a header section (CRLF or LF line ends).
     pub fn new(raw: String) -> Headers {
         Headers {
-            raw: OnceCell::from(raw),
+            raw: FromHook::new(raw),
         }
     }
 
@@ -265,13 +265,13 @@ impl Headers {
     #[doc(hidden)]
     pub fn of_hook() -> Headers {
         Headers {
-            raw: OnceCell::new(),
+            raw: FromHook::fetched_by(context::get_headers),
         }
     }
 
     /// The section as the relay sent it; asked of the relay at the first read.
     pub fn raw(&self) -> &str {
-        self.raw.get_or_init(context::get_headers)
+        &self.raw
     }
 
     /// Every field in order, with its value unfolded and trimmed.
