@@ -2,11 +2,13 @@
 # End-to-end rate of the relay with no plugins and with a chain of five (each
 # handling every hook): Postfix's smtp-source -> Postern -> smtp-sink on
 # 127.0.0.1:2628, 20 sessions, 4 KiB messages, fsync on. A run ends when the
-# sink has every message. Prints messages per second, median of three runs each.
-#   host/benches/chain_rate.sh [MESSAGES]
+# sink has every message. Prints messages per second for each round (one run
+# without plugins, one with five) and the median cost over the rounds.
+#   host/benches/chain_rate.sh [MESSAGES] [ROUNDS]
 # Needs target/release/postern and the testkit plugin built for wasm32-wasip2.
 set -eu
-N=${1:-3000}
+N=${1:-20000}
+ROUNDS=${2:-5}
 TARGET=${CARGO_TARGET_DIR:-$(dirname "$0")/../../target}
 BIN=$TARGET/release/postern
 WASM=$TARGET/wasm32-wasip2/release/testkit.wasm
@@ -44,7 +46,16 @@ run() { # $1 = number of plugins
     kill $PID; wait $PID 2>/dev/null || true
     echo "$N / ($end - $start)" | bc -l
 }
-for plugins in 0 5; do
-    rates=$( (run $plugins; run $plugins; run $plugins) | sort -n)
-    echo "plugins=$plugins msgs/s (runs sorted): $(echo $rates)  median: $(echo "$rates" | sed -n 2p)"
+# Rounds alternate the two setups, so drift in the machine's speed during the
+# benchmark touches both alike; each round gives one ratio.
+: > "$WORK/rates"
+round=1
+while [ $round -le "$ROUNDS" ]; do
+    base=$(run 0)
+    chain=$(run 5)
+    echo "$base $chain" >> "$WORK/rates"
+    echo "round $round: no plugins $base msg/s, five plugins $chain msg/s, cost $(echo "100 * (1 - $chain / $base)" | bc -l | cut -c1-5)%"
+    round=$((round + 1))
 done
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+echo "median: no plugins $(cut -d' ' -f1 "$WORK/rates" | median) msg/s, five plugins $(cut -d' ' -f2 "$WORK/rates" | median) msg/s, cost $(awk '{ print 100 * (1 - $2 / $1) }' "$WORK/rates" | median)% (median of the rounds' costs)"

@@ -499,6 +499,11 @@ impl HookName {
         HookName::Route,
     ];
 
+    /// Its position in [`HookName::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The name used in the config and logs.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -18,7 +18,7 @@ use crate::plugins::host::dns::Resolver;
 use crate::plugins::host::kv::KvStore;
 use crate::plugins::host::message::MessageRef;
 use crate::plugins::stats::Stats;
-use crate::plugins::ticker::Ticker;
+use crate::plugins::ticker::{Busy, Ticker};
 use crate::plugins::{convert, TICK};
 use crate::policy::{Route, Verdict};
 
@@ -85,9 +85,9 @@ pub struct HostState {
     pub(crate) plugin: String,
     pub(crate) services: Arc<Services>,
     pub(crate) table: ResourceTable,
-    /// What the hook in progress is about (`postern:relay/context`); empty
+    /// What the hook in progress is about (`postern:relay/context`); none
     /// between calls.
-    pub(crate) context: HookContext,
+    pub(crate) context: Option<Arc<HookContext>>,
     wasi: WasiCtx,
     limiter: Limiter,
     /// Epoch ticks of guest time used since the call began or the last host
@@ -104,11 +104,11 @@ impl HostState {
         self.used_ticks = 0;
     }
 
-    fn arm(&mut self, deadline: Duration) {
+    fn arm(&mut self, budget_ticks: u64) {
         self.used_ticks = 0;
         self.timed_out = false;
         self.limiter.hit = false;
-        self.budget_ticks = (deadline.as_micros() / TICK.as_micros()).max(1) as u64;
+        self.budget_ticks = budget_ticks;
     }
 }
 
@@ -161,7 +161,7 @@ impl CallError {
 /// arguments.
 pub struct Call<'a> {
     /// Session, envelope, recipient, headers.
-    pub context: &'a HookContext,
+    pub context: &'a Arc<HookContext>,
     /// The hook and its arguments.
     pub args: Args<'a>,
 }
@@ -193,6 +193,52 @@ impl Call<'_> {
     }
 }
 
+/// One pass of a hook along the chain. It keeps the epoch ticker running
+/// while the plugins are called, and times each call from the end of the one
+/// before, so a call costs one clock read for its latency figure.
+pub struct Pass<'a> {
+    _ticking: Busy<'a>,
+    clock: Instant,
+}
+
+impl<'a> Pass<'a> {
+    /// Starts a pass; the plugins of one chain share `ticker`.
+    pub fn begin(ticker: &'a Ticker) -> Pass<'a> {
+        Pass {
+            _ticking: ticker.busy(),
+            clock: Instant::now(),
+        }
+    }
+
+    /// Microseconds since the pass began or the last lap.
+    fn lap(&mut self) -> u64 {
+        let now = Instant::now();
+        let micros = now.duration_since(self.clock).as_micros();
+        self.clock = now;
+        u64::try_from(micros).unwrap_or(u64::MAX)
+    }
+}
+
+/// The deadline of one hook, and the same in epoch ticks.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    time: Duration,
+    ticks: u64,
+}
+
+impl Deadline {
+    /// The epoch is global, so the first tick of a call comes anywhere within
+    /// one tick of its start: one tick more than the deadline holds means the
+    /// guest is never cut early, and at most one tick late.
+    fn new(time: Duration) -> Deadline {
+        let whole = time.as_micros().div_ceil(TICK.as_micros());
+        Deadline {
+            time,
+            ticks: u64::try_from(whole).unwrap_or(u64::MAX).saturating_add(1),
+        }
+    }
+}
+
 /// A checked answer.
 #[derive(Debug)]
 pub enum Answer {
@@ -217,6 +263,10 @@ pub struct LoadedPlugin {
     pub hash: String,
     /// The hooks the relay calls.
     pub hooks: Vec<HookName>,
+    /// The same, one bit per hook (by [`HookName::index`]).
+    hook_bits: u8,
+    /// Per hook, by [`HookName::index`].
+    deadlines: [Deadline; 5],
     /// When it was loaded.
     pub loaded_at: SystemTime,
     /// Counters.
@@ -263,9 +313,11 @@ impl LoadedPlugin {
     ) -> LoadedPlugin {
         LoadedPlugin {
             config_json: config.config_json(),
+            deadlines: HookName::ALL.map(|h| Deadline::new(config.timeout(h))),
             config,
             hash,
             hooks: Vec::new(),
+            hook_bits: 0,
             loaded_at: SystemTime::now(),
             stats: Stats::default(),
             engine,
@@ -284,7 +336,12 @@ impl LoadedPlugin {
 
     /// True when the relay calls this plugin at `hook`.
     pub fn handles(&self, hook: HookName) -> bool {
-        self.hooks.contains(&hook)
+        self.hook_bits & (1 << hook.index()) != 0
+    }
+
+    /// The epoch ticker the plugin's deadlines count on.
+    pub(crate) fn ticker(&self) -> &Ticker {
+        &self.ticker
     }
 
     /// Makes one instance and runs `init`, which decides the hooks: those it
@@ -307,6 +364,7 @@ impl LoadedPlugin {
                 wanted.clone()
             }
         };
+        self.hook_bits = hooks.iter().fold(0, |bits, h| bits | 1 << h.index());
         self.hooks = hooks;
         self.release(instance);
         Ok(())
@@ -324,7 +382,7 @@ impl LoadedPlugin {
             plugin: self.config.name.clone(),
             services: self.services.clone(),
             table: ResourceTable::new(),
-            context: HookContext::default(),
+            context: None,
             wasi: wasi.build(),
             limiter: Limiter {
                 cap: usize::try_from(self.config.memory_mb * 1024 * 1024).unwrap_or(usize::MAX),
@@ -370,14 +428,14 @@ impl LoadedPlugin {
 
     async fn instantiate(&self) -> Result<(Instance, Vec<HookName>), CallError> {
         let mut store = self.new_store()?;
-        let deadline = INIT_TIMEOUT.max(self.config.timeout(HookName::Connect));
+        let deadline = Deadline::new(INIT_TIMEOUT.max(self.config.timeout(HookName::Connect)));
         let _ticking = self.ticker.busy();
-        store.data_mut().arm(deadline);
+        store.data_mut().arm(deadline.ticks);
         store.set_epoch_deadline(1);
         let plugin = match self.pre.instantiate_async(&mut store).await {
             Ok(p) => p,
             Err(e) => {
-                return Err(match self.classify(&store, deadline, e) {
+                return Err(match self.classify(&store, deadline.time, e) {
                     CallError::Trap(m) => CallError::Instantiate(m),
                     other => other,
                 })
@@ -391,7 +449,7 @@ impl LoadedPlugin {
                 )))
             }
             Err(e) => {
-                return Err(match self.classify(&store, deadline, e) {
+                return Err(match self.classify(&store, deadline.time, e) {
                     CallError::Trap(m) => CallError::Instantiate(format!("init trapped: {m}")),
                     other => other,
                 })
@@ -445,14 +503,11 @@ impl LoadedPlugin {
         &self,
         held: &mut Option<Instance>,
         call: &Call<'_>,
+        pass: &mut Pass<'_>,
     ) -> Result<Answer, CallError> {
         let hook = call.hook();
-        let started = Instant::now();
         let result = self.call_inner(held, call).await;
-        self.stats.call(
-            hook,
-            started.elapsed().as_micros().min(u64::MAX as u128) as u64,
-        );
+        self.stats.call(hook, pass.lap());
         match &result {
             Ok(Answer::Verdict(v)) => self.stats.answer(hook, verdict_kind(v)),
             Ok(Answer::Route(r)) => self.stats.answer(hook, route_kind(r)),
@@ -466,8 +521,7 @@ impl LoadedPlugin {
         held: &mut Option<Instance>,
         call: &Call<'_>,
     ) -> Result<Answer, CallError> {
-        let hook = call.hook();
-        let deadline = self.config.timeout(hook);
+        let deadline = self.deadlines[call.hook().index()];
         // Out of the slot while the guest runs: if this future is dropped
         // mid-call, the instance goes with it and is never reused.
         let mut instance = match held.take() {
@@ -475,9 +529,8 @@ impl LoadedPlugin {
             None => self.acquire().await?,
         };
         let Instance { store, plugin, .. } = &mut instance;
-        let _ticking = self.ticker.busy();
-        store.data_mut().arm(deadline);
-        store.data_mut().context = call.context.clone();
+        store.data_mut().arm(deadline.ticks);
+        store.data_mut().context = Some(call.context.clone());
         store.set_epoch_deadline(1);
         let raw = match call.args {
             Args::Connect => plugin.call_connect(&mut *store).await.map(Raw::Verdict),
@@ -505,10 +558,10 @@ impl LoadedPlugin {
             Args::Route => plugin.call_route(&mut *store).await.map(Raw::Route),
         };
         // The context is the caller's; an idle instance keeps none of it.
-        store.data_mut().context = HookContext::default();
+        store.data_mut().context = None;
         let raw = match raw {
             Ok(r) => r,
-            Err(e) => return Err(self.classify(store, deadline, e)),
+            Err(e) => return Err(self.classify(store, deadline.time, e)),
         };
         instance.uses += 1;
         let answer = match raw {
@@ -543,5 +596,29 @@ fn route_kind(r: &Route) -> &'static str {
         Route::LocalFolder(_) => "local-folder",
         Route::Discard => "discard",
         Route::Reject(_) => "reject",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deadline counts one tick more than it holds, since a call may begin
+    /// just before a tick: it is never cut early, and at most a tick late.
+    #[test]
+    fn deadline_ticks_never_cut_early() {
+        let ms = Duration::from_millis;
+        let ticks = |t| Deadline::new(t).ticks;
+        let tick_ms = TICK.as_millis() as u64;
+        assert_eq!(ticks(ms(0)), 1);
+        assert_eq!(ticks(ms(1)), 2);
+        assert_eq!(ticks(TICK), 2);
+        assert_eq!(ticks(ms(50)), 50_u64.div_ceil(tick_ms) + 1);
+        for d in [1, 7, 20, 50, 2000] {
+            let k = ticks(ms(d));
+            // The k-th tick comes after more than (k - 1) ticks of the call.
+            assert!((k - 1) * tick_ms >= d, "{d} ms: {k} ticks");
+            assert!((k - 1) * tick_ms < d + tick_ms, "{d} ms: {k} ticks");
+        }
     }
 }

@@ -31,15 +31,19 @@ use crate::config::{HookName, OnError};
 use crate::envelope::{Envelope, Recipient, SessionInfo};
 use crate::plugins::host::context::HookContext;
 use crate::plugins::host::message::{MessageRef, MessageState};
-use crate::plugins::instance::{Answer, Args, Call, CallError, Instance, LoadedPlugin};
+use crate::plugins::instance::{Answer, Args, Call, CallError, Instance, LoadedPlugin, Pass};
 use crate::policy::{DataTransaction, Route, RouteQuery, Verdict};
 use crate::smtp::reply::Reply;
 
 pub use runtime::Runtime;
 
 /// The epoch tick: deadlines are counted in these, and a running guest yields
-/// to the scheduler once per tick.
-pub const TICK: Duration = Duration::from_millis(1);
+/// to the scheduler once per tick. Under load the ticker wakes once per tick,
+/// and each wake-up costs a context switch (and, in a virtual machine, timer
+/// exits), so the tick is as long as deadline precision allows: a deadline
+/// fires at most one tick late, and a busy guest holds a worker at most this
+/// long.
+pub const TICK: Duration = Duration::from_millis(5);
 
 /// Why a chain could not be loaded; each names the plugin.
 #[derive(Debug, thiserror::Error)]
@@ -203,11 +207,15 @@ impl Lease {
     /// Runs a verdict hook: the first answer other than `Continue` ends it.
     async fn verdict(&mut self, call: Call<'_>) -> Verdict {
         let hook = call.hook();
+        let Some(first) = self.chain.plugins.first() else {
+            return Verdict::Continue;
+        };
+        let mut pass = Pass::begin(first.ticker());
         for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
             if !p.handles(hook) {
                 continue;
             }
-            let v = match p.call(held, &call).await {
+            let v = match p.call(held, &call, &mut pass).await {
                 Ok(Answer::Verdict(v)) => v,
                 Ok(Answer::Route(_)) => on_error(
                     p,
@@ -228,10 +236,10 @@ impl Lease {
         if !self.chain.handling(HookName::Connect) {
             return Verdict::Continue;
         }
-        let context = HookContext {
-            session: Some(Arc::new(convert::session(session))),
+        let context = Arc::new(HookContext {
+            session: Some(convert::session(session)),
             ..HookContext::default()
-        };
+        });
         let verdict = self
             .verdict(Call {
                 context: &context,
@@ -247,7 +255,7 @@ impl Lease {
         if !self.chain.handling(HookName::MailFrom) {
             return Verdict::Continue;
         }
-        let context = transaction_context(session, envelope);
+        let context = Arc::new(transaction_context(session, envelope));
         self.verdict(Call {
             context: &context,
             args: Args::MailFrom,
@@ -265,10 +273,10 @@ impl Lease {
         if !self.chain.handling(HookName::Rcpt) {
             return Verdict::Continue;
         }
-        let context = HookContext {
-            recipient: Some(Arc::new(convert::address(&rcpt.address))),
+        let context = Arc::new(HookContext {
+            recipient: Some(convert::address(&rcpt.address)),
             ..transaction_context(session, envelope)
-        };
+        });
         self.verdict(Call {
             context: &context,
             args: Args::Rcpt,
@@ -284,7 +292,7 @@ impl Lease {
         if !self.chain.handling(HookName::Data) {
             return Verdict::Continue;
         }
-        let context = transaction_context(session, &tx.envelope);
+        let context = Arc::new(transaction_context(session, &tx.envelope));
         let raw = Arc::new(std::mem::take(&mut tx.message));
         let state = Arc::new(Mutex::new(MessageState::new(
             raw,
@@ -324,21 +332,25 @@ impl Lease {
             .strip_suffix(b"\r\n")
             .filter(|s| s.ends_with(b"\r\n"))
             .unwrap_or(query.headers);
-        let context = HookContext {
+        let context = Arc::new(HookContext {
             session: None,
-            envelope: Some(Arc::new(convert::envelope(query.envelope))),
-            recipient: Some(Arc::new(convert::address(&query.recipient.address))),
-            headers: Some(Arc::new(String::from_utf8_lossy(section).into_owned())),
-        };
+            envelope: Some(convert::envelope(query.envelope)),
+            recipient: Some(convert::address(&query.recipient.address)),
+            headers: Some(String::from_utf8_lossy(section).into_owned()),
+        });
         let call = Call {
             context: &context,
             args: Args::Route,
         };
+        let Some(first) = self.chain.plugins.first() else {
+            return Route::Default;
+        };
+        let mut pass = Pass::begin(first.ticker());
         for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
             if !p.handles(HookName::Route) {
                 continue;
             }
-            let route = match p.call(held, &call).await {
+            let route = match p.call(held, &call, &mut pass).await {
                 Ok(Answer::Route(r)) => r,
                 Ok(Answer::Verdict(_)) => route_error(
                     p,
@@ -357,8 +369,8 @@ impl Lease {
 /// The context of a transaction's hooks: its session and envelope.
 fn transaction_context(session: &SessionInfo, envelope: &Envelope) -> HookContext {
     HookContext {
-        session: Some(Arc::new(convert::session(session))),
-        envelope: Some(Arc::new(convert::envelope(envelope))),
+        session: Some(convert::session(session)),
+        envelope: Some(convert::envelope(envelope)),
         recipient: None,
         headers: None,
     }

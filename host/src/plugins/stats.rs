@@ -30,7 +30,6 @@ const BUCKETS: usize = 28;
 
 #[derive(Default)]
 struct HookStats {
-    calls: AtomicU64,
     answers: [AtomicU64; ANSWERS.len()],
     errors: [AtomicU64; ERRORS.len()],
     latency: [AtomicU64; BUCKETS],
@@ -48,15 +47,11 @@ impl std::fmt::Debug for Stats {
     }
 }
 
-fn index(hook: HookName) -> usize {
-    HookName::ALL.iter().position(|h| *h == hook).unwrap_or(0)
-}
-
 impl Stats {
-    /// Records one call and how long it took.
+    /// Records one call and how long it took. The latency buckets also
+    /// count the calls.
     pub fn call(&self, hook: HookName, micros: u64) {
-        let h = &self.hooks[index(hook)];
-        h.calls.fetch_add(1, Relaxed);
+        let h = &self.hooks[hook.index()];
         let bucket = (64 - micros.leading_zeros() as usize).min(BUCKETS - 1);
         h.latency[bucket].fetch_add(1, Relaxed);
     }
@@ -64,14 +59,14 @@ impl Stats {
     /// Records an answer by kind (one of [`ANSWERS`]).
     pub fn answer(&self, hook: HookName, kind: &str) {
         if let Some(i) = ANSWERS.iter().position(|k| *k == kind) {
-            self.hooks[index(hook)].answers[i].fetch_add(1, Relaxed);
+            self.hooks[hook.index()].answers[i].fetch_add(1, Relaxed);
         }
     }
 
     /// Records an error by kind (one of [`ERRORS`]).
     pub fn error(&self, hook: HookName, kind: &str) {
         if let Some(i) = ERRORS.iter().position(|k| *k == kind) {
-            self.hooks[index(hook)].errors[i].fetch_add(1, Relaxed);
+            self.hooks[hook.index()].errors[i].fetch_add(1, Relaxed);
         }
     }
 
@@ -80,19 +75,22 @@ impl Stats {
         HookName::ALL
             .iter()
             .zip(&self.hooks)
-            .filter(|(_, h)| h.calls.load(Relaxed) > 0)
-            .map(|(hook, h)| {
+            .filter_map(|(hook, h)| {
                 let latency: Vec<u64> = h.latency.iter().map(|b| b.load(Relaxed)).collect();
+                let calls = latency.iter().sum();
+                if calls == 0 {
+                    return None;
+                }
                 let pct = |p: f64| percentile(&latency, p);
-                HookSnapshot {
+                Some(HookSnapshot {
                     hook: hook.to_string(),
-                    calls: h.calls.load(Relaxed),
+                    calls,
                     answers: named(&ANSWERS, &h.answers),
                     errors: named(&ERRORS, &h.errors),
                     p50_us: pct(0.5),
                     p90_us: pct(0.9),
                     p99_us: pct(0.99),
-                }
+                })
             })
             .collect()
     }

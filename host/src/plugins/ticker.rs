@@ -11,10 +11,10 @@ use wasmtime::Engine;
 
 use crate::plugins::TICK;
 
-/// Ticks in a row with no guest running before the ticker parks. Under load
-/// calls come far more often than this, so it never parks then, and waking it
-/// costs nothing.
-const IDLE_TICKS_BEFORE_PARK: u32 = 100;
+/// Ticks in a row with no guest running before the ticker parks (100 ms).
+/// Under load calls come far more often than this, so it never parks then,
+/// and waking it costs nothing.
+const IDLE_TICKS_BEFORE_PARK: u32 = (100 / TICK.as_millis()) as u32;
 
 /// The ticker thread's shared state.
 #[derive(Debug)]
