@@ -548,7 +548,7 @@ pub enum Instances {
     /// Warm instances lent for one hook call at a time rather than a whole
     /// transaction, for plugins that keep nothing from one hook to the next:
     /// the few instances in use stay in the processor's caches, which under
-    /// load makes a call about half as costly.
+    /// load makes a call markedly cheaper.
     #[serde(rename = "per-call")]
     PerCall,
 }
