@@ -1020,6 +1020,17 @@ mod tests {
         );
     }
 
+    /// The config the README runs the relay with parses, chain and all.
+    #[test]
+    fn the_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/postern.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = Config::parse(&text, &path).unwrap();
+        let names: Vec<&str> = c.plugin_chain.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["blocklist", "router"]);
+        assert_eq!(c.plugin_chain[0].instances, Instances::PerCall);
+    }
+
     #[test]
     fn plugin_errors_name_the_key() {
         let plugin =
