@@ -393,19 +393,38 @@ fn list(config: &Path) -> anyhow::Result<()> {
         println!("no plugins loaded");
     }
     for p in chain {
+        let loaded = i64::try_from(p.loaded_at).unwrap_or(0);
         println!(
-            "{}  sha256:{}  hooks: {}  loaded: {} (unix)",
+            "{}  sha256:{}  hooks: {}  loaded: {}",
             p.name,
             &p.hash[..p.hash.len().min(16)],
             p.hooks.join(","),
-            p.loaded_at
+            mail_parser::DateTime::from_timestamp(loaded).to_rfc3339()
         );
         for h in p.stats {
             println!(
-                "  {:<9} calls {:>8}  p50 <{}us p90 <{}us p99 <{}us  answers {:?}  errors {:?}",
-                h.hook, h.calls, h.p50_us, h.p90_us, h.p99_us, h.answers, h.errors
+                "  {:<9} calls {:>8}  p50 <{}us p90 <{}us p99 <{}us  answers: {}  errors: {}",
+                h.hook,
+                h.calls,
+                h.p50_us,
+                h.p90_us,
+                h.p99_us,
+                counts(&h.answers),
+                counts(&h.errors)
             );
         }
     }
     Ok(())
+}
+
+/// `kind n, kind n`, or `none`.
+fn counts(counts: &[(String, u64)]) -> String {
+    if counts.is_empty() {
+        return "none".into();
+    }
+    counts
+        .iter()
+        .map(|(kind, n)| format!("{kind} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -1,6 +1,6 @@
 //! The plugin tools of the real `postern` binary: `plugin check`, `plugin
-//! test` and `plugin new`, and a SIGHUP that reloads the chain of a running
-//! relay.
+//! test`, `plugin new` and `plugin list`, and a SIGHUP that reloads the chain
+//! of a running relay.
 
 // The plugin build helper, included as `plugins.rs` includes it; only its
 // build and target folder are used here.
@@ -212,6 +212,56 @@ fn new_creates_a_crate_against_this_sdk() {
     assert!(lib.contains("use postern_sdk::prelude::*;"), "{lib}");
     assert!(lib.contains("impl Plugin for MyFilter"), "{lib}");
     assert!(lib.contains("postern_sdk::export!(MyFilter);"), "{lib}");
+}
+
+/// `postern plugin list` asks a running relay for its chain: name, hash,
+/// hooks, load time, and per hook the calls, answers, errors and latency.
+#[test]
+fn list_shows_the_running_chain_and_its_counts() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(blocklist_wasm(), plugins.join("blocklist.wasm")).unwrap();
+    let port = free_port();
+    let relay = Relay::start_in(
+        dir.clone(),
+        port,
+        &base_config(port, &blocklist_config("\"a.test\"")),
+    );
+    assert_eq!(
+        rcpt_codes(&relay, &["x@a.test", "x@b.test", "y@b.test"]),
+        ["550", "250", "250"]
+    );
+    let out = postern(
+        dir.path(),
+        &[
+            "plugin".as_ref(),
+            "list".as_ref(),
+            "--config".as_ref(),
+            dir.path().join("postern.toml").as_os_str(),
+        ],
+    );
+    let listed = succeeded(&out);
+    let header = listed.lines().next().unwrap_or_default();
+    assert!(header.starts_with("blocklist  sha256:"), "{listed}");
+    assert!(header.contains("hooks: mail_from,rcpt"), "{listed}");
+    // Loaded today, shown as an RFC 3339 time.
+    let year = mail_parser::DateTime::from_timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64,
+    )
+    .year;
+    assert!(header.contains(&format!("loaded: {year}-")), "{listed}");
+    let rcpt = listed
+        .lines()
+        .find(|l| l.trim_start().starts_with("rcpt "))
+        .unwrap_or_else(|| panic!("no rcpt line: {listed}"));
+    assert!(rcpt.contains("calls        3"), "{rcpt}");
+    assert!(rcpt.contains("answers: continue 2, reject 1"), "{rcpt}");
+    assert!(rcpt.contains("errors: none"), "{rcpt}");
+    assert!(rcpt.contains("p99 <"), "{rcpt}");
 }
 
 /// Opens a new session and returns the RCPT reply codes for `rcpts`.
