@@ -218,16 +218,7 @@ fn new_creates_a_crate_against_this_sdk() {
 /// hooks, load time, and per hook the calls, answers, errors and latency.
 #[test]
 fn list_shows_the_running_chain_and_its_counts() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::copy(blocklist_wasm(), plugins.join("blocklist.wasm")).unwrap();
-    let port = free_port();
-    let relay = Relay::start_in(
-        dir.clone(),
-        port,
-        &base_config(port, &blocklist_config("\"a.test\"")),
-    );
+    let (dir, _, relay) = blocklist_relay();
     assert_eq!(
         rcpt_codes(&relay, &["x@a.test", "x@b.test", "y@b.test"]),
         ["550", "250", "250"]
@@ -264,6 +255,22 @@ fn list_shows_the_running_chain_and_its_counts() {
     assert!(rcpt.contains("p99 <"), "{rcpt}");
 }
 
+/// The real binary serving a chain of the blocklist, which refuses `a.test`;
+/// returns its folder, port and process.
+fn blocklist_relay() -> (Arc<tempfile::TempDir>, u16, Relay) {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(blocklist_wasm(), plugins.join("blocklist.wasm")).unwrap();
+    let port = free_port();
+    let relay = Relay::start_in(
+        dir.clone(),
+        port,
+        &base_config(port, &blocklist_config("\"a.test\"")),
+    );
+    (dir, port, relay)
+}
+
 /// Opens a new session and returns the RCPT reply codes for `rcpts`.
 fn rcpt_codes(relay: &Relay, rcpts: &[&str]) -> Vec<String> {
     let mut c = Raw::connect(relay.addr());
@@ -285,16 +292,7 @@ fn rcpt_codes(relay: &Relay, rcpts: &[&str]) -> Vec<String> {
 /// file watching off so the signal is the only trigger.
 #[test]
 fn sighup_reloads_the_chain() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::copy(blocklist_wasm(), plugins.join("blocklist.wasm")).unwrap();
-    let port = free_port();
-    let relay = Relay::start_in(
-        dir.clone(),
-        port,
-        &base_config(port, &blocklist_config("\"a.test\"")),
-    );
+    let (dir, port, relay) = blocklist_relay();
     assert_eq!(
         rcpt_codes(&relay, &["x@a.test", "x@b.test"]),
         ["550", "250"],
