@@ -456,6 +456,10 @@ pub struct KvConfig {
     /// Time one Redis call may take, connecting included; past it the plugin
     /// gets `unavailable`.
     pub timeout: HumanDuration,
+    /// PEM file of the CA certificates that sign the Redis server's
+    /// certificate, for `rediss://` behind a private CA; without it the
+    /// system's roots. Relative to the config file.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for KvConfig {
@@ -465,6 +469,7 @@ impl Default for KvConfig {
             redis_url: "redis://127.0.0.1:6379/0".into(),
             key_prefix: "postern".into(),
             timeout: HumanDuration(Duration::from_millis(200)),
+            ca_file: None,
         }
     }
 }
@@ -758,6 +763,9 @@ impl Config {
         })?;
         config.path = path.into();
         config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // The Redis client gets the [kv] table alone, so its path is made
+        // absolute here.
+        config.kv.ca_file = config.kv.ca_file.as_deref().map(|p| config.resolve(p));
         config.check()?;
         Ok(config)
     }
@@ -871,6 +879,13 @@ impl Config {
         }
         if kv.timeout.0.is_zero() {
             return Err(self.invalid("kv.timeout", "must be more than 0"));
+        }
+        if let Some(ca) = &kv.ca_file {
+            if !kv.redis_url.starts_with("rediss://") {
+                return Err(self.invalid("kv.ca_file", "needs a rediss:// redis_url"));
+            }
+            crate::plugins::host::kv::redis::ca_certificates(ca)
+                .map_err(|e| self.invalid("kv.ca_file", e))?;
         }
         if kv.backend == KvBackend::Redis {
             // With a `:` in a name, plugin `a:b` key `c` and plugin `a` key
@@ -1073,6 +1088,45 @@ mod tests {
         assert_eq!(c.kv.redis_url, "rediss://:secret@127.0.0.1:6380/2");
         assert_eq!(c.kv.key_prefix, "mx-eu");
         assert_eq!(c.kv.timeout.0, Duration::from_secs(1));
+    }
+
+    /// `ca_file` is taken relative to the config file, must hold PEM
+    /// certificates, and goes with `rediss://` only.
+    #[test]
+    fn kv_ca_file_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["redis.test".into()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("junk.pem"), "not a certificate\n").unwrap();
+        let config = dir.path().join("postern.toml");
+        let parse = |kv: &str| {
+            Config::parse(
+                &format!("{MINIMAL}[kv]\nbackend = \"redis\"\n{kv}\n"),
+                &config,
+            )
+        };
+        let c = parse("redis_url = \"rediss://127.0.0.1:6380/0\"\nca_file = \"ca.pem\"").unwrap();
+        assert_eq!(c.kv.ca_file, Some(dir.path().join("ca.pem")));
+        for (kv, needle) in [
+            (
+                "redis_url = \"redis://127.0.0.1:6379/0\"\nca_file = \"ca.pem\"",
+                "needs a rediss://",
+            ),
+            (
+                "redis_url = \"rediss://127.0.0.1:6380/0\"\nca_file = \"missing.pem\"",
+                "missing.pem",
+            ),
+            (
+                "redis_url = \"rediss://127.0.0.1:6380/0\"\nca_file = \"junk.pem\"",
+                "no PEM certificate",
+            ),
+        ] {
+            let err = parse(kv).unwrap_err().to_string();
+            assert!(
+                err.contains("kv.ca_file") && err.contains(needle),
+                "{kv}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -40,6 +40,7 @@ fn store(url: &str, prefix: &str, timeout: Duration) -> KvStore {
         redis_url: url.to_string(),
         key_prefix: prefix.to_string(),
         timeout: postern::config::HumanDuration(timeout),
+        ca_file: None,
     })
     .expect("opening the Redis store")
 }
@@ -305,6 +306,11 @@ async fn a_silent_redis_is_bounded_and_replaced() -> anyhow::Result<()> {
 /// The `postern` binary with the counting testkit, its store in the Redis at
 /// `url` under the default prefix, with more environment variables.
 fn binary_relay(url: &str, env: &[(&str, &Path)]) -> Binary {
+    binary_relay_kv(url, "", env)
+}
+
+/// As [`binary_relay`], with more lines for the `[kv]` table.
+fn binary_relay_kv(url: &str, kv: &str, env: &[(&str, &Path)]) -> Binary {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
     std::fs::copy(
@@ -316,7 +322,7 @@ fn binary_relay(url: &str, env: &[(&str, &Path)]) -> Binary {
     let port = free_port();
     let extra = format!(
         "[plugins]\ndir = \"plugins\"\ncache_dir = {cache:?}\nwatch = false\n\
-         [kv]\nbackend = \"redis\"\nredis_url = {url:?}\n\
+         [kv]\nbackend = \"redis\"\nredis_url = {url:?}\n{kv}\
          [[plugin]]\nname = \"kit\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n\
          [plugin.config]\ncount = true\n"
     );
@@ -369,6 +375,7 @@ fn relay_starts_with_redis_down() {
 /// `rediss://` is TLS with the certificate verified against the system roots
 /// (here the test's own, through `SSL_CERT_FILE`): a relay that trusts the
 /// certificate counts, one that does not gets nothing through and says why.
+/// `[kv] ca_file` trusts a private CA whatever the system roots.
 #[test]
 fn rediss_is_verified_tls() {
     let certs = tempfile::tempdir().unwrap();
@@ -378,9 +385,16 @@ fn rediss_is_verified_tls() {
     let other = tempfile::tempdir().unwrap();
     let untrusted = make_cert(other.path()).cert;
     let trusted = certs.path().join("cert.pem");
-    for (roots, counted) in [(&trusted, "1"), (&untrusted, "1")] {
-        let relay = binary_relay(
+    let with_ca = format!("ca_file = {trusted:?}\n");
+    // System roots, [kv] lines, the count after the message, Redis reached.
+    for (roots, kv, counted, reached) in [
+        (&trusted, "", "1", true),
+        (&untrusted, "", "1", false),
+        (&untrusted, with_ca.as_str(), "2", true),
+    ] {
+        let relay = binary_relay_kv(
             &format!("rediss://127.0.0.1:{tls_port}/0"),
+            kv,
             &[("SSL_CERT_FILE", roots.as_path())],
         );
         let reply = send_message(relay.addr(), "a@b.test", &["c@ours.test"], &message);
@@ -391,7 +405,13 @@ fn rediss_is_verified_tls() {
             "log:\n{}",
             relay.log()
         );
-        if roots == &untrusted {
+        if reached {
+            assert!(
+                !relay.log().contains("cannot reach Redis"),
+                "{}",
+                relay.log()
+            );
+        } else {
             let deadline = Instant::now() + Duration::from_secs(10);
             while !relay.log().contains("cannot reach Redis") {
                 assert!(
@@ -401,12 +421,6 @@ fn rediss_is_verified_tls() {
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
-        } else {
-            assert!(
-                !relay.log().contains("cannot reach Redis"),
-                "{}",
-                relay.log()
-            );
         }
     }
 }

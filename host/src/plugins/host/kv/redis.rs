@@ -6,12 +6,15 @@
 //! store comes back when Redis does.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ConnectionAddr, ErrorKind, RedisError, RedisResult, Script};
+use redis::{Client, ConnectionAddr, ErrorKind, RedisError, RedisResult, Script, TlsCertificates};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 use crate::config::KvConfig;
 use crate::plugins::bindings::kv::Error;
@@ -56,6 +59,20 @@ pub fn client(url: &str) -> Result<Client, String> {
     Client::open(url).map_err(|e| format!("not a usable Redis URL: {e}"))
 }
 
+/// The PEM certificates of a `ca_file`, checked to hold at least one.
+pub fn ca_certificates(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+    match certs {
+        Ok(certs) if !certs.is_empty() => Ok(pem),
+        Ok(_) => Err(format!("{}: no PEM certificate in it", path.display())),
+        Err(e) => Err(format!(
+            "{}: not a PEM certificate file: {e}",
+            path.display()
+        )),
+    }
+}
+
 /// The store. Cheap to share: the connection is multiplexed.
 pub struct RedisStore {
     inner: Arc<Inner>,
@@ -96,7 +113,15 @@ impl RedisStore {
     /// Opens the store without waiting for Redis, and checks in the
     /// background that it answers, warning once if it does not.
     pub fn new(config: &KvConfig) -> Result<RedisStore, String> {
-        let client = client(&config.redis_url)?;
+        let mut client = client(&config.redis_url)?;
+        if let Some(ca) = &config.ca_file {
+            let certificates = TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca_certificates(ca)?),
+            };
+            client = Client::build_with_tls(config.redis_url.as_str(), certificates)
+                .map_err(|e| format!("kv ca_file {}: {e}", ca.display()))?;
+        }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err("the Redis store needs to be opened on the tokio runtime".into());
         }
