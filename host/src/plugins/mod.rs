@@ -152,6 +152,11 @@ impl Chain {
         self.plugins.iter().any(|p| p.handles(hook))
     }
 
+    /// A pass of one hook along this chain; none without plugins.
+    fn pass(&self) -> Option<Pass<'_>> {
+        self.plugins.first().map(|p| Pass::begin(p.ticker()))
+    }
+
     /// A lease on this chain for one session: the hooks are called through
     /// it, and each plugin's instance stays lent to it until the transaction
     /// ends ([`Lease::end`]).
@@ -207,10 +212,9 @@ impl Lease {
     /// Runs a verdict hook: the first answer other than `Continue` ends it.
     async fn verdict(&mut self, call: Call<'_>) -> Verdict {
         let hook = call.hook();
-        let Some(first) = self.chain.plugins.first() else {
+        let Some(mut pass) = self.chain.pass() else {
             return Verdict::Continue;
         };
-        let mut pass = Pass::begin(first.ticker());
         for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
             if !p.handles(hook) {
                 continue;
@@ -342,10 +346,9 @@ impl Lease {
             context: &context,
             args: Args::Route,
         };
-        let Some(first) = self.chain.plugins.first() else {
+        let Some(mut pass) = self.chain.pass() else {
             return Route::Default;
         };
-        let mut pass = Pass::begin(first.ticker());
         for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
             if !p.handles(HookName::Route) {
                 continue;
