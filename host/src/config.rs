@@ -558,6 +558,17 @@ pub enum Instances {
     PerCall,
 }
 
+impl Instances {
+    /// The name used in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Instances::Warm => "warm",
+            Instances::Fresh => "fresh",
+            Instances::PerCall => "per-call",
+        }
+    }
+}
+
 /// A host interface a plugin may be granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -395,10 +395,11 @@ fn list(config: &Path) -> anyhow::Result<()> {
     for p in chain {
         let loaded = i64::try_from(p.loaded_at).unwrap_or(0);
         println!(
-            "{}  sha256:{}  hooks: {}  loaded: {}",
+            "{}  sha256:{}  hooks: {}  instances: {}  loaded: {}",
             p.name,
             &p.hash[..p.hash.len().min(16)],
             p.hooks.join(","),
+            p.instances,
             mail_parser::DateTime::from_timestamp(loaded).to_rfc3339()
         );
         for h in p.stats {

@@ -158,6 +158,8 @@ pub struct PluginStatus {
     pub hash: String,
     /// The hooks called.
     pub hooks: Vec<String>,
+    /// How its instances live (`instances`).
+    pub instances: String,
     /// Load time, seconds since the Unix epoch.
     pub loaded_at: u64,
     /// Per-hook counters.
@@ -174,6 +176,7 @@ pub fn status(handle: &ChainHandle) -> Vec<PluginStatus> {
             name: p.name().to_string(),
             hash: p.hash.clone(),
             hooks: p.hooks.iter().map(|h| h.to_string()).collect(),
+            instances: p.config.instances.as_str().to_string(),
             loaded_at: p
                 .loaded_at
                 .duration_since(std::time::UNIX_EPOCH)

@@ -236,6 +236,7 @@ fn list_shows_the_running_chain_and_its_counts() {
     let header = listed.lines().next().unwrap_or_default();
     assert!(header.starts_with("blocklist  sha256:"), "{listed}");
     assert!(header.contains("hooks: mail_from,rcpt"), "{listed}");
+    assert!(header.contains("instances: warm"), "{listed}");
     // Loaded today, shown as an RFC 3339 time.
     let year = mail_parser::DateTime::from_timestamp(
         std::time::SystemTime::now()
