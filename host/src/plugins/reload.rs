@@ -1,14 +1,19 @@
 //! Hot reload: `notify` watches the plugins folder and the config file, SIGHUP
-//! asks too. Events are debounced (a file being written produces a burst; the
-//! reload waits for quiet, so a half-written `.wasm` is not what gets loaded),
-//! then the config is re-read and the whole chain loaded and validated off to
-//! the side; only a chain that loaded completely is swapped in. A failure
-//! leaves the running chain in place and the log names the plugin and why.
+//! asks too. A file being written produces a burst of events; the reload waits
+//! until every file written to has been closed by its writer (or renamed into
+//! place) and a short settle has passed, or, for writers that keep a file
+//! open, until the events stop for [`DEBOUNCE`]. So a half-written `.wasm` is
+//! not what gets loaded. Then the config is re-read and the whole chain loaded
+//! and validated off to the side; only a chain that loaded completely is
+//! swapped in. A failure leaves the running chain in place and the log names
+//! the plugin and why.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -16,8 +21,23 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::plugins::{ChainHandle, Error, Runtime};
 
-/// Quiet time after the last file event before reloading.
+/// Quiet time after the last file event before reloading, while a file that
+/// was written to has not been closed.
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
+/// Quiet time once every file written to is closed: long enough for a
+/// writer's next step (a config saved right after its plugin) to be seen.
+pub const SETTLE: Duration = Duration::from_millis(25);
+
+/// What a watched file, or a signal, says about a reload.
+#[derive(Debug)]
+enum Change {
+    /// Data is being written to this file.
+    Writing(PathBuf),
+    /// Its writer closed this file, or it was renamed into place: complete.
+    Complete(PathBuf),
+    /// SIGHUP.
+    Signal,
+}
 
 /// Watches and reloads until dropped.
 pub struct Reloader {
@@ -39,7 +59,7 @@ impl Reloader {
         runtime: Arc<Runtime>,
         handle: Arc<ChainHandle>,
     ) -> Result<Reloader, Error> {
-        let (tx, rx) = mpsc::unbounded_channel::<()>();
+        let (tx, rx) = mpsc::unbounded_channel::<Change>();
         let watcher = if config.plugins.watch {
             Some(watch(&config_path, &config.plugins_dir(), tx.clone())?)
         } else {
@@ -59,7 +79,7 @@ impl Reloader {
                 if let Some(s) = signals.as_mut() {
                     while s.recv().await.is_some() {
                         tracing::info!("SIGHUP: reloading the plugin chain");
-                        let _ = hup.send(());
+                        let _ = hup.send(Change::Signal);
                     }
                 }
             };
@@ -75,23 +95,30 @@ impl Reloader {
 fn watch(
     config_path: &Path,
     plugins_dir: &Path,
-    tx: mpsc::UnboundedSender<()>,
+    tx: mpsc::UnboundedSender<Change>,
 ) -> Result<notify::RecommendedWatcher, Error> {
     let config_name = config_path.file_name().map(|n| n.to_os_string());
     let plugins_dir_owned = plugins_dir.to_path_buf();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        if event.kind.is_access() {
-            return;
-        }
-        let relevant = event.paths.iter().any(|p| {
+        let complete = match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_)) => true,
+            EventKind::Access(_) => return,
+            _ => false,
+        };
+        let relevant = |p: &PathBuf| {
             let is_wasm =
                 p.extension().is_some_and(|e| e == "wasm") && p.starts_with(&plugins_dir_owned);
             is_wasm
                 || (config_name.is_some() && p.file_name().map(|n| n.to_os_string()) == config_name)
-        });
-        if relevant {
-            let _ = tx.send(());
+        };
+        for path in event.paths.into_iter().filter(relevant) {
+            let _ = tx.send(if complete {
+                Change::Complete(path)
+            } else {
+                Change::Writing(path)
+            });
         }
     })
     .map_err(|e| Error::Engine(format!("cannot watch for plugin changes: {e}")))?;
@@ -112,20 +139,35 @@ fn watch(
 }
 
 async fn run(
-    mut rx: mpsc::UnboundedReceiver<()>,
+    mut rx: mpsc::UnboundedReceiver<Change>,
     config_path: PathBuf,
     runtime: Arc<Runtime>,
     handle: Arc<ChainHandle>,
 ) {
-    while rx.recv().await.is_some() {
-        // Debounce: wait until no event came for DEBOUNCE.
+    // Files written to and not yet closed.
+    let mut open = HashSet::new();
+    while let Some(mut change) = rx.recv().await {
         loop {
-            match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                Ok(Some(())) => continue,
+            match change {
+                Change::Writing(path) => {
+                    open.insert(path);
+                }
+                Change::Complete(path) => {
+                    open.remove(&path);
+                }
+                Change::Signal => {}
+            }
+            let quiet = if open.is_empty() { SETTLE } else { DEBOUNCE };
+            match tokio::time::timeout(quiet, rx.recv()).await {
+                Ok(Some(next)) => change = next,
                 Ok(None) => return,
                 Err(_) => break,
             }
         }
+        // A writer that kept its file open past the quiet time is taken as
+        // done; a file still incomplete fails validation and leaves the chain
+        // as it is until its next event.
+        open.clear();
         match reload(&config_path, &runtime, &handle).await {
             Ok(n) => tracing::info!(plugins = n, "plugin chain reloaded"),
             Err(e) => {

@@ -231,12 +231,21 @@ fn compile(engine: &Engine, bytes: &[u8], hash: &str, cache: &Path) -> Result<Co
             }
         }
     }
+    let started = std::time::Instant::now();
     let component = Component::new(engine, bytes).map_err(|e| format!("{e:#}"))?;
+    let compiled = started.elapsed();
     if let Some(file) = &file {
         if let Err(e) = store_cached(&component, file) {
             tracing::warn!(file = %file.display(), error = %e, "cannot cache compiled plugin");
         }
     }
+    tracing::info!(
+        hash = hash.get(..12).unwrap_or(hash),
+        bytes = bytes.len(),
+        compile_ms = compiled.as_millis() as u64,
+        cache_ms = (started.elapsed() - compiled).as_millis() as u64,
+        "plugin compiled"
+    );
     Ok(component)
 }
 

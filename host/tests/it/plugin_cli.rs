@@ -223,16 +223,7 @@ fn list_shows_the_running_chain_and_its_counts() {
         rcpt_codes(&relay, &["x@a.test", "x@b.test", "y@b.test"]),
         ["550", "250", "250"]
     );
-    let out = postern(
-        dir.path(),
-        &[
-            "plugin".as_ref(),
-            "list".as_ref(),
-            "--config".as_ref(),
-            dir.path().join("postern.toml").as_os_str(),
-        ],
-    );
-    let listed = succeeded(&out);
+    let listed = plugin_list(dir.path());
     let header = listed.lines().next().unwrap_or_default();
     assert!(header.starts_with("blocklist  sha256:"), "{listed}");
     assert!(header.contains("hooks: mail_from,rcpt"), "{listed}");
@@ -331,4 +322,78 @@ fn sighup_reloads_the_chain() {
         "{}",
         relay.log()
     );
+}
+
+/// A `.wasm` written in pieces, with a pause while its writer still has it
+/// open, is loaded once, when complete: no attempt is made on the half file
+/// (which would fail and log an error), and the new file then serves.
+#[test]
+fn a_plugin_written_in_pieces_is_loaded_once_complete() {
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static ROUND: AtomicU32 = AtomicU32::new(0);
+
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(blocklist_wasm(), dir.path().join("plugins/blocklist.wasm")).unwrap();
+    let port = free_port();
+    let config = blocklist_config("\"a.test\"").replace("watch = false", "watch = true");
+    let relay = Relay::start_in(dir.clone(), port, &base_config(port, &config));
+
+    // The same plugin with a custom section at the end: new to the relay.
+    let mut wasm = std::fs::read(blocklist_wasm()).unwrap();
+    let tag = format!("test {}", ROUND.fetch_add(1, Ordering::Relaxed));
+    wasm.extend_from_slice(&[0, tag.len() as u8 + 5, 4]);
+    wasm.extend_from_slice(b"test");
+    wasm.extend_from_slice(tag.as_bytes());
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&wasm));
+
+    let mut file = std::fs::File::create(dir.path().join("plugins/blocklist.wasm")).unwrap();
+    let (first, rest) = wasm.split_at(wasm.len() / 2);
+    file.write_all(first).unwrap();
+    file.flush().unwrap();
+    // Longer than the settle after a close, shorter than the debounce for a
+    // file still open.
+    std::thread::sleep(Duration::from_millis(100));
+    file.write_all(rest).unwrap();
+    drop(file);
+
+    wait_for_log(&relay, "plugin chain reloaded", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = relay.log();
+    assert_eq!(log.matches("plugin chain reloaded").count(), 1, "{log}");
+    assert!(!log.contains("not reloaded"), "{log}");
+    let listed = plugin_list(dir.path());
+    assert!(listed.contains(&digest[..16]), "{digest}\n{listed}");
+    assert_eq!(
+        rcpt_codes(&relay, &["x@a.test", "x@b.test"]),
+        ["550", "250"]
+    );
+}
+
+/// What `postern plugin list` prints for the relay configured in `dir`.
+fn plugin_list(dir: &Path) -> String {
+    let config = dir.join("postern.toml");
+    succeeded(&postern(
+        dir,
+        &[
+            "plugin".as_ref(),
+            "list".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+    ))
+}
+
+/// Waits until the relay's log holds `needle` `times` times.
+fn wait_for_log(relay: &Relay, needle: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay.log().matches(needle).count() < times {
+        assert!(
+            Instant::now() < deadline,
+            "waiting for {times} x {needle:?}; log:\n{}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
