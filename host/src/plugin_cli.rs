@@ -9,7 +9,7 @@ use clap::Subcommand;
 
 use postern::config::{Config, Grant};
 use postern::envelope::{Address, Envelope, MailParams, Recipient, SessionInfo};
-use postern::plugins::{reload, runtime, ChainHandle, Runtime};
+use postern::plugins::{reload, ChainHandle, Runtime};
 use postern::policy::{DataTransaction, RouteQuery};
 
 /// The SDK this binary was built with; `POSTERN_SDK` points elsewhere.
@@ -24,7 +24,8 @@ pub enum PluginCommand {
         name: String,
     },
     /// Say whether FILE.wasm fits the plugin world, and which hooks and grants
-    /// it needs.
+    /// it needs. With --config, the `[[plugin]]` entry whose path has this
+    /// file's name supplies its config and grants, as the relay would load it.
     Check {
         /// The component.
         file: PathBuf,
@@ -53,7 +54,9 @@ pub enum PluginCommand {
 pub fn run(command: PluginCommand, config: &Path, config_given: bool) -> anyhow::Result<()> {
     match command {
         PluginCommand::New { name } => new(&name),
-        PluginCommand::Check { file } => tokio_runtime()?.block_on(check(&file)),
+        PluginCommand::Check { file } => {
+            tokio_runtime()?.block_on(check(&file, config_given.then_some(config)))
+        }
         PluginCommand::Test {
             file,
             message,
@@ -194,36 +197,45 @@ fn scratch_config(
     Ok(Config::parse(&text, &dir.join("postern.toml"))?)
 }
 
-async fn check(file: &Path) -> anyhow::Result<()> {
+/// Compiles FILE once, links it with the grants it asks for (or, with
+/// `--config`, those of its `[[plugin]]` entry) and runs `init` with the
+/// entry's config (or none). A plugin whose `init` refuses to run without its
+/// config still fits: without `--config` that is a note, not a failure.
+async fn check(file: &Path, config: Option<&Path>) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
     let dir = tempfile::tempdir()?;
-    let config = scratch_config(dir.path(), file, None, &[])?;
-    let rt = Runtime::new(&config)?;
-    let engine = rt.engine().clone();
-    let req = tokio::task::spawn_blocking(move || runtime::requirements(&engine, &bytes))
-        .await?
+    let entry = config.map(|c| entry_for(c, file)).transpose()?;
+    let rt = Runtime::new(&scratch_config(dir.path(), file, None, &[])?)?;
+    let req = rt
+        .requirements(bytes)
+        .await
         .map_err(|e| anyhow::anyhow!("{}: not a valid component: {e}", file.display()))?;
     let mut grants = req.grants.clone();
     if req.filesystem {
         grants.push(Grant::Archive);
     }
-    let config = scratch_config(dir.path(), file, None, &grants)?;
-    let chain = rt
-        .load_chain(&config)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let plugin = &chain.plugins()[0];
+    let scratch = scratch_config(dir.path(), file, entry.as_deref(), &grants)?;
+    let hooks = match rt.load_chain(&scratch).await {
+        Ok(chain) => {
+            let hooks: Vec<&str> = chain.plugins()[0]
+                .hooks
+                .iter()
+                .map(|h| h.as_str())
+                .collect();
+            hooks.join(", ")
+        }
+        Err(postern::plugins::Error::ConfigRefused { message, .. }) if entry.is_none() => {
+            format!(
+                "unknown: init refused to run without its config ({message}); \
+                 give the relay config with --config and its [[plugin]] entry for this file supplies one"
+            )
+        }
+        Err(e) => bail!("{}: {e}", file.display()),
+    };
     println!("{}: fits postern:relay/plugin@0.1.0", file.display());
-    println!("  sha256: {}", plugin.hash);
-    println!(
-        "  hooks:  {}",
-        plugin
-            .hooks
-            .iter()
-            .map(|h| h.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    println!("  sha256: {hash}");
+    println!("  hooks:  {hooks}");
     let names: Vec<&str> = req.grants.iter().map(|g| g.as_str()).collect();
     println!(
         "  grants: {}",

@@ -139,9 +139,12 @@ pub enum CallError {
     /// that does not fit the verdict, a bad route).
     #[error("invalid answer: {0}")]
     Invalid(String),
-    /// No instance could be made (pool exhausted, `init` failed).
+    /// No instance could be made (pool exhausted, `init` trapped).
     #[error("cannot instantiate: {0}")]
     Instantiate(String),
+    /// `init` answered that its config is not usable.
+    #[error("init refused its config: {0}")]
+    ConfigRefused(String),
 }
 
 impl CallError {
@@ -152,7 +155,7 @@ impl CallError {
             CallError::Timeout(_) => "timeout",
             CallError::Memory(_) => "memory",
             CallError::Invalid(_) => "invalid",
-            CallError::Instantiate(_) => "instantiate",
+            CallError::Instantiate(_) | CallError::ConfigRefused(_) => "instantiate",
         }
     }
 }
@@ -346,20 +349,32 @@ impl LoadedPlugin {
 
     /// Makes one instance and runs `init`, which decides the hooks: those it
     /// returns, narrowed by the config's `hooks`. The instance joins the pool.
-    pub(crate) async fn validate(&mut self) -> Result<(), String> {
-        let (instance, offered) = self.instantiate().await.map_err(|e| e.to_string())?;
+    pub(crate) async fn validate(&mut self) -> Result<(), crate::plugins::Error> {
+        let plugin = self.config.name.clone();
+        let (instance, offered) = self.instantiate().await.map_err(|e| match e {
+            CallError::ConfigRefused(message) => {
+                crate::plugins::Error::ConfigRefused { plugin, message }
+            }
+            other => crate::plugins::Error::Init {
+                plugin,
+                message: other.to_string(),
+            },
+        })?;
         let hooks = match &self.config.hooks {
             None => offered,
             Some(wanted) => {
                 if let Some(h) = wanted.iter().find(|h| !offered.contains(h)) {
-                    return Err(format!(
-                        "`hooks` names {h}, which the plugin does not handle (it handles: {})",
-                        offered
-                            .iter()
-                            .map(|h| h.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
+                    return Err(crate::plugins::Error::Init {
+                        plugin: self.config.name.clone(),
+                        message: format!(
+                            "`hooks` names {h}, which the plugin does not handle (it handles: {})",
+                            offered
+                                .iter()
+                                .map(|h| h.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    });
                 }
                 wanted.clone()
             }
@@ -443,11 +458,7 @@ impl LoadedPlugin {
         };
         let hooks = match plugin.call_init(&mut store, &self.config_json).await {
             Ok(Ok(hooks)) => hooks.into_iter().map(hook_name).collect(),
-            Ok(Err(message)) => {
-                return Err(CallError::Instantiate(format!(
-                    "init refused its config: {message}"
-                )))
-            }
+            Ok(Err(message)) => return Err(CallError::ConfigRefused(message)),
             Err(e) => {
                 return Err(match self.classify(&store, deadline.time, e) {
                     CallError::Trap(m) => CallError::Instantiate(format!("init trapped: {m}")),

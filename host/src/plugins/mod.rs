@@ -100,6 +100,15 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// `init` answered that the plugin's config (`[plugin.config]`) is not
+    /// usable.
+    #[error("plugin {plugin}: init refused its config: {message}")]
+    ConfigRefused {
+        /// The plugin.
+        plugin: String,
+        /// The plugin's own words.
+        message: String,
+    },
     /// Its archive folder could not be created.
     #[error("plugin {plugin}: archive folder {}: {source}", path.display())]
     Archive {

@@ -184,10 +184,7 @@ impl Runtime {
             self.ticker.clone(),
             archive,
         );
-        plugin.validate().await.map_err(|message| Error::Init {
-            plugin: p.name.clone(),
-            message,
-        })?;
+        plugin.validate().await?;
         Ok(plugin)
     }
 }
@@ -378,9 +375,28 @@ pub struct Requirements {
     pub filesystem: bool,
 }
 
-/// Compiles a component (no cache) and lists what it imports.
-pub fn requirements(engine: &Engine, bytes: &[u8]) -> Result<Requirements, String> {
-    let component = Component::new(engine, bytes).map_err(|e| format!("{e:#}"))?;
+impl Runtime {
+    /// Compiles a component (not through the disk cache) and lists what it
+    /// imports. The compiled component is kept, so loading the same bytes
+    /// next does not compile them again.
+    pub async fn requirements(&self, bytes: Vec<u8>) -> Result<Requirements, String> {
+        let engine = self.engine.clone();
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{e:#}"))?;
+        let req = requirements(&self.engine, &component);
+        self.components
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash, component);
+        Ok(req)
+    }
+}
+
+/// What a compiled component imports.
+fn requirements(engine: &Engine, component: &Component) -> Requirements {
     let mut req = Requirements {
         imports: Vec::new(),
         grants: Vec::new(),
@@ -406,5 +422,5 @@ pub fn requirements(engine: &Engine, bytes: &[u8]) -> Result<Requirements, Strin
             }
         }
     }
-    Ok(req)
+    req
 }

@@ -105,6 +105,55 @@ fn check_refuses_a_file_that_is_not_a_component() {
     assert!(!text(&out.stdout).contains("fits"), "{}", text(&out.stdout));
 }
 
+/// The router cannot start without its routes. Alone, check still says it
+/// fits and why its hooks are unknown; with the relay config, the entry's
+/// config decides, and a config the plugin refuses fails the check.
+#[test]
+fn check_runs_init_with_the_entry_config_when_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = plugin_build::wasm_dir().join("router.wasm");
+    let check = |config: Option<&Path>| {
+        let mut args = vec!["plugin".as_ref(), "check".as_ref(), wasm.as_os_str()];
+        if let Some(c) = config {
+            args.extend(["--config".as_ref(), c.as_os_str()]);
+        }
+        postern(dir.path(), &args)
+    };
+
+    let alone = succeeded(&check(None));
+    assert!(alone.contains("fits postern:relay/plugin@0.1.0"), "{alone}");
+    assert!(
+        alone.contains(
+            "hooks:  unknown: init refused to run without its config (missing field `routes`"
+        ),
+        "{alone}"
+    );
+
+    let config = dir.path().join("postern.toml");
+    let entry = |routes: &str| {
+        base_config(
+            free_port(),
+            &format!(
+                "[plugins]\ndir = \"plugins\"\nwatch = false\n\
+                 [[plugin]]\nname = \"router\"\npath = \"router.wasm\"\n\
+                 [plugin.config.routes]\n{routes}\n"
+            ),
+        )
+    };
+    std::fs::write(&config, entry("\"b.test\" = \"discard\"")).unwrap();
+    let configured = succeeded(&check(Some(&config)));
+    assert!(configured.contains("hooks:  route\n"), "{configured}");
+
+    std::fs::write(&config, entry("\"b.test\" = \"teleport\"")).unwrap();
+    let out = check(Some(&config));
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        stderr.contains("plugin router: init refused its config: unknown route \"teleport\""),
+        "{stderr}"
+    );
+}
+
 /// With the relay config's `[[plugin]]` entry, a recipient in a blocked
 /// domain is refused and one outside it goes on.
 #[test]
