@@ -11,6 +11,8 @@ Each round writes FILE with a custom section that makes it new to the relay
 debounce, reading, compiling, validating (instantiate, `init`) and the swap.
 PLUGIN_CONFIG holds the `[plugin.config]` lines FILE needs; LOAD=1 keeps
 Postfix's smtp-source sending through the relay (to smtp-sink) meanwhile;
+PRECHECK=1 runs `postern plugin check --config` on each new file first (not
+timed), as an operator would, which leaves it compiled in the relay's cache;
 SHOWLOG=1 prints the relay's log at the end (its `plugin compiled` lines give
 each compile time). Needs target/release/postern.
 """
@@ -106,6 +108,12 @@ def main():
         for r in range(rounds):
             new = variant(wasm, f"round {r} {time.time()}")
             digest = hashlib.sha256(new).hexdigest()
+            if os.environ.get("PRECHECK"):
+                staged = os.path.join(work, "staged", "p.wasm")
+                os.makedirs(os.path.dirname(staged), exist_ok=True)
+                with open(staged, "wb") as f:
+                    f.write(new)
+                subprocess.run([BIN, "plugin", "check", "--config", config, staged], check=True, stdout=subprocess.DEVNULL)
             start = time.monotonic()
             # Written in place, in chunks, as a copy or a linker writes it.
             with open(os.path.join(plugins, "p.wasm"), "wb") as f:

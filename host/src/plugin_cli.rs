@@ -169,18 +169,47 @@ postern_sdk::export!({ty});
     Ok(())
 }
 
+/// What check and test take from the relay config given with --config: the
+/// file's `[[plugin]]` entry, and the `[plugins]` settings that make their
+/// compiled code the relay's own (the memory size, and the relay's compiled
+/// cache when the relay has created it), so the relay then loads the file
+/// from its cache without compiling it.
+struct RelayEntry {
+    /// The `[[plugin]]` table, as TOML.
+    table: String,
+    /// Lines for the scratch config's `[plugins]`.
+    settings: String,
+}
+
+impl RelayEntry {
+    fn load(config: &Path, file: &Path) -> anyhow::Result<RelayEntry> {
+        let relay = Config::load(config)?;
+        let mut settings = format!("max_memory_mb = {}\n", relay.plugins.max_memory_mb);
+        // Only a folder the relay made: created here, it would belong to
+        // whoever runs the check, and the relay would refuse it.
+        let cache = relay.plugin_cache_dir();
+        if cache.is_dir() {
+            settings.push_str(&format!("cache_dir = {cache:?}\n"));
+        }
+        Ok(RelayEntry {
+            table: entry_for(config, &relay, file)?,
+            settings,
+        })
+    }
+}
+
 /// A throwaway relay config holding one plugin entry, for check and test.
 fn scratch_config(
     dir: &Path,
     file: &Path,
-    entry: Option<&str>,
+    relay: Option<&RelayEntry>,
     grants: &[Grant],
 ) -> anyhow::Result<Config> {
     let file = file
         .canonicalize()
         .with_context(|| format!("reading {}", file.display()))?;
-    let entry = match entry {
-        Some(e) => e.to_string(),
+    let entry = match relay {
+        Some(r) => r.table.clone(),
         None => {
             let grants: Vec<String> = grants.iter().map(|g| format!("{:?}", g.as_str())).collect();
             format!(
@@ -190,9 +219,10 @@ fn scratch_config(
         }
     };
     let text = format!(
-        "[[listener]]\naddress = \"127.0.0.1:0\"\n[spool]\npath = {:?}\n[plugins]\ndir = {:?}\nwatch = false\n{entry}",
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[spool]\npath = {:?}\n[plugins]\ndir = {:?}\nwatch = false\n{}{entry}",
         dir.join("spool"),
         dir.join("plugins"),
+        relay.map(|r| r.settings.as_str()).unwrap_or(""),
     );
     Ok(Config::parse(&text, &dir.join("postern.toml"))?)
 }
@@ -205,17 +235,18 @@ async fn check(file: &Path, config: Option<&Path>) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
     let dir = tempfile::tempdir()?;
-    let entry = config.map(|c| entry_for(c, file)).transpose()?;
-    let rt = Runtime::new(&scratch_config(dir.path(), file, None, &[])?)?;
+    let relay = config.map(|c| RelayEntry::load(c, file)).transpose()?;
+    let first = scratch_config(dir.path(), file, relay.as_ref(), &[])?;
+    let rt = Runtime::new(&first)?;
     let req = rt
-        .requirements(bytes)
+        .requirements(bytes, first.plugin_cache_dir())
         .await
         .map_err(|e| anyhow::anyhow!("{}: not a valid component: {e}", file.display()))?;
     let mut grants = req.grants.clone();
     if req.filesystem {
         grants.push(Grant::Archive);
     }
-    let scratch = scratch_config(dir.path(), file, entry.as_deref(), &grants)?;
+    let scratch = scratch_config(dir.path(), file, relay.as_ref(), &grants)?;
     let hooks = match rt.load_chain(&scratch).await {
         Ok(chain) => {
             let hooks: Vec<&str> = chain.plugins()[0]
@@ -225,7 +256,7 @@ async fn check(file: &Path, config: Option<&Path>) -> anyhow::Result<()> {
                 .collect();
             hooks.join(", ")
         }
-        Err(postern::plugins::Error::ConfigRefused { message, .. }) if entry.is_none() => {
+        Err(postern::plugins::Error::ConfigRefused { message, .. }) if relay.is_none() => {
             format!(
                 "unknown: init refused to run without its config ({message}); \
                  give the relay config with --config and its [[plugin]] entry for this file supplies one"
@@ -253,8 +284,7 @@ async fn check(file: &Path, config: Option<&Path>) -> anyhow::Result<()> {
 
 /// The `[[plugin]]` table of `config` whose path names `file`, as TOML text
 /// with the path made absolute.
-fn entry_for(config: &Path, file: &Path) -> anyhow::Result<String> {
-    let relay = Config::load(config)?;
+fn entry_for(config: &Path, relay: &Config, file: &Path) -> anyhow::Result<String> {
     let name = file.file_name().context("FILE has no file name")?;
     let p = relay
         .plugin_chain
@@ -293,9 +323,9 @@ async fn test(
     to: &[String],
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let entry = config.map(|c| entry_for(c, file)).transpose()?;
+    let relay = config.map(|c| RelayEntry::load(c, file)).transpose()?;
     let grants = [Grant::Log, Grant::Kv, Grant::Dns];
-    let config = scratch_config(dir.path(), file, entry.as_deref(), &grants)?;
+    let config = scratch_config(dir.path(), file, relay.as_ref(), &grants)?;
     let rt = Runtime::new(&config)?;
     let chain = rt
         .load_chain(&config)

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
@@ -376,16 +376,20 @@ pub struct Requirements {
 }
 
 impl Runtime {
-    /// Compiles a component (not through the disk cache) and lists what it
-    /// imports. The compiled component is kept, so loading the same bytes
-    /// next does not compile them again.
-    pub async fn requirements(&self, bytes: Vec<u8>) -> Result<Requirements, String> {
+    /// Compiles a component (through the disk cache in `cache`) and lists
+    /// what it imports. The compiled component is kept, so loading the same
+    /// bytes next does not compile them again.
+    pub async fn requirements(
+        &self,
+        bytes: Vec<u8>,
+        cache: PathBuf,
+    ) -> Result<Requirements, String> {
         let engine = self.engine.clone();
         let hash = hex::encode(Sha256::digest(&bytes));
-        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+        let h = hash.clone();
+        let component = tokio::task::spawn_blocking(move || compile(&engine, &bytes, &h, &cache))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(|e| e.to_string())??;
         let req = requirements(&self.engine, &component);
         self.components
             .lock()

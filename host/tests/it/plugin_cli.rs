@@ -154,6 +154,73 @@ fn check_runs_init_with_the_entry_config_when_given() {
     );
 }
 
+/// check with the relay config compiles into the relay's cache, so the relay
+/// later loads the file without compiling it; a cache folder the relay has
+/// not made is left alone (made by the checking user, the relay would refuse
+/// it).
+#[test]
+fn check_with_the_relay_config_fills_the_relay_cache() {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let cache = dir.path().join("cache");
+    let shared_cache = plugin_build::target_dir().join("postern-test-plugin-cache");
+    let port = free_port();
+    let text = base_config(
+        port,
+        &blocklist_config("\"a.test\"").replace(
+            &format!("cache_dir = {shared_cache:?}"),
+            &format!("cache_dir = {cache:?}"),
+        ),
+    );
+    let config = dir.path().join("postern.toml");
+    std::fs::write(&config, &text).unwrap();
+    let staged = dir.path().join("staged/blocklist.wasm");
+    std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+    std::fs::copy(blocklist_wasm(), &staged).unwrap();
+    let check = || {
+        succeeded(&postern(
+            dir.path(),
+            &[
+                "plugin".as_ref(),
+                "check".as_ref(),
+                "--config".as_ref(),
+                config.as_os_str(),
+                staged.as_os_str(),
+            ],
+        ))
+    };
+
+    check();
+    assert!(!cache.exists(), "check made the relay's cache folder");
+
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&cache)
+        .unwrap();
+    let out = check();
+    let hash = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("sha256: "))
+        .unwrap_or_else(|| panic!("no sha256 line: {out}"))
+        .to_string();
+    let cached: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert!(
+        cached[0].starts_with(&hash) && cached[0].ends_with(".cwasm"),
+        "{cached:?}"
+    );
+
+    // The relay with this config loads the plugin from there: nothing to compile.
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(&staged, dir.path().join("plugins/blocklist.wasm")).unwrap();
+    let relay = Relay::start_in(dir.clone(), port, &text);
+    assert_eq!(rcpt_codes(&relay, &["x@a.test"]), ["550"]);
+    assert!(!relay.log().contains("plugin compiled"), "{}", relay.log());
+}
+
 /// With the relay config's `[[plugin]]` entry, a recipient in a blocked
 /// domain is refused and one outside it goes on.
 #[test]
