@@ -168,8 +168,13 @@ async fn run(
         // done; a file still incomplete fails validation and leaves the chain
         // as it is until its next event.
         open.clear();
+        let started = std::time::Instant::now();
         match reload(&config_path, &runtime, &handle).await {
-            Ok(n) => tracing::info!(plugins = n, "plugin chain reloaded"),
+            Ok(n) => tracing::info!(
+                plugins = n,
+                took_ms = started.elapsed().as_millis() as u64,
+                "plugin chain reloaded"
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "plugin chain not reloaded; the previous chain stays in place")
             }
