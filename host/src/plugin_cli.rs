@@ -233,7 +233,6 @@ fn scratch_config(
 /// config still fits: without `--config` that is a note, not a failure.
 async fn check(file: &Path, config: Option<&Path>) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
     let dir = tempfile::tempdir()?;
     let relay = config.map(|c| RelayEntry::load(c, file)).transpose()?;
     let first = scratch_config(dir.path(), file, relay.as_ref(), &[])?;
@@ -265,7 +264,7 @@ async fn check(file: &Path, config: Option<&Path>) -> anyhow::Result<()> {
         Err(e) => bail!("{}: {e}", file.display()),
     };
     println!("{}: fits postern:relay/plugin@0.1.0", file.display());
-    println!("  sha256: {hash}");
+    println!("  sha256: {}", req.hash);
     println!("  hooks:  {hooks}");
     let names: Vec<&str> = req.grants.iter().map(|g| g.as_str()).collect();
     println!(

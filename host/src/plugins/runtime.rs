@@ -92,11 +92,6 @@ impl Runtime {
         }))
     }
 
-    /// The engine.
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
     /// Loads every `[[plugin]]` of the config, in order. Any failure fails the
     /// whole chain, naming the plugin, so a reload keeps the old chain.
     pub async fn load_chain(self: &Arc<Self>, config: &Config) -> Result<Chain, Error> {
@@ -123,6 +118,37 @@ impl Runtime {
         Ok(Chain::new(plugins, Some(self.clone())))
     }
 
+    /// The compiled component for these bytes, and their hash: from memory
+    /// when a chain already holds it, else compiled (off the async runtime,
+    /// through the disk cache in `cache`) and kept.
+    async fn component(
+        &self,
+        bytes: Vec<u8>,
+        cache: PathBuf,
+    ) -> Result<(String, Component), String> {
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let kept = self
+            .components
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&hash)
+            .cloned();
+        if let Some(c) = kept {
+            return Ok((hash, c));
+        }
+        let engine = self.engine.clone();
+        let h = hash.clone();
+        // Cranelift takes a while: never on a runtime thread.
+        let c = tokio::task::spawn_blocking(move || compile(&engine, &bytes, &h, &cache))
+            .await
+            .map_err(|e| e.to_string())??;
+        self.components
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash.clone(), c.clone());
+        Ok((hash, c))
+    }
+
     async fn load_plugin(&self, config: &Config, p: &PluginConfig) -> Result<LoadedPlugin, Error> {
         let path = config.plugins_dir().join(&p.path);
         let bytes = tokio::fs::read(&path).await.map_err(|source| Error::Read {
@@ -130,35 +156,13 @@ impl Runtime {
             path: path.clone(),
             source,
         })?;
-        let hash = hex::encode(Sha256::digest(&bytes));
-        let cached = self
-            .components
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&hash)
-            .cloned();
-        let component = match cached {
-            Some(c) => c,
-            None => {
-                let engine = self.engine.clone();
-                let cache = config.plugin_cache_dir();
-                let h = hash.clone();
-                // Cranelift takes a while: never on a runtime thread.
-                let c = tokio::task::spawn_blocking(move || compile(&engine, &bytes, &h, &cache))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
-                    .map_err(|message| Error::Compile {
-                        plugin: p.name.clone(),
-                        message,
-                    })?;
-                self.components
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(hash.clone(), c.clone());
-                c
-            }
-        };
+        let (hash, component) = self
+            .component(bytes, config.plugin_cache_dir())
+            .await
+            .map_err(|message| Error::Compile {
+                plugin: p.name.clone(),
+                message,
+            })?;
         check_imports(&self.engine, &component, p)?;
         let pre = link(&self.engine, &component, &p.grants).map_err(|message| Error::Link {
             plugin: p.name.clone(),
@@ -367,6 +371,8 @@ fn link(
 /// What a component needs from the relay, for `postern plugin check`.
 #[derive(Debug, Clone)]
 pub struct Requirements {
+    /// SHA-256 of the `.wasm`, hex.
+    pub hash: String,
     /// Every import, by name.
     pub imports: Vec<String>,
     /// The grants its `postern:relay` imports need.
@@ -384,24 +390,15 @@ impl Runtime {
         bytes: Vec<u8>,
         cache: PathBuf,
     ) -> Result<Requirements, String> {
-        let engine = self.engine.clone();
-        let hash = hex::encode(Sha256::digest(&bytes));
-        let h = hash.clone();
-        let component = tokio::task::spawn_blocking(move || compile(&engine, &bytes, &h, &cache))
-            .await
-            .map_err(|e| e.to_string())??;
-        let req = requirements(&self.engine, &component);
-        self.components
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(hash, component);
-        Ok(req)
+        let (hash, component) = self.component(bytes, cache).await?;
+        Ok(requirements(&self.engine, &component, hash))
     }
 }
 
 /// What a compiled component imports.
-fn requirements(engine: &Engine, component: &Component) -> Requirements {
+fn requirements(engine: &Engine, component: &Component, hash: String) -> Requirements {
     let mut req = Requirements {
+        hash,
         imports: Vec::new(),
         grants: Vec::new(),
         filesystem: false,
