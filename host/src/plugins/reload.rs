@@ -98,7 +98,11 @@ fn watch(
     tx: mpsc::UnboundedSender<Change>,
 ) -> Result<notify::RecommendedWatcher, Error> {
     let config_name = config_path.file_name().map(|n| n.to_os_string());
-    let plugins_dir_owned = plugins_dir.to_path_buf();
+    // Compared by real path: notify reports the watched path made absolute
+    // but not resolved, and the config may name the folder relatively or
+    // through `..` (the example config does).
+    let real = |dir: &Path| std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let plugins_dir_real = real(plugins_dir);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         let complete = match event.kind {
@@ -108,8 +112,8 @@ fn watch(
             _ => false,
         };
         let relevant = |p: &PathBuf| {
-            let is_wasm =
-                p.extension().is_some_and(|e| e == "wasm") && p.starts_with(&plugins_dir_owned);
+            let is_wasm = p.extension().is_some_and(|e| e == "wasm")
+                && p.parent().is_some_and(|d| real(d) == plugins_dir_real);
             is_wasm
                 || (config_name.is_some() && p.file_name().map(|n| n.to_os_string()) == config_name)
         };

@@ -74,9 +74,11 @@ impl Relay {
         env: &[(&str, &Path)],
     ) -> Relay {
         std::fs::write(dir.path().join("postern.toml"), config).unwrap();
+        // Run from the folder with a relative config path, as
+        // host/scripts/run.sh does, so paths resolve the way they do there.
         let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
-            .args(["serve", "--config"])
-            .arg(dir.path().join("postern.toml"))
+            .args(["serve", "--config", "postern.toml"])
+            .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
