@@ -148,6 +148,8 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
                 tracing::warn!(socket = %control.display(), error = %e, "plugin control socket unavailable; `postern plugin list` will not work");
             }
         });
+        // Last, so that `postern queue` works from the first connection on.
+        let server = server.listen()?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         server

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
@@ -163,8 +163,18 @@ impl ConnectionLimits {
     }
 }
 
-/// A bound, ready relay.
+/// A relay with its spool open and its addresses bound, not yet listening:
+/// what must be ready before a client can connect (delivery, its control
+/// socket) starts in between, then [`Server::listen`].
 pub struct Server {
+    ctx: Arc<Context>,
+    sockets: Vec<(TcpSocket, Arc<Listener>)>,
+    shutdown_tx: watch::Sender<bool>,
+    limits: Arc<ConnectionLimits>,
+}
+
+/// A relay whose listeners accept connections; [`Listening::run`] serves them.
+pub struct Listening {
     ctx: Arc<Context>,
     listeners: Vec<(TcpListener, Arc<Listener>)>,
     shutdown_tx: watch::Sender<bool>,
@@ -172,13 +182,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the spool and binds every listener. Fails before accepting
-    /// anything if a certificate, the spool lock or an address is unusable.
+    /// Opens the spool and binds every listener's address. Fails before
+    /// accepting anything if a certificate, the spool lock or an address is
+    /// unusable.
     pub async fn bind(config: Config, chain: Arc<ChainHandle>) -> Result<Server, Error> {
         let (shutdown_tx, shutdown) = watch::channel(false);
         let ctx = Arc::new(Context::new(config, chain, shutdown)?);
         let config = &ctx.config;
-        let mut listeners = Vec::new();
+        let mut sockets = Vec::new();
         for l in &config.listeners {
             let acceptor = match (l.tls_mode(), &l.tls_cert, &l.tls_key) {
                 (TlsMode::None, _, _) => None,
@@ -197,7 +208,7 @@ impl Server {
                 address: l.address,
                 source,
             })?;
-            listeners.push((
+            sockets.push((
                 socket,
                 Arc::new(Listener {
                     config: l.clone(),
@@ -212,7 +223,7 @@ impl Server {
         });
         Ok(Server {
             ctx,
-            listeners,
+            sockets,
             shutdown_tx,
             limits,
         })
@@ -230,12 +241,32 @@ impl Server {
 
     /// The addresses actually bound (port 0 in the config picks a free port).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
+        self.sockets
             .iter()
             .filter_map(|(l, _)| l.local_addr().ok())
             .collect()
     }
 
+    /// Starts listening on every bound address: from here on clients connect.
+    pub fn listen(self) -> Result<Listening, Error> {
+        let mut listeners = Vec::new();
+        for (socket, listener) in self.sockets {
+            let socket = socket.listen(1024).map_err(|source| Error::Bind {
+                address: listener.config.address,
+                source,
+            })?;
+            listeners.push((socket, listener));
+        }
+        Ok(Listening {
+            ctx: self.ctx,
+            listeners,
+            shutdown_tx: self.shutdown_tx,
+            limits: self.limits,
+        })
+    }
+}
+
+impl Listening {
     /// Accepts connections until `stop` resolves, then stops accepting, lets
     /// transactions in flight finish for up to `limits.shutdown_grace`, and returns.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
@@ -262,14 +293,14 @@ impl Server {
     }
 }
 
-fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind(address: SocketAddr) -> std::io::Result<TcpSocket> {
     let socket = match address {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
-    socket.listen(1024)
+    Ok(socket)
 }
 
 async fn accept_loop(

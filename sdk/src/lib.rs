@@ -678,9 +678,11 @@ macro_rules! export {
                     let plugin =
                         <$plugin as $crate::Plugin>::init($crate::Config::from_json(config))
                             .map_err(|e| e.to_string())?;
-                    PLUGIN
-                        .with(|p| p.set(plugin))
-                        .map_err(|_| "init called twice".to_string())?;
+                    // A bool, not the `Err(plugin)` of `set`: a large plugin
+                    // value would make every `Result` around it large.
+                    if !PLUGIN.with(|p| p.set(plugin).is_ok()) {
+                        return Err("init called twice".to_string());
+                    }
                     Ok(<$plugin as $crate::__private::Hooks>::HOOKS.to_vec())
                 }
 

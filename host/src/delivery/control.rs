@@ -234,8 +234,13 @@ async fn handle(d: &Delivery, req: Request) -> Response {
     let dir = d.queue_dir().to_path_buf();
     let result = async {
         match req {
-            Request::List => list(&dir),
-            Request::Show { id } => entry(&dir, &parse_id(&id)?).map(|e| vec![e]),
+            // Reading every record of a large queue takes a while: off the
+            // runtime, so deliveries and sessions go on meanwhile.
+            Request::List => queue::off_runtime(move || list(&dir)).await,
+            Request::Show { id } => {
+                let id = parse_id(&id)?;
+                queue::off_runtime(move || entry(&dir, &id).map(|e| vec![e])).await
+            }
             Request::Flush { id } => {
                 let id = id.as_deref().map(parse_id).transpose()?;
                 d.flush(id.as_ref()).await.map(|_| Vec::new())
@@ -318,37 +323,77 @@ pub(super) fn serve(d: Delivery) -> Result<(), Error> {
     Ok(())
 }
 
+/// How long a queue command waits for the control socket of a relay that
+/// holds the spool but does not answer yet (starting, or stopping).
+const SOCKET_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs a queue command: through the control socket when a relay is running
 /// on this spool, else directly on the files (with the spool locked).
 pub fn run(spool_root: &Path, req: Request) -> Result<Vec<Entry>, String> {
     let sock = spool_root.join(SOCKET);
-    if let Ok(mut conn) = std::os::unix::net::UnixStream::connect(&sock) {
-        let mut line = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + SOCKET_WAIT;
+    let mut said = false;
+    loop {
+        match run_once(spool_root, &sock, &req) {
+            Ok(entries) => return Ok(entries),
+            Err(Attempt::Failed(e)) => return Err(e),
+            Err(Attempt::Locked) if std::time::Instant::now() >= deadline => {
+                let (spool, sock) = (spool_root.display(), sock.display());
+                let wait = SOCKET_WAIT.as_secs();
+                return Err(format!(
+                    "a relay holds the spool {spool} but its control socket {sock} did not answer within {wait}s"
+                ));
+            }
+            Err(Attempt::Locked) => {
+                if !said {
+                    let (spool, wait) = (spool_root.display(), SOCKET_WAIT.as_secs());
+                    eprintln!(
+                        "postern: a relay holds the spool {spool} and its control socket does not answer yet; waiting up to {wait}s"
+                    );
+                    said = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Why one try at a queue command did not answer.
+enum Attempt {
+    /// A relay holds the spool and its socket does not answer: try again.
+    Locked,
+    /// A final answer.
+    Failed(String),
+}
+
+fn run_once(spool_root: &Path, sock: &Path, req: &Request) -> Result<Vec<Entry>, Attempt> {
+    if let Ok(mut conn) = std::os::unix::net::UnixStream::connect(sock) {
+        let fail = |e: String| Attempt::Failed(e);
+        let mut line = serde_json::to_vec(req).map_err(|e| fail(e.to_string()))?;
         line.push(b'\n');
         conn.write_all(&line)
-            .map_err(|e| format!("{}: {e}", sock.display()))?;
+            .map_err(|e| fail(format!("{}: {e}", sock.display())))?;
         let mut answer = String::new();
         BufReader::new(conn)
             .read_line(&mut answer)
-            .map_err(|e| format!("{}: {e}", sock.display()))?;
+            .map_err(|e| fail(format!("{}: {e}", sock.display())))?;
         let resp: Response = serde_json::from_str(&answer)
-            .map_err(|e| format!("{}: bad answer: {e}", sock.display()))?;
+            .map_err(|e| fail(format!("{}: bad answer: {e}", sock.display())))?;
         return if resp.ok {
             Ok(resp.entries)
         } else {
-            Err(resp.error.unwrap_or_else(|| "failed".into()))
+            Err(fail(resp.error.unwrap_or_else(|| "failed".into())))
         };
     }
     if !spool_root.join("queue").is_dir() {
-        return Err(format!("{}: no spool here", spool_root.display()));
+        return Err(Attempt::Failed(format!(
+            "{}: no spool here",
+            spool_root.display()
+        )));
     }
     let spool = Spool::open(spool_root).map_err(|e| match e {
-        queue::Error::Locked(_) => format!(
-            "a relay holds the spool {} but its control socket {} does not answer",
-            spool_root.display(),
-            sock.display()
-        ),
-        e => e.to_string(),
+        queue::Error::Locked(_) => Attempt::Locked,
+        e => Attempt::Failed(e.to_string()),
     })?;
-    handle_direct(&spool, req).map_err(|e| e.to_string())
+    handle_direct(&spool, req.clone()).map_err(|e| Attempt::Failed(e.to_string()))
 }

@@ -13,7 +13,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,9 @@ const MAX_ADDRESSES: usize = 5;
 const IDLE_TIME: Duration = Duration::from_secs(2);
 /// How often the spool is scanned for messages that did not fit in memory.
 const SCAN_INTERVAL: Duration = Duration::from_secs(10);
+/// How long an operator command waits for a pass over its message to settle
+/// (the remover may run seconds behind under load).
+const EDIT_WAIT: Duration = Duration::from_secs(30);
 
 /// The running delivery side; cheap to clone.
 #[derive(Clone)]
@@ -61,7 +64,8 @@ struct Shared {
     timeouts: Timeouts,
     /// The relay's own listening addresses: never a next hop.
     own: Vec<SocketAddr>,
-    sched: Mutex<Sched>,
+    /// Shared with the remover, which ends a message's `settling`.
+    sched: Arc<Mutex<Sched>>,
     /// Wakes the timer loop when an earlier timer or a scan is due.
     timer: Notify,
     /// The admission channel (new messages, DSNs).
@@ -81,7 +85,9 @@ enum Body {
 /// A thread that unlinks finished messages. An ext4 unlink can wait on the
 /// journal for a while; on a runtime worker that wait would stall sessions and
 /// deliveries. The removal never needed to be durable at once (a crash before
-/// it only means a duplicate), so handing it off changes no guarantee.
+/// it only means a duplicate), so handing it off changes no guarantee. Under
+/// load it runs seconds behind; each message stays `settling` until its files
+/// are gone, so no scan, timer or flush meets it in between.
 struct Remover {
     tx: std::sync::mpsc::Sender<QueueId>,
     /// Removals handed over and not yet done (shutdown waits for them).
@@ -89,7 +95,7 @@ struct Remover {
 }
 
 impl Remover {
-    fn start(spool: Spool) -> Remover {
+    fn start(spool: Spool, sched: Arc<Mutex<Sched>>) -> Remover {
         let (tx, rx) = std::sync::mpsc::channel::<QueueId>();
         let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let p = pending.clone();
@@ -100,6 +106,7 @@ impl Remover {
                     if let Err(e) = state::remove_message(&spool, &id) {
                         tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
                     }
+                    lock(&sched).settling.remove(&id);
                     p.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 }
             })
@@ -107,14 +114,16 @@ impl Remover {
         Remover { tx, pending }
     }
 
-    fn remove(&self, id: QueueId) {
+    /// Hands over a message that is `settling`; the remover ends that.
+    fn remove(&self, id: QueueId) -> Result<(), QueueId> {
         self.pending
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        if let Err(e) = self.tx.send(id) {
+        self.tx.send(id).map_err(|e| {
             self.pending
                 .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            tracing::warn!(queue_id = %e.0, "spool remover gone; message left for the next start");
-        }
+            tracing::warn!(queue_id = %e.0, "spool remover gone; removing the message directly");
+            e.0
+        })
     }
 
     fn pending(&self) -> usize {
@@ -122,11 +131,27 @@ impl Remover {
     }
 }
 
+fn lock(sched: &Mutex<Sched>) -> MutexGuard<'_, Sched> {
+    sched.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The scheduler's books. A message is in at most one of `admitting`,
+/// `active`, `settling` and `editing`, and while it is in one of them no
+/// other path (scan, retry timer, flush, release) may admit it: each would
+/// read the delivery state on disk, which is behind, and deliver again.
 #[derive(Default)]
 struct Sched {
     active: HashMap<QueueId, Active>,
     /// Being loaded and routed; not yet in `active`.
     admitting: HashSet<QueueId>,
+    /// Done with a pass, its outcome not yet on disk: the state file is being
+    /// written, or the files are waiting for the remover.
+    settling: HashSet<QueueId>,
+    /// An operator command is changing its files (see [`Delivery::edit`]).
+    editing: HashSet<QueueId>,
+    /// `postern queue flush` of everything, seconds since the epoch: a message
+    /// last tried before it is due whatever its retry time says.
+    flushed_at: u64,
     dests: HashMap<String, Dest>,
     /// Retry timers: (unix seconds, id).
     deferred: BinaryHeap<Reverse<(u64, QueueId)>>,
@@ -143,6 +168,27 @@ struct Sched {
     connections: usize,
     /// Destinations with jobs that wait for a global connection slot.
     starved: VecDeque<String>,
+}
+
+/// How a pass over a message ended, once its outcome is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Handed to the remover, which takes it out of `settling`.
+    Removing,
+    /// Tried again at this time (seconds since the epoch).
+    Retry(u64),
+    /// Nothing more to schedule (held, or deleted by the operator).
+    Done,
+}
+
+impl Sched {
+    /// Some path has the message in hand; every other keeps off it.
+    fn in_hand(&self, id: &QueueId) -> bool {
+        self.active.contains_key(id)
+            || self.admitting.contains(id)
+            || self.settling.contains(id)
+            || self.editing.contains(id)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,9 +265,9 @@ struct Attempt<'a> {
 }
 
 impl Delivery {
-    /// Starts delivery for a bound server: recovers the spool, listens for new
-    /// messages and opens the control socket. `own` are the relay's listening
-    /// addresses (loop prevention).
+    /// Starts delivery for a bound server, before it listens: opens the
+    /// control socket, recovers the spool and listens for new messages. `own`
+    /// are the relay's listening addresses (loop prevention).
     pub async fn start(ctx: &Arc<Context>, own: Vec<SocketAddr>) -> Result<Delivery, Error> {
         let config = ctx.config.clone();
         let d = &config.delivery;
@@ -229,14 +275,14 @@ impl Delivery {
         let tls = ClientTls::new(d.tls_ca.as_ref().map(|p| config.resolve(p)).as_deref())
             .map_err(Error::Setup)?;
         let queue_dir = ctx.spool.root().join("queue");
-        let removed = state::remove_orphans(&queue_dir)?;
-        if removed > 0 {
-            tracing::info!(removed, "removed delivery states of messages already gone");
-        }
         let (tx, mut rx) = mpsc::unbounded_channel::<Spooled>();
+        let sched = Arc::new(Mutex::new(Sched {
+            scan_needed: true,
+            ..Default::default()
+        }));
         let shared = Arc::new(Shared {
             admit_tx: tx.clone(),
-            remover: Remover::start(ctx.spool.clone()),
+            remover: Remover::start(ctx.spool.clone(), sched.clone()),
             timeouts: Timeouts::rfc5321(d.connect_timeout.0),
             config: config.clone(),
             spool: ctx.spool.clone(),
@@ -245,14 +291,18 @@ impl Delivery {
             dns,
             tls,
             own,
-            sched: Mutex::new(Sched {
-                scan_needed: true,
-                ..Default::default()
-            }),
+            sched,
             timer: Notify::new(),
         });
         let _ = ctx.on_queued.set(tx);
         let delivery = Delivery { shared };
+        // The control socket first: `postern queue` answers from the moment
+        // the listeners open, however long the clean-up below takes.
+        super::control::serve(delivery.clone())?;
+        let removed = state::remove_orphans(&delivery.shared.queue_dir)?;
+        if removed > 0 {
+            tracing::info!(removed, "removed delivery states of messages already gone");
+        }
         let admitter = delivery.shared.clone();
         tokio::spawn(async move {
             while let Some(spooled) = rx.recv().await {
@@ -261,7 +311,6 @@ impl Delivery {
             }
         });
         tokio::spawn(delivery.shared.clone().timer_loop());
-        super::control::serve(delivery.clone())?;
         Ok(delivery)
     }
 
@@ -301,16 +350,24 @@ impl Delivery {
 
     /// Puts a message on hold (a delivery in flight finishes; nothing new starts).
     pub(crate) async fn hold(&self, id: &QueueId) -> Result<(), crate::queue::Error> {
-        super::control::set_hold(&self.shared.queue_dir, id, true)?;
-        if let Some(a) = self.shared.lock().active.get_mut(id) {
-            a.cancel = Some(Cancel::Held);
-        }
-        Ok(())
+        let on_active = |a: &mut Active| a.cancel = Some(Cancel::Held);
+        self.edit(id, on_active, |dir, id| {
+            super::control::set_hold(dir, id, true)
+        })
+        .await
     }
 
     /// Releases a held message and tries it now.
     pub(crate) async fn release(&self, id: &QueueId) -> Result<(), crate::queue::Error> {
-        super::control::set_hold(&self.shared.queue_dir, id, false)?;
+        let on_active = |a: &mut Active| {
+            if a.cancel == Some(Cancel::Held) {
+                a.cancel = None;
+            }
+        };
+        self.edit(id, on_active, |dir, id| {
+            super::control::set_hold(dir, id, false)
+        })
+        .await?;
         self.shared.clone().admit(id.clone(), true).await;
         Ok(())
     }
@@ -320,22 +377,72 @@ impl Delivery {
         if !self.shared.queue_dir.join(id.as_str()).exists() {
             return Err(crate::queue::Error::NotFound(id.clone()));
         }
-        {
-            let mut s = self.shared.lock();
-            if let Some(a) = s.active.get_mut(id) {
-                a.cancel = Some(Cancel::Deleted);
-                return Ok(());
+        let spool = self.shared.spool.clone();
+        let on_active = |a: &mut Active| a.cancel = Some(Cancel::Deleted);
+        self.edit(id, on_active, move |_, id| {
+            state::remove_message(&spool, id)
+        })
+        .await
+    }
+
+    /// An operator's change to a message. While a pass has the message in
+    /// hand, its files are the scheduler's: an active message gets
+    /// `on_active`, applied when the pass ends; one being admitted or settled
+    /// is waited for. Otherwise the message is kept out of every pass while
+    /// `edit` changes its files, so no pass reads them half-changed and no
+    /// pass's newer state is written over with an older one.
+    async fn edit(
+        &self,
+        id: &QueueId,
+        on_active: impl FnOnce(&mut Active),
+        edit: impl FnOnce(&Path, &QueueId) -> Result<(), crate::queue::Error> + Send + 'static,
+    ) -> Result<(), crate::queue::Error> {
+        let deadline = Instant::now() + EDIT_WAIT;
+        loop {
+            {
+                let mut s = self.shared.lock();
+                if let Some(a) = s.active.get_mut(id) {
+                    on_active(a);
+                    return Ok(());
+                }
+                if !s.in_hand(id) {
+                    s.editing.insert(id.clone());
+                    break;
+                }
             }
+            if Instant::now() >= deadline {
+                return Err(crate::queue::Error::Io {
+                    path: self.shared.queue_dir.join(id.as_str()),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the message stayed busy in delivery; try again",
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        state::remove_message(&self.shared.spool, id)
+        let (dir, eid) = (self.shared.queue_dir.clone(), id.clone());
+        let edited = off_runtime(move || edit(&dir, &eid)).await;
+        self.shared.lock().editing.remove(id);
+        edited
     }
 
     /// Tries one message, or all deferred ones, now (destination backoffs are lifted).
+    ///
+    /// Flushing everything does not admit the whole spool at once: it makes
+    /// every message tried before now due and asks for a scan, which admits
+    /// them as the active set has room, the way it takes in any backlog.
     pub(crate) async fn flush(&self, id: Option<&QueueId>) -> Result<(), crate::queue::Error> {
         {
             let mut s = self.shared.lock();
             for d in s.dests.values_mut() {
                 d.backoff_until = None;
+            }
+            if id.is_none() {
+                s.flushed_at = unix_now();
+                s.scan_needed = true;
+                s.scan_soon = true;
+                s.last_scan = None;
             }
         }
         match id {
@@ -345,11 +452,7 @@ impl Delivery {
                 }
                 self.shared.clone().admit(id.clone(), true).await;
             }
-            None => {
-                for id in self.shared.spool.list()? {
-                    self.shared.clone().admit(id, true).await;
-                }
-            }
+            None => self.shared.timer.notify_one(),
         }
         Ok(())
     }
@@ -357,7 +460,7 @@ impl Delivery {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Sched> {
-        self.sched.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.sched)
     }
 
     fn max_deferred(&self) -> usize {
@@ -381,25 +484,31 @@ impl Shared {
     }
 
     /// Loads a message and queues jobs for its open recipients, unless it is
-    /// held, not due (and not `force`d), already active, or there is no room.
+    /// held, not due (and not `force`d), already in the books, or there is no
+    /// room (a `force`d one, an operator's single command, is let in anyway).
     async fn admit(self: Arc<Self>, id: QueueId, force: bool) {
         self.admit_with(id, force, None).await;
     }
 
     /// [`Shared::admit`], for a message that may have just been spooled: its
     /// record and bytes come along, so nothing is read back from disk.
-    async fn admit_with(self: Arc<Self>, id: QueueId, force: bool, fresh: Option<Spooled>) {
+    async fn admit_with(self: Arc<Self>, id: QueueId, force: bool, mut fresh: Option<Spooled>) {
         {
             let mut s = self.lock();
-            if s.stopping || s.active.contains_key(&id) || s.admitting.contains(&id) {
+            if s.stopping || s.in_hand(&id) {
                 return;
             }
-            if s.active.len() + s.admitting.len() >= self.config.delivery.max_active {
+            let full = s.active.len() + s.admitting.len() >= self.config.delivery.max_active;
+            if full && !force {
+                // Dropping `fresh` lets the scan find the message on disk.
                 s.scan_needed = true;
                 s.scan_soon = true;
                 return;
             }
             s.admitting.insert(id.clone());
+        }
+        if let Some(f) = fresh.as_mut() {
+            f.taken_in();
         }
         let result = self.clone().admit_inner(&id, force, fresh).await;
         self.lock().admitting.remove(&id);
@@ -458,8 +567,10 @@ impl Shared {
         let now = unix_now();
         if !force && dstate.next_attempt > now {
             let mut s = self.lock();
-            self.push_deferred(&mut s, dstate.next_attempt, id.clone());
-            return Ok(());
+            if dstate.last_attempt >= s.flushed_at {
+                self.push_deferred(&mut s, dstate.next_attempt, id.clone());
+                return Ok(());
+            }
         }
         let body = match body {
             Body::InMemory(body) => body,
@@ -542,7 +653,6 @@ impl Shared {
             }
         }
         let body = (meta.size <= CACHE_BODY_MAX).then_some(body);
-        let mut s = self.lock();
         let active = Active {
             meta: meta.clone(),
             state: dstate,
@@ -551,10 +661,11 @@ impl Shared {
             body,
         };
         if groups.is_empty() {
-            drop(s);
+            self.lock().settling.insert(id.clone());
             self.finalize(id.clone(), active).await;
             return Ok(());
         }
+        let mut s = self.lock();
         s.active.insert(id.clone(), active);
         for (key, (target, rcpts)) in groups {
             let dest = s.dests.entry(key.clone()).or_insert_with(|| Dest {
@@ -1032,6 +1143,7 @@ impl Shared {
             a.jobs_left = a.jobs_left.saturating_sub(1);
             if a.jobs_left == 0 {
                 let a = s.active.remove(id);
+                s.settling.insert(id.clone());
                 if s.scan_soon && s.active.len() < self.config.delivery.max_active / 2 + 1 {
                     self.timer.notify_one();
                 }
@@ -1045,15 +1157,29 @@ impl Shared {
         }
     }
 
-    /// After every job of a pass: expiry, DSNs, then either a retry timer or
-    /// removal from the spool.
-    async fn finalize(self: Arc<Self>, id: QueueId, mut a: Active) {
+    /// After every job of a pass, for a message that is `settling`: records
+    /// the outcome, then ends `settling` once it is on disk (the remover ends
+    /// it for a message it removes).
+    async fn finalize(self: Arc<Self>, id: QueueId, a: Active) {
+        let settled = self.clone().settle(&id, a).await;
+        if settled == Settled::Removing {
+            return;
+        }
+        let mut s = self.lock();
+        s.settling.remove(&id);
+        if let Settled::Retry(at) = settled {
+            self.push_deferred(&mut s, at, id);
+        }
+    }
+
+    /// Expiry, DSNs, then either the new state on disk or removal from the spool.
+    async fn settle(self: Arc<Self>, id: &QueueId, mut a: Active) -> Settled {
         if a.cancel == Some(Cancel::Deleted) {
-            if let Err(e) = state::remove_message(&self.spool, &id) {
+            if let Err(e) = state::remove_message(&self.spool, id) {
                 tracing::warn!(queue_id = %id, error = %e, "cannot remove deleted message");
             }
             tracing::info!(queue_id = %id, "deleted by the operator");
-            return;
+            return Settled::Done;
         }
         let meta = a.meta.clone();
         let now = unix_now();
@@ -1093,7 +1219,7 @@ impl Shared {
             }
         }
         if !notice.is_empty() {
-            match self.send_notice(&id, &meta, &a, &notice).await {
+            match self.send_notice(id, &meta, &a, &notice).await {
                 Ok(dsn) => {
                     for i in &notice {
                         let r = &mut a.state.recipients[*i];
@@ -1118,8 +1244,17 @@ impl Shared {
             a.state.held = true;
         }
         if !a.state.has_work() {
-            self.remover.remove(id);
-            return;
+            let Err(id) = self.remover.remove(id.clone()) else {
+                return Settled::Removing;
+            };
+            // No remover thread (it cannot fail, but the message must not
+            // stay on disk as undelivered): remove it here.
+            let spool = self.spool.clone();
+            let qid = id.clone();
+            if let Err(e) = off_runtime(move || state::remove_message(&spool, &qid)).await {
+                tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
+            }
+            return Settled::Done;
         }
         let attempts = a
             .state
@@ -1131,6 +1266,7 @@ impl Shared {
             .unwrap_or(1);
         let next = now + self.retry_delay(attempts).as_secs().max(1);
         a.state.next_attempt = next;
+        a.state.last_attempt = now;
         // The state file is fsynced: on a runtime worker that wait would stall
         // every session and delivery scheduled there (a destination that is
         // down defers thousands of messages at once).
@@ -1143,10 +1279,9 @@ impl Shared {
             tracing::warn!(queue_id = %id, error = %e, "cannot save delivery state");
         }
         if a.state.held {
-            return;
+            return Settled::Done;
         }
-        let mut s = self.lock();
-        self.push_deferred(&mut s, next, id);
+        Settled::Retry(next)
     }
 
     /// The wait before the next attempt: the `retry` list, its last interval

@@ -89,6 +89,10 @@ pub struct DeliveryState {
     pub attempts: u32,
     /// Seconds since the epoch before which the message is not tried (0: now).
     pub next_attempt: u64,
+    /// When the last pass ended, seconds since the epoch (0: none, or a state
+    /// written before this was recorded): a flush makes earlier ones due.
+    #[serde(default)]
+    pub last_attempt: u64,
     /// Put on hold by `postern queue hold`.
     #[serde(default)]
     pub held: bool,
@@ -109,6 +113,7 @@ impl DeliveryState {
             version: STATE_VERSION,
             attempts: 0,
             next_attempt: 0,
+            last_attempt: 0,
             held: false,
             released: false,
             recipients: meta

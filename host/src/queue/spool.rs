@@ -2,6 +2,7 @@
 //! folder fsync that makes a new message's name durable, and a pool of
 //! finished message files that new messages are written over.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -97,7 +98,12 @@ impl StoredMessage {
 
 /// A message the spool has just made durable, with its bytes, so delivery
 /// can start on it without reading it back.
-#[derive(Debug, Clone)]
+///
+/// Until delivery takes it in ([`Spooled::taken_in`], or dropping it), the
+/// message is left out of [`Spool::list`]: a scan or a flush that found it on
+/// disk while it is on its way to delivery would start a second delivery of
+/// it beside the one this value starts.
+#[derive(Debug)]
 pub struct Spooled {
     /// The queue id.
     pub id: QueueId,
@@ -105,6 +111,38 @@ pub struct Spooled {
     pub meta: QueuedMeta,
     /// The message bytes as written.
     pub message: Arc<Vec<u8>>,
+    claim: Option<Claim>,
+}
+
+impl Spooled {
+    /// Delivery has taken the message in (it is in the scheduler's books):
+    /// from now on [`Spool::list`] shows it.
+    pub fn taken_in(&mut self) {
+        self.claim = None;
+    }
+}
+
+/// An id in [`Inner::incoming`]; dropping it takes the id out.
+#[derive(Debug)]
+struct Claim {
+    inner: Arc<Inner>,
+    id: QueueId,
+}
+
+impl Claim {
+    fn new(inner: &Arc<Inner>, id: &QueueId) -> Claim {
+        inner.incoming().insert(id.clone());
+        Claim {
+            inner: inner.clone(),
+            id: id.clone(),
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.inner.incoming().remove(&self.id);
+    }
 }
 
 /// The open, locked spool.
@@ -120,8 +158,17 @@ struct Inner {
     queue_dir: File,
     dir_sync: DirSync,
     pool: Pool,
+    /// Messages stored by this process and not yet taken in by delivery (see
+    /// [`Spooled`]).
+    incoming: Mutex<HashSet<QueueId>>,
     /// Held for the life of the process: the flock is the "one relay per spool" rule.
     _lock: File,
+}
+
+impl Inner {
+    fn incoming(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {
+        self.incoming.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 const SPOOL_VERSION: u32 = 1;
@@ -241,6 +288,7 @@ impl Spool {
                 queue_dir,
                 dir_sync: DirSync::default(),
                 pool,
+                incoming: Mutex::default(),
                 _lock: lock,
             }),
         };
@@ -314,6 +362,9 @@ impl Spool {
         let mut header = serde_json::to_vec(&meta).expect("spool record serializes");
         header.push(b'\n');
         let final_path = self.message_path(id);
+        // Claimed before the file has its name, so no listing ever sees it
+        // unclaimed before delivery has it.
+        let claim = Claim::new(&self.inner, id);
         let inner = self.inner.clone();
         let path = final_path.clone();
         let bytes = message.clone();
@@ -337,12 +388,19 @@ impl Spool {
             id: id.clone(),
             meta,
             message,
+            claim: Some(claim),
         })
     }
 
-    /// Ids of every message in the spool, oldest first.
+    /// Ids of the messages in the spool, oldest first, but for those just
+    /// stored and still on their way to delivery (see [`Spooled`]).
     pub fn list(&self) -> Result<Vec<QueueId>, Error> {
-        list_ids(&self.inner.queue)
+        let mut ids = list_ids(&self.inner.queue)?;
+        let incoming = self.inner.incoming();
+        if !incoming.is_empty() {
+            ids.retain(|id| !incoming.contains(id));
+        }
+        Ok(ids)
     }
 
     /// Reads a message's record.

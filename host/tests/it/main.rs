@@ -5,6 +5,7 @@ mod core;
 mod crash;
 mod delivery;
 mod kv;
+mod once;
 mod plugin_cli;
 mod plugins;
 mod routes;

@@ -84,7 +84,7 @@ impl Relay {
         let addr = server.local_addrs()[0];
         let delivery = Delivery::start(server.context(), server.local_addrs()).await?;
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(server.run(async move {
+        tokio::spawn(server.listen()?.run(async move {
             let _ = stopped.await;
         }));
         Ok(Relay {

@@ -55,7 +55,7 @@ impl Relay {
             .await
             .unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
+        let task = tokio::spawn(server.listen().unwrap().run(async move {
             let _ = rx.await;
         }));
         Relay {

@@ -110,7 +110,7 @@ impl Relay {
         let server = Server::bind(config, handle.clone()).await?;
         let addr = server.local_addrs()[0];
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        tokio::spawn(server.run(async move {
+        tokio::spawn(server.listen()?.run(async move {
             let _ = stopped.await;
         }));
         Ok(Relay {
