@@ -63,6 +63,7 @@ async fn one_message(hooks: &mut Lease, f: &Fixture) {
         envelope,
         message: f.message.clone(),
         quarantine: None,
+        authentication: Default::default(),
     };
     assert!(hooks.data(&f.session, &mut tx).await.lets_through());
     hooks.end();

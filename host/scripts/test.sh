@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs first what the tests use: Debian's swaks
 # and postfix (for smtp-source/smtp-sink) as real peers, redis-server for the
-# shared kv store, Python for smtplib clients, openssl, and the wasm32-wasip2
-# target for the plugins.
+# shared kv store, Python for smtplib clients, openssl, the wasm32-wasip2
+# target for the plugins, and pyspf and dkimpy from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -20,6 +20,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
 fi
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+# Independent checkers of SPF, DKIM and ARC (PyPI): pyspf, dkimpy with
+# authres (ARC) and PyNaCl (Ed25519), over dnspython.
+if ! python3 -c "import spf, dkim, dns.resolver, authres, nacl" 2>/dev/null; then
+  echo "installing pyspf dkimpy dnspython authres pynacl" >&2
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pip >/dev/null
+  fi
+  python3 -m pip install -q pyspf dkimpy dnspython authres pynacl 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages pyspf dkimpy dnspython authres pynacl
+fi
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

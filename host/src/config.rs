@@ -83,6 +83,9 @@ pub struct Config {
     /// Log settings.
     #[serde(default)]
     pub log: LogConfig,
+    /// Inbound SPF, DKIM, DMARC and ARC checks.
+    #[serde(default)]
+    pub authentication: crate::authn::AuthenticationConfig,
     /// The folder the config file is in: relative paths in the config are
     /// relative to it.
     #[serde(skip)]
@@ -150,6 +153,9 @@ pub struct ListenerConfig {
     /// PEM private key.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Overrides of `[authentication]` for this listener.
+    #[serde(default)]
+    pub authentication: crate::authn::ListenerAuthentication,
 }
 
 fn default_mode() -> ListenerMode {
@@ -878,7 +884,23 @@ impl Config {
             }
         }
         self.check_plugins()?;
-        self.check_kv()
+        self.check_kv()?;
+        self.check_authentication()
+    }
+
+    fn check_authentication(&self) -> Result<(), Error> {
+        let a = &self.authentication;
+        let global = a.checks(&Default::default());
+        a.validate("authentication", &global)
+            .map_err(|(key, message)| self.invalid(&key, message))?;
+        for (i, l) in self.listeners.iter().enumerate() {
+            a.validate(
+                &format!("listener[{i}].authentication"),
+                &a.checks(&l.authentication),
+            )
+            .map_err(|(key, message)| self.invalid(&key, message))?;
+        }
+        Ok(())
     }
 
     fn check_kv(&self) -> Result<(), Error> {

@@ -12,6 +12,8 @@
 //!   every reply the relay sends.
 //! - [`relay`]: who may relay where (built-in access rules, run before any plugin).
 //! - [`auth`]: AUTH users and the failure throttle.
+//! - [`authn`]: message authentication (SPF, DKIM, DMARC, ARC), a different
+//!   thing from [`auth`]: it judges who may send as a domain, not who may log in.
 //! - [`policy`]: what a hook answers ([`policy::Verdict`], [`policy::Route`]).
 //! - [`plugins`]: the plugin chain run at each hook.
 //! - [`envelope`]: sender, recipients, parameters, client facts.
@@ -20,6 +22,7 @@
 //!   the next hop, retry it, bounce it, and the `postern queue` commands.
 
 pub mod auth;
+pub mod authn;
 pub mod config;
 pub mod delivery;
 pub mod envelope;

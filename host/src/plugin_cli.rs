@@ -365,6 +365,7 @@ async fn test(
         envelope,
         message: text.into_bytes(),
         quarantine: None,
+        authentication: Default::default(),
     };
     println!("data:      {}", show(&hooks.data(&session, &mut tx).await));
     let recipients: Vec<&str> = tx

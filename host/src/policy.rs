@@ -36,6 +36,9 @@ pub struct DataTransaction {
     /// Set by a plugin that quarantines the message: it is spooled on hold
     /// with this reason instead of being delivered.
     pub quarantine: Option<String>,
+    /// SPF, DKIM, DMARC and ARC results of the transaction (empty when the
+    /// client was not checked).
+    pub authentication: crate::authn::Results,
 }
 
 /// Where one recipient goes, as the route hook decides.

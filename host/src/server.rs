@@ -13,7 +13,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::authn::Verifier;
 use crate::config::{Config, ListenerConfig, TlsMode};
+use crate::delivery::dns::Dns;
 use crate::envelope::SessionInfo;
 use crate::plugins::{Chain, ChainHandle};
 use crate::queue::{Spool, Spooled};
@@ -47,6 +49,9 @@ pub enum Error {
     /// The relay access rules (the recipients file).
     #[error(transparent)]
     Access(#[from] crate::relay::Error),
+    /// The resolver could not be set up from `[delivery] nameservers`.
+    #[error("delivery.nameservers: {0}")]
+    Resolver(String),
 }
 
 /// What every session shares.
@@ -67,6 +72,11 @@ pub struct Context {
     pub on_queued: OnceLock<mpsc::UnboundedSender<Spooled>>,
     /// Memory for messages being received, in KiB permits (`limits.max_message_memory`).
     pub message_memory: Arc<Semaphore>,
+    /// The relay's one resolver (`[delivery] nameservers`): delivery and
+    /// message authentication share it and its cache.
+    pub dns: Dns,
+    /// SPF, DKIM, DMARC and ARC checks of inbound mail.
+    pub verifier: Verifier,
 }
 
 impl Context {
@@ -81,6 +91,12 @@ impl Context {
         let access = AccessRules::from_config(&config)?;
         let auth = Authenticator::new(&config.users, config.limits.max_auth_failures);
         let message_memory = Arc::new(Semaphore::new(config.limits.max_message_memory / 1024));
+        let dns = Dns::new(&config.delivery.nameservers).map_err(Error::Resolver)?;
+        let verifier = Verifier::new(
+            dns.resolver().clone(),
+            &config.hostname,
+            &config.authentication,
+        );
         Ok(Context {
             config,
             spool,
@@ -90,6 +106,8 @@ impl Context {
             shutdown,
             on_queued: OnceLock::new(),
             message_memory,
+            dns,
+            verifier,
         })
     }
 

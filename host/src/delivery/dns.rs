@@ -72,6 +72,12 @@ impl Dns {
         Ok(Dns { resolver })
     }
 
+    /// The resolver itself, for other lookups on the same cache (message
+    /// authentication).
+    pub fn resolver(&self) -> &TokioResolver {
+        &self.resolver
+    }
+
     /// The mail hosts of `domain`, best first, equal preferences shuffled.
     pub async fn mx_hosts(&self, domain: &str) -> Result<Vec<MxHost>, Error> {
         // An address literal ("[192.0.2.1]") is its own host.

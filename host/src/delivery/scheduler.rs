@@ -271,7 +271,7 @@ impl Delivery {
     pub async fn start(ctx: &Arc<Context>, own: Vec<SocketAddr>) -> Result<Delivery, Error> {
         let config = ctx.config.clone();
         let d = &config.delivery;
-        let dns = Dns::new(&d.nameservers).map_err(Error::Setup)?;
+        let dns = ctx.dns.clone();
         let tls = ClientTls::new(d.tls_ca.as_ref().map(|p| config.resolve(p)).as_deref())
             .map_err(Error::Setup)?;
         let queue_dir = ctx.spool.root().join("queue");

@@ -118,6 +118,10 @@ replies! {
     PLUGIN_TEMPFAIL = 451, "4.3.0", "Temporary policy failure, try again later";
     /// 550 policy plugin rejection (default text)
     POLICY_REJECT = 550, "5.7.1", "Rejected by policy";
+    /// 550 SPF fail at MAIL FROM with `reject_spf_fail` (RFC 7372)
+    SPF_FAIL = 550, "5.7.23", "SPF validation failed: the sender's domain does not authorize this client";
+    /// 550 DMARC `p=reject` with `dmarc_enforce`
+    DMARC_REJECT = 550, "5.7.1", "Rejected by the DMARC policy of the From: domain";
 }
 
 impl Reply {

@@ -422,7 +422,7 @@ fn ipv6_listener_and_connection_limit_per_client() {
         port,
         &base_config(
             port,
-            &format!("[limits]\nmax_connections_per_client = 2\n[[listener]]\naddress = \"[::1]:{v6}\"\n"),
+            &format!("[limits]\nmax_connections_per_client = 2\n[[listener]]\naddress = \"[::1]:{v6}\"\n[listener.authentication]\nspf = false\n"),
         ),
     );
     let addr6: SocketAddr = format!("[::1]:{v6}").parse().unwrap();

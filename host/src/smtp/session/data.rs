@@ -164,6 +164,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if codec::count_received_headers(&message) > self.ctx.config.limits.max_received_headers {
             return self.error_reply(Reply::MAIL_LOOP);
         }
+        let authenticated = self.authenticate_message(message).await;
+        let message = authenticated.message;
+        let authentication = std::mem::take(&mut self.authn);
+        if let Some(reply) = authenticated.refuse {
+            self.hooks.end();
+            tracing::info!(peer = %self.info.peer, sender = %envelope.sender, reply = %reply, "message refused by DMARC policy");
+            return self.error_reply(reply);
+        }
         let id = QueueId::generate();
         let received = received_header(
             &self.info,
@@ -173,14 +181,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             &envelope,
             self.ctx.config.smtp.received_auth_user,
         );
-        let mut full = Vec::with_capacity(received.len() + message.len());
+        let results_header = authenticated.header.unwrap_or_default();
+        let mut full = Vec::with_capacity(received.len() + results_header.len() + message.len());
         full.extend_from_slice(received.as_bytes());
+        full.extend_from_slice(results_header.as_bytes());
         full.extend_from_slice(&message);
 
         let mut tx = DataTransaction {
             envelope,
             message: full,
-            quarantine: None,
+            quarantine: authenticated.quarantine,
+            authentication,
         };
         let given: Vec<Address> = tx
             .envelope

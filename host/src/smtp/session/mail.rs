@@ -31,6 +31,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "Non-ASCII address requires the SMTPUTF8 parameter",
             ));
         }
+        let authn = match self.authenticate_sender(&sender).await {
+            Ok(results) => results,
+            Err(reply) => return self.error_reply(reply),
+        };
         let envelope = Envelope::new(sender, params);
         let verdict = self.hooks.mail_from(&self.info, &envelope).await;
         if let Some(flow) = self.refused(verdict) {
@@ -39,6 +43,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return flow;
         }
         self.tx = Some(envelope);
+        self.authn = authn;
         self.reply(Reply::SENDER_OK)
     }
 

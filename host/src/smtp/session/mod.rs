@@ -3,6 +3,7 @@
 //! file of its own; this file holds the loop, the buffers and the transaction.
 
 mod auth;
+mod authn;
 mod data;
 mod ehlo;
 mod mail;
@@ -65,6 +66,11 @@ pub struct Session<S> {
     esmtp: bool,
     /// The transaction in progress, from MAIL to the end of data.
     tx: Option<Envelope>,
+    /// The transaction's authentication results: SPF from MAIL FROM on,
+    /// the rest once the message has ended.
+    authn: crate::authn::Results,
+    /// SPF of the HELO name, checked once per name.
+    helo_spf: Option<(String, Option<crate::authn::results::Spf>)>,
     /// Set while a BDAT transaction collects its chunks.
     bdat: Option<BdatReceiver>,
     /// The memory reserved for the BDAT message being collected.
@@ -119,6 +125,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             info,
             esmtp: false,
             tx: None,
+            authn: crate::authn::Results::default(),
+            helo_spf: None,
             bdat: None,
             bdat_memory: None,
             errors: carry.errors,
@@ -290,6 +298,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn reset_transaction(&mut self) {
         self.hooks.end();
         self.tx = None;
+        self.authn = crate::authn::Results::default();
         self.bdat = None;
         self.bdat_memory = None;
     }

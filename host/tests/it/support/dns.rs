@@ -9,17 +9,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX};
+use hickory_proto::rr::rdata::{A, AAAA, MX, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::net::UdpSocket;
 
-/// What a name answers.
+/// What a name answers (a name may have several).
 #[derive(Debug, Clone)]
 pub enum Answer {
     /// MX records: (preference, exchange); exchange "." is a null MX.
     Mx(Vec<(u16, String)>),
     /// Addresses (A and AAAA, by family).
     Addr(Vec<IpAddr>),
+    /// One TXT record made of these character-strings (each at most 255
+    /// octets; a record of several is their concatenation).
+    Txt(Vec<Vec<u8>>),
     /// SERVFAIL for every type.
     ServFail,
 }
@@ -83,6 +86,25 @@ impl DnsServer {
         )
     }
 
+    /// One TXT record, split into 255-octet strings as a zone file would.
+    pub fn txt(&self, name: &str, record: &str) -> &Self {
+        let strings = record.as_bytes().chunks(255).map(<[u8]>::to_vec).collect();
+        self.add(name, Answer::Txt(strings))
+    }
+
+    /// One TXT record given as its character-strings.
+    pub fn txt_strings(&self, name: &str, strings: &[&str]) -> &Self {
+        self.add(
+            name,
+            Answer::Txt(strings.iter().map(|s| s.as_bytes().to_vec()).collect()),
+        )
+    }
+
+    /// SERVFAIL for every question about `name`.
+    pub fn servfail(&self, name: &str) -> &Self {
+        self.add(name, Answer::ServFail)
+    }
+
     /// A/AAAA records for a host.
     pub fn a(&self, host: &str, ips: &[&str]) -> &Self {
         self.add(
@@ -126,6 +148,14 @@ fn answer(zone: &Zone, query: &Message) -> Message {
                         RData::MX(MX::new(*pref, exchange)),
                     ));
                 }
+            }
+            Answer::Txt(strings) if q.query_type == RecordType::TXT => {
+                let parts: Vec<&[u8]> = strings.iter().map(Vec::as_slice).collect();
+                resp.add_answer(Record::from_rdata(
+                    q.name.clone(),
+                    60,
+                    RData::TXT(TXT::from_bytes(parts)),
+                ));
             }
             Answer::Addr(ips) => {
                 for ip in ips {

@@ -47,6 +47,11 @@ impl Relay {
     /// Starts a relay with the given `[delivery]` settings in `dir`.
     pub async fn start(dir: &Path, delivery: &str) -> Relay {
         let config_path = write_config(dir, "127.0.0.1:0".parse().unwrap(), delivery);
+        Relay::start_with(config_path).await
+    }
+
+    /// Starts a relay with a whole config file of the test's own.
+    pub async fn start_with(config_path: PathBuf) -> Relay {
         let config = Config::load(&config_path).unwrap();
         let spool = config.resolve(&config.spool.path);
         let server = Server::bind_without_plugins(config).await.unwrap();
