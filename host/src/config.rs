@@ -86,6 +86,9 @@ pub struct Config {
     /// Inbound SPF, DKIM, DMARC and ARC checks.
     #[serde(default)]
     pub authentication: crate::authn::AuthenticationConfig,
+    /// Outbound DKIM signing.
+    #[serde(default)]
+    pub dkim: crate::authn::DkimConfig,
     /// The folder the config file is in: relative paths in the config are
     /// relative to it.
     #[serde(skip)]
@@ -899,6 +902,41 @@ impl Config {
                 &a.checks(&l.authentication),
             )
             .map_err(|(key, message)| self.invalid(&key, message))?;
+        }
+        crate::authn::sign::parse_canonicalization(&self.dkim.canonicalization)
+            .map_err(|e| self.invalid("dkim.canonicalization", e))?;
+        for (i, k) in self.dkim.keys.iter().enumerate() {
+            if !crate::authn::spf::valid_domain(&k.domain) {
+                return Err(self.invalid(
+                    &format!("dkim.key[{i}].domain"),
+                    format!("{:?} is not a domain", k.domain),
+                ));
+            }
+            if k.selector.is_empty()
+                || !k.selector.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+            {
+                return Err(self.invalid(
+                    &format!("dkim.key[{i}].selector"),
+                    format!(
+                        "{:?} is not a selector (letters, digits, - and _, dot-separated)",
+                        k.selector
+                    ),
+                ));
+            }
+            crate::authn::sign::load_key(&self.resolve(&k.key))
+                .map_err(|e| self.invalid(&format!("dkim.key[{i}].key"), e.to_string()))?;
+        }
+        if self
+            .dkim
+            .headers
+            .iter()
+            .all(|h| !h.eq_ignore_ascii_case("from"))
+        {
+            return Err(self.invalid("dkim.headers", "must include From (RFC 6376 5.4)"));
         }
         Ok(())
     }

@@ -45,6 +45,35 @@ enum Command {
     /// Plugin tools: new, check, test, list.
     #[command(subcommand)]
     Plugin(plugin_cli::PluginCommand),
+    /// DKIM keys.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DkimCommand {
+    /// Make a key pair: the private key goes to a file only its owner can
+    /// read, the TXT record to publish is printed.
+    Keygen {
+        /// The signing domain (`d=`).
+        #[arg(long)]
+        domain: String,
+        /// The selector (`s=`).
+        #[arg(long)]
+        selector: String,
+        /// `rsa` (rsa-sha256) or `ed25519` (ed25519-sha256).
+        #[arg(long, default_value = "rsa", value_parser = ["rsa", "ed25519"])]
+        algorithm: String,
+        /// RSA key size.
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// Where to write the private key (default `<domain>.<selector>.pem`);
+        /// an existing file is never overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +127,16 @@ fn main() -> anyhow::Result<()> {
         Command::Serve => serve(&cli.config),
         Command::Passwd => passwd(),
         Command::Queue { command } => queue(&cli.config, command),
+        Command::Dkim {
+            command:
+                DkimCommand::Keygen {
+                    domain,
+                    selector,
+                    algorithm,
+                    bits,
+                    out,
+                },
+        } => dkim_keygen(&domain, &selector, &algorithm, bits, out),
         Command::Check => {
             let config = Config::load(&cli.config)?;
             println!(
@@ -166,6 +205,29 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         tracing::info!("stopped");
         anyhow::Ok(())
     })
+}
+
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: &str,
+    bits: usize,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use postern::authn::keygen::{keygen, Algorithm};
+    let algorithm = match algorithm {
+        "ed25519" => Algorithm::Ed25519,
+        _ => Algorithm::Rsa(bits),
+    };
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("{domain}.{selector}.pem")));
+    let generated = keygen(domain, selector, algorithm, &out)?;
+    println!(
+        "; private key written to {} (mode 0600); in the config:\n         ;   [[dkim.key]]\n;   domain = {domain:?}\n;   selector = {selector:?}\n;   key = {:?}\n         ; publish this record:",
+        out.display(),
+        out.display().to_string()
+    );
+    println!("{}", generated.zone_line());
+    Ok(())
 }
 
 fn passwd() -> anyhow::Result<()> {

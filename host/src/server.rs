@@ -13,7 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::authn::Verifier;
+use crate::authn::{Signer, Verifier};
 use crate::config::{Config, ListenerConfig, TlsMode};
 use crate::delivery::dns::Dns;
 use crate::envelope::SessionInfo;
@@ -52,6 +52,9 @@ pub enum Error {
     /// The resolver could not be set up from `[delivery] nameservers`.
     #[error("delivery.nameservers: {0}")]
     Resolver(String),
+    /// A DKIM key of `[dkim]`.
+    #[error("dkim: {0}")]
+    Dkim(#[from] crate::authn::Error),
 }
 
 /// What every session shares.
@@ -77,6 +80,8 @@ pub struct Context {
     pub dns: Dns,
     /// SPF, DKIM, DMARC and ARC checks of inbound mail.
     pub verifier: Verifier,
+    /// DKIM signing of outbound mail (sessions and delivery's DSNs).
+    pub signer: Arc<Signer>,
 }
 
 impl Context {
@@ -97,6 +102,7 @@ impl Context {
             &config.hostname,
             &config.authentication,
         );
+        let signer = Arc::new(Signer::new(&config.dkim, |p| config.resolve(p))?);
         Ok(Context {
             config,
             spool,
@@ -108,6 +114,7 @@ impl Context {
             message_memory,
             dns,
             verifier,
+            signer,
         })
     }
 

@@ -2,6 +2,8 @@
 //! with per-listener overrides (`[listener.authentication]`), since an
 //! internal submission listener has no use for SPF.
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
 
 /// `[authentication]`.
@@ -134,6 +136,78 @@ impl AuthenticationConfig {
     }
 }
 
+/// `[dkim]`: outbound signing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DkimConfig {
+    /// Header fields signed, each occurrence.
+    pub headers: Vec<String>,
+    /// Header fields signed once more than they occur, so that none can be
+    /// added after signing (RFC 6376 8.15).
+    pub oversign: Vec<String>,
+    /// Header and body canonicalization, `relaxed/relaxed` by default.
+    pub canonicalization: String,
+    /// The keys, per domain and selector (`[[dkim.key]]`).
+    #[serde(rename = "key")]
+    pub keys: Vec<DkimKeyConfig>,
+}
+
+impl Default for DkimConfig {
+    fn default() -> Self {
+        let names = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        DkimConfig {
+            headers: names(&[
+                "From",
+                "Sender",
+                "Reply-To",
+                "Subject",
+                "Date",
+                "Message-ID",
+                "To",
+                "Cc",
+                "MIME-Version",
+                "Content-Type",
+                "Content-Transfer-Encoding",
+                "In-Reply-To",
+                "References",
+                "List-Id",
+                "List-Unsubscribe",
+                "List-Unsubscribe-Post",
+            ]),
+            oversign: names(&[
+                "From",
+                "Sender",
+                "Reply-To",
+                "Subject",
+                "Date",
+                "To",
+                "Cc",
+                "Content-Type",
+            ]),
+            canonicalization: "relaxed/relaxed".into(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// One `[[dkim.key]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimKeyConfig {
+    /// The signing domain (`d=`): mail whose `From:` domain is this one is
+    /// signed with this key.
+    pub domain: String,
+    /// The selector (`s=`): the key record is `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// PEM private key (RSA of 2048 bits or more, or Ed25519), relative to
+    /// the config file; read again when the file changes.
+    pub key: PathBuf,
+    /// Also sign mail from subdomains of `domain` that have no key of their
+    /// own, as `domain`.
+    #[serde(default)]
+    pub subdomains: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -199,5 +273,37 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("sfp"), "{err}");
+    }
+
+    #[test]
+    fn dkim_errors_name_the_key() {
+        for (text, needle) in [
+            (
+                "[dkim]\ncanonicalization = \"loose\"\n",
+                "dkim.canonicalization",
+            ),
+            ("[dkim]\nsign_all = true\n", "sign_all"),
+            ("[dkim]\nheaders = [\"Subject\"]\n", "dkim.headers"),
+            (
+                "[[dkim.key]]\ndomain = \"a.test\"\nselector = \"s\"\nkey = \"missing.pem\"\n",
+                "dkim.key[0].key",
+            ),
+            (
+                "[[dkim.key]]\ndomain = \"a.test\"\nselector = \"s 1\"\nkey = \"k.pem\"\n",
+                "dkim.key[0].selector",
+            ),
+            (
+                "[[dkim.key]]\ndomain = \"a.test\"\nselector = \"s\"\n",
+                "key",
+            ),
+        ] {
+            let err = Config::parse(&format!("{LISTENER}{text}"), Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+        let c = Config::parse(LISTENER, Path::new("t.toml")).unwrap();
+        assert_eq!(c.dkim.canonicalization, "relaxed/relaxed");
+        assert!(c.dkim.oversign.iter().any(|h| h == "From"));
     }
 }

@@ -13,13 +13,36 @@
 //!   `Authentication-Results:` header made from it.
 //! - [`header`]: header-section edits without I/O, such as removing forged
 //!   `Authentication-Results:` fields.
+//! - [`sign`]: outbound DKIM signing with the keys of `[dkim]`, read again
+//!   when their files change; [`keygen`] makes such keys.
 
 pub mod config;
 pub mod header;
+pub mod keygen;
 pub mod results;
+pub mod sign;
 pub mod spf;
 pub mod verify;
 
-pub use config::{AuthenticationConfig, Checks, ListenerAuthentication};
+use std::path::PathBuf;
+
+pub use config::{AuthenticationConfig, Checks, DkimConfig, ListenerAuthentication};
 pub use results::Results;
+pub use sign::Signer;
 pub use verify::Verifier;
+
+/// Errors of message authentication's setup: keys and their settings.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A key file that cannot be read, parsed or used.
+    #[error("{path}: {message}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A setting that makes no sense.
+    #[error("{0}")]
+    Config(String),
+}

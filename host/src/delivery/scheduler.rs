@@ -61,6 +61,8 @@ struct Shared {
     chain: Arc<ChainHandle>,
     dns: Dns,
     tls: ClientTls,
+    /// Signs the relay's own DSNs.
+    signer: Arc<crate::authn::Signer>,
     timeouts: Timeouts,
     /// The relay's own listening addresses: never a next hop.
     own: Vec<SocketAddr>,
@@ -290,6 +292,7 @@ impl Delivery {
             chain: ctx.chain.clone(),
             dns,
             tls,
+            signer: ctx.signer.clone(),
             own,
             sched,
             timer: Notify::new(),
@@ -1336,7 +1339,20 @@ impl Shared {
             .iter()
             .map(|&i| (&meta.envelope.recipients[i], &a.state.recipients[i]))
             .collect();
-        let report = bounce::build(&self.config.hostname, meta, &message, &items);
+        let report = crate::smtp::codec::fold_long_lines(bounce::build(
+            &self.config.hostname,
+            meta,
+            &message,
+            &items,
+        ));
+        // Signed as the relay's own mail (From: MAILER-DAEMON@hostname).
+        let mut signed = self.signer.sign(&report);
+        let report = if signed.is_empty() {
+            report
+        } else {
+            signed.extend_from_slice(&report);
+            signed
+        };
         let envelope = bounce::envelope(meta, &to, &report);
         let dsn_id = QueueId::generate();
         let spooled = self

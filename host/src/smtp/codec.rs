@@ -297,6 +297,45 @@ pub fn count_received_headers(message: &[u8]) -> usize {
     count
 }
 
+/// Longest line SMTP carries, without its CRLF (RFC 5321 4.5.3.1.6).
+pub const MAX_LINE: usize = 998;
+
+/// Folds lines longer than 998 octets with CRLF SP, as Postfix's
+/// `smtp_line_length_limit` does, counting the dot that dot-stuffing will
+/// add to a line starting with one. Done once, before the message is signed
+/// and spooled: nothing may change its bytes after a DKIM signature covers
+/// them. A message without such lines comes back as it is.
+pub fn fold_long_lines(message: Vec<u8>) -> Vec<u8> {
+    let too_long = message
+        .split(|&b| b == b'\n')
+        .any(|l| l.len() > MAX_LINE - usize::from(l.first() == Some(&b'.')));
+    if !too_long {
+        return message;
+    }
+    let mut out = Vec::with_capacity(message.len() + message.len() / 300 + 3);
+    let mut rest = &message[..];
+    while !rest.is_empty() {
+        let (line, next, ended) = match rest.windows(2).position(|w| w == b"\r\n") {
+            Some(p) => (&rest[..p], &rest[p + 2..], true),
+            None => (rest, &rest[rest.len()..], false),
+        };
+        let mut budget = MAX_LINE - usize::from(line.first() == Some(&b'.'));
+        let mut piece = line;
+        while piece.len() > budget {
+            out.extend_from_slice(&piece[..budget]);
+            out.extend_from_slice(b"\r\n ");
+            piece = &piece[budget..];
+            budget = MAX_LINE - 1;
+        }
+        out.extend_from_slice(piece);
+        if ended {
+            out.extend_from_slice(b"\r\n");
+        }
+        rest = next;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,5 +555,48 @@ mod tests {
         let msg =
             b"Received: a\r\nreceived: b\r\n\tcontinued\r\nSubject: x\r\n\r\nReceived: body\r\n";
         assert_eq!(count_received_headers(msg), 2);
+    }
+
+    #[test]
+    fn long_lines_are_folded_once() {
+        let long = "x".repeat(2000);
+        for (input, expected) in [
+            ("a\r\nb\r\n".to_string(), "a\r\nb\r\n".to_string()),
+            (
+                format!("{long}\r\n"),
+                format!(
+                    "{}\r\n {}\r\n {}\r\n",
+                    &long[..998],
+                    &long[998..1995],
+                    &long[1995..]
+                ),
+            ),
+            (
+                long.clone(),
+                format!(
+                    "{}\r\n {}\r\n {}",
+                    &long[..998],
+                    &long[998..1995],
+                    &long[1995..]
+                ),
+            ),
+        ] {
+            let out = fold_long_lines(input.clone().into_bytes());
+            assert_eq!(
+                String::from_utf8(out.clone()).unwrap(),
+                expected,
+                "{input:?}"
+            );
+            assert_eq!(
+                fold_long_lines(out.clone()),
+                out,
+                "folding twice changed {input:?}"
+            );
+        }
+        // A line starting with a dot leaves room for the stuffing dot.
+        let dotted = format!(".{}\r\n", "y".repeat(1500));
+        let out = fold_long_lines(dotted.into_bytes());
+        let first = out.split(|&b| b == b'\n').next().unwrap();
+        assert_eq!(first.len(), 997 + 1, "997 octets and the CR");
     }
 }

@@ -110,6 +110,11 @@ pub struct Setup {
 /// Starts DNS, a sink and a relay with `[authentication]` body `auth` and
 /// `relay` added to the `[relay]` table.
 pub async fn setup(auth: &str, relay: &str) -> Setup {
+    setup_with(auth, relay, "").await
+}
+
+/// As [`setup`], with `extra` tables at the end of the config.
+pub async fn setup_with(auth: &str, relay: &str, extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let dns = DnsServer::start().await;
     let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
@@ -122,7 +127,7 @@ pub async fn setup(auth: &str, relay: &str) -> Setup {
              [spool]\npath = \"{}\"\n\
              [relay]\ndomains = [\"dest.test\"]\n{relay}\n\
              [delivery]\nsmarthost = \"smtp://{}\"\nnameservers = [\"{}\"]\n\
-             [authentication]\n{auth}\n",
+             [authentication]\n{auth}\n{extra}\n",
             dir.path().join("spool").display(),
             sink.addr,
             dns.addr

@@ -5,6 +5,7 @@ mod authn;
 mod core;
 mod crash;
 mod delivery;
+mod dkim;
 mod kv;
 mod once;
 mod plugin_cli;

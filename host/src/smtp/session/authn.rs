@@ -5,13 +5,16 @@
 //!
 //! [`DataTransaction::authentication`]: crate::policy::DataTransaction::authentication
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Session;
 use crate::authn::header::strip_authentication_results;
 use crate::authn::results::{Policy, SpfResult};
-use crate::authn::{Checks, Results};
+use crate::authn::{Checks, Results, Signer};
 use crate::envelope::Address;
+use crate::smtp::codec::fold_long_lines;
 use crate::smtp::reply::Reply;
 
 /// What the end of a message leaves: the message without forged results,
@@ -99,4 +102,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         done
     }
+}
+
+/// The message as it is spooled: lines over 998 octets folded, then, when
+/// the client may relay, signed with the keys of its `From:` domain. After
+/// this no byte of it changes.
+pub(super) async fn sign_outbound(
+    signer: Arc<Signer>,
+    may_relay: bool,
+    message: Vec<u8>,
+) -> Vec<u8> {
+    let message = fold_long_lines(message);
+    if !may_relay || !signer.is_enabled() {
+        return message;
+    }
+    // RSA signing takes a millisecond or two of CPU: off the workers that
+    // run sessions.
+    let message = Arc::new(message);
+    let m = message.clone();
+    let signatures = match tokio::task::spawn_blocking(move || signer.sign(&m)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "DKIM signing did not finish; message spooled unsigned");
+            Vec::new()
+        }
+    };
+    let message = Arc::try_unwrap(message).unwrap_or_else(|m| m.as_ref().clone());
+    if signatures.is_empty() {
+        return message;
+    }
+    let mut signed = signatures;
+    signed.extend_from_slice(&message);
+    signed
 }

@@ -7,6 +7,7 @@ use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::authn::sign_outbound;
 use super::ehlo::printable;
 use super::{Flow, Session};
 use crate::config::BareNewline;
@@ -215,8 +216,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 format!("Ok: {id} accepted, no recipients left"),
             ));
         }
-        let size = tx.message.len();
-        let message = Arc::new(tx.message);
+        let signer = self.ctx.signer.clone();
+        let message = Arc::new(sign_outbound(signer, self.info.may_relay, tx.message).await);
+        let size = message.len();
         match self
             .ctx
             .spool

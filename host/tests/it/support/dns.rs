@@ -86,6 +86,16 @@ impl DnsServer {
         )
     }
 
+    /// Forgets every answer of `name` (it is NXDOMAIN again).
+    pub fn remove(&self, name: &str) -> &Self {
+        self.zone
+            .lock()
+            .unwrap()
+            .names
+            .remove(&name.trim_end_matches('.').to_ascii_lowercase());
+        self
+    }
+
     /// One TXT record, split into 255-octet strings as a zone file would.
     pub fn txt(&self, name: &str, record: &str) -> &Self {
         let strings = record.as_bytes().chunks(255).map(<[u8]>::to_vec).collect();
