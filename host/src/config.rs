@@ -315,6 +315,10 @@ pub struct DeliveryConfig {
     pub require_tls: bool,
     /// PEM CA bundle for verification instead of the system roots.
     pub tls_ca: Option<PathBuf>,
+    /// SHA-256 fingerprints of the smart host's certificate
+    /// (`"sha256:HEX"`, either case, colons optional): one of them must
+    /// match, TLS is then mandatory and a mismatch defers the mail.
+    pub tls_fingerprint: Vec<String>,
     /// `ip:port` nameservers; empty means the system's.
     pub nameservers: Vec<String>,
     /// Port for MX delivery.
@@ -350,6 +354,7 @@ impl Default for DeliveryConfig {
             smarthost: None,
             require_tls: false,
             tls_ca: None,
+            tls_fingerprint: Vec::new(),
             nameservers: Vec::new(),
             mx_port: 25,
             retry: ["1m", "5m", "15m", "30m", "1h", "2h", "4h"]
@@ -388,6 +393,10 @@ pub struct RouteTable {
     /// Overrides `delivery.require_tls` for this route.
     #[serde(default)]
     pub require_tls: Option<bool>,
+    /// Certificate fingerprints pinned for this route's next hop, as
+    /// `delivery.tls_fingerprint`.
+    #[serde(default)]
+    pub tls_fingerprint: Vec<String>,
 }
 
 impl RouteEntry {
@@ -396,6 +405,14 @@ impl RouteEntry {
         match self {
             RouteEntry::NextHop(s) => s,
             RouteEntry::Table(t) => &t.next_hop,
+        }
+    }
+
+    /// The certificate fingerprints pinned for this route.
+    pub fn tls_fingerprint(&self) -> &[String] {
+        match self {
+            RouteEntry::NextHop(_) => &[],
+            RouteEntry::Table(t) => &t.tls_fingerprint,
         }
     }
 
@@ -866,6 +883,15 @@ impl Config {
         for (domain, route) in &self.delivery.routes {
             crate::delivery::NextHop::parse(route.next_hop())
                 .map_err(|e| self.invalid(&format!("delivery.routes.{domain}"), e))?;
+            for fp in route.tls_fingerprint() {
+                crate::delivery::tls::parse_fingerprint(fp).map_err(|e| {
+                    self.invalid(&format!("delivery.routes.{domain}.tls_fingerprint"), e)
+                })?;
+            }
+        }
+        for fp in &self.delivery.tls_fingerprint {
+            crate::delivery::tls::parse_fingerprint(fp)
+                .map_err(|e| self.invalid("delivery.tls_fingerprint", e))?;
         }
         for (key, n) in [
             ("delivery.max_connections", self.delivery.max_connections),

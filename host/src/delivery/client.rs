@@ -85,6 +85,9 @@ pub struct Hop<'a> {
     pub tls: TlsUse,
     /// AUTH user and password.
     pub credentials: Option<&'a (String, String)>,
+    /// The config for pinned certificates, used instead of the verified
+    /// one when the hop has `tls_fingerprint`.
+    pub pinned: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// One message to send.
@@ -150,8 +153,9 @@ impl Client {
             tls: None,
             broken: false,
         };
+        let verified = hop.pinned.clone().unwrap_or_else(|| tls.verified.clone());
         if hop.tls == TlsUse::Implicit {
-            client.start_tls(hop, tls.verified.clone()).await?;
+            client.start_tls(hop, verified.clone()).await?;
         }
         let greeting = client.read_reply(timeouts.greeting, "greeting").await?;
         if greeting.code != 220 {
@@ -171,9 +175,7 @@ impl Client {
                     )))
                 }
                 (TlsUse::Required | TlsUse::OfferedVerified, true) => {
-                    client
-                        .starttls(hop, tls.verified.clone(), helo_name)
-                        .await?
+                    client.starttls(hop, verified, helo_name).await?
                 }
                 (TlsUse::Opportunistic, true) => {
                     client
@@ -272,20 +274,29 @@ impl Client {
             .map_err(|e| Error::Tls(format!("{host}: not a valid server name: {e}")))?;
         let io = std::mem::replace(&mut self.io, Box::new(tokio::io::empty()));
         let connector = TlsConnector::from(config);
-        let stream =
-            match tokio::time::timeout(self.timeouts.mail, connector.connect(name, io)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    self.broken = true;
-                    return Err(Error::Tls(format!("handshake with {host}: {e}")));
+        let stream = match tokio::time::timeout(self.timeouts.mail, connector.connect(name, io))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.broken = true;
+                let mut why = format!("handshake with {host}: {e}");
+                if why.contains("CaUsedAsEndEntity") {
+                    why.push_str(
+                            "; the server presents a CA certificate as its own (as `openssl req -x509` makes): \
+                             instead of tls_ca, pin it with tls_fingerprint = [\"sha256:...\"] \
+                             (`openssl x509 -noout -fingerprint -sha256 -in CERT` prints it)",
+                        );
                 }
-                Err(_) => {
-                    self.broken = true;
-                    return Err(Error::Timeout {
-                        stage: "TLS handshake",
-                    });
-                }
-            };
+                return Err(Error::Tls(why));
+            }
+            Err(_) => {
+                self.broken = true;
+                return Err(Error::Timeout {
+                    stage: "TLS handshake",
+                });
+            }
+        };
         self.tls = match stream.get_ref().1.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
             Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),

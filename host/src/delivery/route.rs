@@ -158,6 +158,9 @@ pub struct Target {
     pub via: Via,
     /// Refuse to send without verified TLS.
     pub require_tls: bool,
+    /// SHA-256 fingerprints of which the next hop's certificate must be
+    /// one: TLS is mandatory, a mismatch defers.
+    pub pins: Vec<[u8; 32]>,
 }
 
 /// How a [`Target`] is reached.
@@ -172,10 +175,10 @@ pub enum Via {
 impl Target {
     /// The destination's name in queues and logs (never with a password).
     pub fn key(&self) -> String {
-        let tls = if self.require_tls {
-            " (require_tls)"
-        } else {
-            ""
+        let tls = match (self.require_tls, self.pins.is_empty()) {
+            (_, false) => " (pinned)",
+            (true, true) => " (require_tls)",
+            (false, true) => "",
         };
         match &self.via {
             Via::Mx(d) => format!("mx:{d}{tls}"),
@@ -204,28 +207,43 @@ pub fn decide(config: &DeliveryConfig, route: Route, rcpt: &Recipient) -> Decisi
         .domain()
         .trim_end_matches('.')
         .to_ascii_lowercase();
+    let pins = |list: &[String]| -> Vec<[u8; 32]> {
+        list.iter()
+            .filter_map(|f| super::tls::parse_fingerprint(f).ok())
+            .collect()
+    };
     let target = |via: Via, require_tls: Option<bool>| Target {
         via,
         require_tls: require_tls.unwrap_or(config.require_tls),
+        pins: Vec::new(),
     };
     match route {
         Route::Default => {
-            let (hop, tls) = match config.routes.get(&domain) {
-                Some(entry) => (NextHop::parse(entry.next_hop()).ok(), entry.require_tls()),
+            let (hop, tls, pinned) = match config.routes.get(&domain) {
+                Some(entry) => (
+                    NextHop::parse(entry.next_hop()).ok(),
+                    entry.require_tls(),
+                    pins(entry.tls_fingerprint()),
+                ),
                 None => (
                     config
                         .smarthost
                         .as_deref()
                         .and_then(|s| NextHop::parse(s).ok()),
                     None,
+                    pins(&config.tls_fingerprint),
                 ),
             };
-            let hop = match hop {
-                Some(NextHop::Mx(Some(d))) => Via::Mx(d),
-                Some(NextHop::Smarthost(s)) => Via::Smarthost(s),
-                Some(NextHop::Mx(None)) | None => Via::Mx(domain),
+            let (hop, pinned) = match hop {
+                Some(NextHop::Mx(Some(d))) => (Via::Mx(d), pinned),
+                Some(NextHop::Smarthost(s)) => (Via::Smarthost(s), pinned),
+                // The smart host's pins are for the smart host only.
+                Some(NextHop::Mx(None)) | None => (Via::Mx(domain), Vec::new()),
             };
-            Decision::Deliver(target(hop, tls))
+            Decision::Deliver(Target {
+                pins: pinned,
+                ..target(hop, tls)
+            })
         }
         Route::Mx(d) => Decision::Deliver(target(
             Via::Mx(d.trim_end_matches('.').to_ascii_lowercase()),
@@ -311,6 +329,7 @@ mod tests {
             RouteEntry::Table(RouteTable {
                 next_hop: "mx".into(),
                 require_tls: Some(true),
+                tls_fingerprint: Vec::new(),
             }),
         );
         let rcpt = |a: &str| Recipient::new(a);
@@ -318,6 +337,7 @@ mod tests {
             Decision::Deliver(Target {
                 via,
                 require_tls: false,
+                pins: Vec::new(),
             })
         };
         assert_eq!(
@@ -336,7 +356,8 @@ mod tests {
             decide(&config, Route::Default, &rcpt("a@secure.test")),
             Decision::Deliver(Target {
                 via: Via::Mx("secure.test".into()),
-                require_tls: true
+                require_tls: true,
+                pins: Vec::new(),
             })
         );
         config.smarthost = Some("smtp://hub.test".into());

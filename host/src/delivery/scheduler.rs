@@ -1054,6 +1054,19 @@ impl Shared {
                 (vec![sh.host.clone()], sh.port, tls, sh.credentials.as_ref())
             }
         };
+        // A pinned next hop gets TLS or nothing: never the clear-text retry.
+        let (tls_use, pinned) = if target.pins.is_empty() {
+            (tls_use, None)
+        } else {
+            let implicit = matches!(&target.via, Via::Smarthost(sh) if sh.implicit_tls);
+            let config = self.tls.pinned(&target.pins).map_err(Error::Setup)?;
+            let tls_use = if implicit {
+                TlsUse::Implicit
+            } else {
+                TlsUse::Required
+            };
+            (tls_use, Some(config))
+        };
         let mut last_error: Option<Error> = None;
         let mut tried = 0;
         let mut looped = false;
@@ -1083,6 +1096,7 @@ impl Shared {
                     addr,
                     tls: tls_use,
                     credentials,
+                    pinned: pinned.clone(),
                 };
                 let mut connected =
                     Client::connect(&hop, &self.config.hostname, &self.tls, self.timeouts).await;

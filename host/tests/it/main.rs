@@ -8,6 +8,7 @@ mod delivery;
 mod dkim;
 mod kv;
 mod once;
+mod pinning;
 mod plugin_cli;
 mod plugins;
 mod routes;
