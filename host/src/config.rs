@@ -138,6 +138,31 @@ pub enum TlsMode {
     None,
 }
 
+/// The oldest TLS version a connection may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3 (the default).
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+impl TlsVersion {
+    /// The rustls versions allowed from this one up.
+    pub fn versions(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        static BOTH: [&rustls::SupportedProtocolVersion; 2] =
+            [&rustls::version::TLS13, &rustls::version::TLS12];
+        static ONLY_13: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+        match self {
+            TlsVersion::Tls12 => &BOTH,
+            TlsVersion::Tls13 => &ONLY_13,
+        }
+    }
+}
+
 /// One `[[listener]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,6 +184,9 @@ pub struct ListenerConfig {
     /// Overrides of `[authentication]` for this listener.
     #[serde(default)]
     pub authentication: crate::authn::ListenerAuthentication,
+    /// The oldest TLS version clients may use: `"1.2"` (default) or `"1.3"`.
+    #[serde(default)]
+    pub tls_min_version: TlsVersion,
 }
 
 fn default_mode() -> ListenerMode {
@@ -319,6 +347,9 @@ pub struct DeliveryConfig {
     /// (`"sha256:HEX"`, either case, colons optional): one of them must
     /// match, TLS is then mandatory and a mismatch defers the mail.
     pub tls_fingerprint: Vec<String>,
+    /// The oldest TLS version used towards next hops: `"1.2"` (default) or
+    /// `"1.3"`.
+    pub tls_min_version: TlsVersion,
     /// `ip:port` nameservers; empty means the system's.
     pub nameservers: Vec<String>,
     /// Port for MX delivery.
@@ -355,6 +386,7 @@ impl Default for DeliveryConfig {
             require_tls: false,
             tls_ca: None,
             tls_fingerprint: Vec::new(),
+            tls_min_version: TlsVersion::Tls12,
             nameservers: Vec::new(),
             mx_port: 25,
             retry: ["1m", "5m", "15m", "30m", "1h", "2h", "4h"]

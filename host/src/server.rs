@@ -219,12 +219,15 @@ impl Server {
             let acceptor = match (l.tls_mode(), &l.tls_cert, &l.tls_key) {
                 (TlsMode::None, _, _) => None,
                 (_, Some(cert), Some(key)) => Some(
-                    tls::acceptor(&config.resolve(cert), &config.resolve(key)).map_err(
-                        |source| Error::Tls {
-                            address: l.address,
-                            source: Box::new(source),
-                        },
-                    )?,
+                    tls::acceptor_from(
+                        &config.resolve(cert),
+                        &config.resolve(key),
+                        l.tls_min_version,
+                    )
+                    .map_err(|source| Error::Tls {
+                        address: l.address,
+                        source: Box::new(source),
+                    })?,
                 ),
                 // The config check requires both files when TLS is on.
                 _ => None,

@@ -274,8 +274,11 @@ impl Delivery {
         let config = ctx.config.clone();
         let d = &config.delivery;
         let dns = ctx.dns.clone();
-        let tls = ClientTls::new(d.tls_ca.as_ref().map(|p| config.resolve(p)).as_deref())
-            .map_err(Error::Setup)?;
+        let tls = ClientTls::new(
+            d.tls_ca.as_ref().map(|p| config.resolve(p)).as_deref(),
+            d.tls_min_version,
+        )
+        .map_err(Error::Setup)?;
         let queue_dir = ctx.spool.root().join("queue");
         let (tx, mut rx) = mpsc::unbounded_channel::<Spooled>();
         let sched = Arc::new(Mutex::new(Sched {

@@ -21,6 +21,8 @@ pub struct ClientTls {
     pub verified: Arc<ClientConfig>,
     /// Any certificate accepted (handshake signatures still checked).
     pub opportunistic: Arc<ClientConfig>,
+    /// The TLS versions allowed (`delivery.tls_min_version` and newer).
+    versions: &'static [&'static rustls::SupportedProtocolVersion],
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -29,7 +31,8 @@ fn provider() -> Arc<CryptoProvider> {
 
 impl ClientTls {
     /// Builds both configs; `ca` replaces the system roots when given.
-    pub fn new(ca: Option<&Path>) -> Result<ClientTls, String> {
+    pub fn new(ca: Option<&Path>, min: crate::config::TlsVersion) -> Result<ClientTls, String> {
+        let versions = min.versions();
         let mut roots = RootCertStore::empty();
         match ca {
             Some(path) => {
@@ -56,12 +59,12 @@ impl ClientTls {
             }
         }
         let verified = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let opportunistic = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .map_err(|e| e.to_string())?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
@@ -69,6 +72,7 @@ impl ClientTls {
         Ok(ClientTls {
             verified: Arc::new(verified),
             opportunistic: Arc::new(opportunistic),
+            versions,
         })
     }
 }
@@ -102,7 +106,7 @@ impl ClientTls {
     /// certificate; the handshake signatures are still checked.
     pub fn pinned(&self, pins: &[[u8; 32]]) -> Result<Arc<ClientConfig>, String> {
         let config = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(self.versions)
             .map_err(|e| e.to_string())?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Pinned {
@@ -246,6 +250,7 @@ mod tests {
         let base = "[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\n";
         for (body, needle) in [
             ("tls_fingerprint = [\"sha256:zz\"]", "delivery.tls_fingerprint"),
+            ("tls_min_version = \"1.1\"", "tls_min_version"),
             (
                 "[delivery.routes]\n\"a.test\" = { next_hop = \"smtp://h:25\", tls_fingerprint = [\"sha1:00\"] }",
                 "delivery.routes.a.test.tls_fingerprint",

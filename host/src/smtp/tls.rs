@@ -8,6 +8,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::TlsVersion;
 use crate::envelope::TlsInfo;
 
 /// Errors loading a certificate or key; each names the file.
@@ -33,8 +34,14 @@ pub enum Error {
     },
 }
 
-/// Builds an acceptor from a PEM certificate chain and private key.
+/// Builds an acceptor from a PEM certificate chain and private key, for
+/// TLS 1.2 and 1.3.
 pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Error> {
+    acceptor_from(cert, key, TlsVersion::Tls12)
+}
+
+/// Builds an acceptor that allows `min` and newer versions.
+pub fn acceptor_from(cert: &Path, key: &Path, min: TlsVersion) -> Result<TlsAcceptor, Error> {
     let pem_err = |path: &Path| {
         let path = path.to_path_buf();
         move |e: rustls_pki_types::pem::Error| Error::Pem {
@@ -55,7 +62,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Error> {
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(pem_err(key))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(min.versions())
         .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key_der))
         .map_err(|source| Error::Config {
             cert: cert.into(),

@@ -13,3 +13,4 @@ mod plugin_cli;
 mod plugins;
 mod routes;
 mod support;
+mod tls_versions;
