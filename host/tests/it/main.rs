@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 mod kv;
 mod once;
+mod platform;
 mod plugin_cli;
 mod plugins;
 mod routes;
