@@ -139,6 +139,9 @@ fn main() -> anyhow::Result<()> {
         } => dkim_keygen(&domain, &selector, &algorithm, bits, out),
         Command::Check => {
             let config = Config::load(&cli.config)?;
+            for w in &config.warnings {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{}: ok, {} listener(s), spool {}",
                 cli.config.display(),
@@ -162,6 +165,9 @@ fn init_logging(level: &str) {
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     init_logging(&config.log.level);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -303,5 +309,23 @@ fn print_entry(e: &Entry) {
                 .map(|s| format!(": {s}"))
                 .unwrap_or_default()
         );
+    }
+    if let Some(record) = &e.record {
+        if let Some(client) = &record.client {
+            println!(
+                "    from {} (helo {}) on {}{}",
+                client.peer,
+                client.helo.as_deref().unwrap_or("?"),
+                client.local,
+                client
+                    .auth_user
+                    .as_deref()
+                    .map(|u| format!(", authenticated as {u}"))
+                    .unwrap_or_default()
+            );
+        }
+        for (plugin, key, value) in record.metadata.iter() {
+            println!("    metadata {plugin}.{key} = {}", value.escape_debug());
+        }
     }
 }

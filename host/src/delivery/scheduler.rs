@@ -28,8 +28,9 @@ use super::state::{self, unix_now, DeliveryState, Status};
 use super::tls::ClientTls;
 use super::Error;
 use crate::config::Config;
+use crate::plugins::delivered::{self, Reporter};
 use crate::plugins::ChainHandle;
-use crate::policy::RouteQuery;
+use crate::policy::{Queued, RouteQuery};
 use crate::queue::{off_runtime, QueueId, QueuedMeta, Spool, Spooled};
 use crate::server::Context;
 use crate::smtp::reply::Reply;
@@ -74,6 +75,8 @@ struct Shared {
     admit_tx: mpsc::UnboundedSender<Spooled>,
     /// Removes finished messages off the async workers.
     remover: Remover,
+    /// Reports each attempt to the `delivered` hook.
+    reports: Reporter,
 }
 
 /// Where the bytes of a message being admitted are.
@@ -288,6 +291,7 @@ impl Delivery {
         let shared = Arc::new(Shared {
             admit_tx: tx.clone(),
             remover: Remover::start(ctx.spool.clone(), sched.clone()),
+            reports: Reporter::start(ctx.chain.clone(), config.plugins.delivered_queue),
             timeouts: Timeouts::rfc5321(d.connect_timeout.0),
             config: config.clone(),
             spool: ctx.spool.clone(),
@@ -597,7 +601,7 @@ impl Shared {
             }
             let route = hooks
                 .route(RouteQuery {
-                    envelope: &meta.envelope,
+                    queued: Queued::of(&meta, id),
                     recipient: rcpt,
                     headers,
                 })
@@ -623,7 +627,7 @@ impl Shared {
                         None,
                         false,
                     );
-                    apply(id, &meta, &mut dstate, i, &o, &attempt("discard"));
+                    self.apply(id, &meta, &mut dstate, i, &o, &attempt("discard"));
                 }
                 Decision::Reject(reply) => {
                     // A 4xx from the route hook (a plugin's tempfail, or its
@@ -643,7 +647,7 @@ impl Shared {
                         remote: None,
                         dsn_relayed: false,
                     };
-                    apply(id, &meta, &mut dstate, i, &o, &attempt("reject"));
+                    self.apply(id, &meta, &mut dstate, i, &o, &attempt("reject"));
                 }
                 Decision::LocalFolder(dir) => {
                     let o = match self.write_local(&dir, id, i, &body) {
@@ -654,7 +658,7 @@ impl Shared {
                         ),
                         Err(e) => Outcome::from_error(&e, None),
                     };
-                    apply(id, &meta, &mut dstate, i, &o, &attempt("local"));
+                    self.apply(id, &meta, &mut dstate, i, &o, &attempt("local"));
                 }
             }
         }
@@ -1158,7 +1162,7 @@ impl Shared {
             };
             let meta = a.meta.clone();
             for (i, o) in &results {
-                apply(id, &meta, &mut a.state, *i, o, attempt);
+                self.apply(id, &meta, &mut a.state, *i, o, attempt);
             }
             a.jobs_left = a.jobs_left.saturating_sub(1);
             if a.jobs_left == 0 {
@@ -1374,7 +1378,14 @@ impl Shared {
         let dsn_id = QueueId::generate();
         let spooled = self
             .spool
-            .store(&dsn_id, &envelope, None, None, Arc::new(report))
+            .store(
+                &dsn_id,
+                &envelope,
+                None,
+                None,
+                Default::default(),
+                Arc::new(report),
+            )
             .await?;
         tracing::info!(queue_id = %id, dsn_id = %dsn_id, to = %to, recipients = notice.len(), "delivery status notification queued");
         Ok(Some(spooled))
@@ -1462,51 +1473,73 @@ fn attempt_for(key: &str) -> Attempt<'_> {
     }
 }
 
-/// Applies one outcome to a recipient's state, with the attempt's log record.
-fn apply(
-    id: &QueueId,
-    meta: &QueuedMeta,
-    st: &mut DeliveryState,
-    i: usize,
-    o: &Outcome,
-    attempt: &Attempt<'_>,
-) {
-    let Some(r) = st.recipients.get_mut(i) else {
-        return;
-    };
-    r.attempts += 1;
-    r.status = o.status;
-    r.last_reply = Some(o.reply.to_string());
-    r.remote = o.remote.clone();
-    r.dsn_relayed = o.dsn_relayed;
-    r.enhanced = Some(if o.reply.enhanced.is_empty() {
-        match o.reply.code {
-            200..=299 => "2.0.0".into(),
-            400..=499 => "4.0.0".into(),
-            _ => "5.0.0".into(),
-        }
-    } else {
-        o.reply.enhanced.to_string()
-    });
-    let outcome = match o.status {
-        Status::Delivered => "delivered",
-        Status::Deferred | Status::Pending => "deferred",
-        Status::Failed => "failed",
-    };
-    tracing::info!(
-        target: "postern::delivery",
-        queue_id = %id,
-        recipient = %meta.envelope.recipients.get(i).map(|r| r.address.as_str()).unwrap_or(""),
-        route = attempt.route,
-        host = attempt.host.unwrap_or(""),
-        addr = %attempt.addr.map(|a| a.to_string()).unwrap_or_default(),
-        tls = attempt.tls.unwrap_or("none"),
-        reply = %o.reply,
-        delay_ms = attempt.started.elapsed().as_millis() as u64,
-        attempt = r.attempts,
-        outcome,
-        "delivery attempt"
-    );
+impl Shared {
+    /// Applies one outcome to a recipient's state, with the attempt's log record
+    /// and its report to the `delivered` hook.
+    fn apply(
+        &self,
+        id: &QueueId,
+        meta: &Arc<QueuedMeta>,
+        st: &mut DeliveryState,
+        i: usize,
+        o: &Outcome,
+        attempt: &Attempt<'_>,
+    ) {
+        let Some(r) = st.recipients.get_mut(i) else {
+            return;
+        };
+        let Some(recipient) = meta.envelope.recipients.get(i) else {
+            return;
+        };
+        r.attempts += 1;
+        r.status = o.status;
+        r.last_reply = Some(o.reply.to_string());
+        r.remote = o.remote.clone();
+        r.dsn_relayed = o.dsn_relayed;
+        r.enhanced = Some(if o.reply.enhanced.is_empty() {
+            match o.reply.code {
+                200..=299 => "2.0.0".into(),
+                400..=499 => "4.0.0".into(),
+                _ => "5.0.0".into(),
+            }
+        } else {
+            o.reply.enhanced.to_string()
+        });
+        let outcome = match o.status {
+            Status::Delivered => "delivered",
+            Status::Deferred | Status::Pending => "deferred",
+            Status::Failed => "failed",
+        };
+        tracing::info!(
+            target: "postern::delivery",
+            queue_id = %id,
+            recipient = %recipient.address,
+            route = attempt.route,
+            host = attempt.host.unwrap_or(""),
+            addr = %attempt.addr.map(|a| a.to_string()).unwrap_or_default(),
+            tls = attempt.tls.unwrap_or("none"),
+            reply = %o.reply,
+            delay_ms = attempt.started.elapsed().as_millis() as u64,
+            attempt = r.attempts,
+            outcome,
+            "delivery attempt"
+        );
+        self.reports.report(
+            id,
+            meta,
+            delivered::Attempt {
+                recipient: &recipient.address,
+                outcome: match o.status {
+                    Status::Delivered => delivered::Outcome::Delivered,
+                    Status::Deferred | Status::Pending => delivered::Outcome::Deferred,
+                    Status::Failed => delivered::Outcome::Failed,
+                },
+                reply: o.reply.to_string(),
+                remote: o.remote.clone(),
+                attempt: r.attempts,
+            },
+        );
+    }
 }
 
 fn header_end(message: &[u8]) -> usize {

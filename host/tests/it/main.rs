@@ -9,6 +9,7 @@ mod dkim;
 mod kv;
 mod once;
 mod pinning;
+mod platform;
 mod plugin_cli;
 mod plugins;
 mod routes;
