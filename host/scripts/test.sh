@@ -23,7 +23,8 @@ rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add was
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test -p postern -p postern-sdk "$@" 2>&1 | tee "$log"
+# The relay, the SDK and every first-party plugin's own tests.
+cargo test --workspace "$@" 2>&1 | tee "$log"
 # One closing line for the whole run (cargo prints one per test binary, and the
 # last of them is the doc tests').
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

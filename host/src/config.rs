@@ -337,6 +337,35 @@ pub struct DeliveryConfig {
     /// A recipient that asked for NOTIFY=DELAY and is still deferred after this
     /// long gets one delay notice (RFC 3464 `Action: delayed`).
     pub delay_warning: HumanDuration,
+    /// Smart-host pools by name (`pool:NAME` in a route).
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+/// `[delivery.pools.NAME]`: smart hosts that share the mail routed to the
+/// pool by smooth weighted round robin. A host that cannot be reached (or
+/// answers 4xx to the greeting) is skipped for a backoff period, and its
+/// waiting messages go to the next host at once.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// `smtp://[user:pass@]host:port` or `smtps://...`, as `smarthost`.
+    pub hosts: Vec<String>,
+    /// One positive weight per host (all 1 when absent).
+    #[serde(default)]
+    pub weights: Option<Vec<u32>>,
+    /// Refuse to send without verified TLS (default: `delivery.require_tls`).
+    #[serde(default)]
+    pub require_tls: Option<bool>,
+}
+
+impl PoolConfig {
+    /// Each host's weight.
+    pub fn weight(&self, i: usize) -> u32 {
+        self.weights
+            .as_ref()
+            .and_then(|w| w.get(i).copied())
+            .unwrap_or(1)
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -360,6 +389,7 @@ impl Default for DeliveryConfig {
             connect_timeout: HumanDuration(Duration::from_secs(30)),
             local_folder: PathBuf::from("local"),
             delay_warning: HumanDuration(Duration::from_secs(4 * 3600)),
+            pools: BTreeMap::new(),
         }
     }
 }
@@ -368,7 +398,7 @@ impl Default for DeliveryConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum RouteEntry {
-    /// `"mx"`, `"mx:domain"`, `"smtp://..."` or `"smtps://..."`.
+    /// `"mx"`, `"mx:domain"`, `"smtp://..."`, `"smtps://..."` or `"pool:NAME"`.
     NextHop(String),
     /// `{ next_hop = "...", require_tls = true }`.
     Table(RouteTable),
@@ -607,6 +637,10 @@ pub enum Grant {
     Dns,
     /// The plugin's archive folder, preopened as `/archive`.
     Archive,
+    /// Recipients the plugin adds or replaces at data need not pass the
+    /// relay access rules (they are the administrator's own aliases and
+    /// journal addresses).
+    Recipients,
 }
 
 impl Grant {
@@ -617,6 +651,7 @@ impl Grant {
             Grant::Kv => "kv",
             Grant::Dns => "dns",
             Grant::Archive => "archive",
+            Grant::Recipients => "recipients",
         }
     }
 }
@@ -939,13 +974,38 @@ impl Config {
                 );
             }
         }
-        if let Some(url) = &self.delivery.smarthost {
-            crate::delivery::NextHop::parse(url)
-                .map_err(|e| self.invalid("delivery.smarthost", e))?;
+        for (name, pool) in &self.delivery.pools {
+            let key = |k: &str| format!("delivery.pools.{name}.{k}");
+            if pool.hosts.is_empty() {
+                return Err(self.invalid(&key("hosts"), "needs at least one host"));
+            }
+            for h in &pool.hosts {
+                crate::delivery::SmartHost::parse(h).map_err(|e| self.invalid(&key("hosts"), e))?;
+            }
+            if let Some(w) = &pool.weights {
+                if w.len() != pool.hosts.len() || w.contains(&0) {
+                    return Err(self.invalid(&key("weights"), "one weight above 0 per host"));
+                }
+            }
         }
-        for (domain, route) in &self.delivery.routes {
-            crate::delivery::NextHop::parse(route.next_hop())
-                .map_err(|e| self.invalid(&format!("delivery.routes.{domain}"), e))?;
+        let hops = self
+            .delivery
+            .smarthost
+            .iter()
+            .map(|s| ("delivery.smarthost".to_string(), s.as_str()))
+            .chain(
+                self.delivery
+                    .routes
+                    .iter()
+                    .map(|(d, r)| (format!("delivery.routes.{d}"), r.next_hop())),
+            );
+        for (key, hop) in hops {
+            let hop = crate::delivery::NextHop::parse(hop).map_err(|e| self.invalid(&key, e))?;
+            if let crate::delivery::NextHop::Pool(name) = hop {
+                if !self.delivery.pools.contains_key(&name) {
+                    return Err(self.invalid(&key, format!("no [delivery.pools.{name}]")));
+                }
+            }
         }
         for (key, n) in [
             ("delivery.max_connections", self.delivery.max_connections),

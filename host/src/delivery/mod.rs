@@ -10,6 +10,7 @@
 //!   the smart host, or MX).
 //! - [`dns`]: MX and address lookups with hickory-resolver, classified into
 //!   permanent and temporary failures.
+//! - [`pools`]: which host of a smart-host pool takes the next message.
 //! - [`client`]: the SMTP client: pipelining, STARTTLS, AUTH, capability checks,
 //!   dot-stuffing and line folding, RFC 5321 timeouts.
 //! - [`tls`]: the rustls client configs (verified and opportunistic).
@@ -23,6 +24,7 @@ pub mod bounce;
 pub mod client;
 pub mod control;
 pub mod dns;
+pub mod pools;
 pub mod route;
 pub mod scheduler;
 pub mod state;

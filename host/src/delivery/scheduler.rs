@@ -23,11 +23,13 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::bounce;
 use super::client::{Client, Hop, Outgoing, Timeouts, TlsUse};
 use super::dns::Dns;
+use super::pools::Pools;
 use super::route::{decide, Decision, Target, Via};
 use super::state::{self, unix_now, DeliveryState, Status};
 use super::tls::ClientTls;
 use super::Error;
 use crate::config::Config;
+use crate::envelope::Address;
 use crate::plugins::delivered::{self, Reporter};
 use crate::plugins::ChainHandle;
 use crate::policy::{Queued, RouteQuery};
@@ -75,6 +77,15 @@ struct Shared {
     remover: Remover,
     /// Reports each attempt to the `delivered` hook.
     reports: Reporter,
+    /// Which pool host takes the next message.
+    pools: Pools,
+}
+
+/// Where a group of a message's recipients goes: a destination, or a pool
+/// whose host is picked as the job is queued.
+enum Destination {
+    Fixed(Target),
+    Pool { name: String, require_tls: bool },
 }
 
 /// Where the bytes of a message being admitted are.
@@ -223,6 +234,9 @@ struct Dest {
 struct Job {
     id: QueueId,
     rcpts: Vec<usize>,
+    /// The envelope sender for these recipients, when a route gave one
+    /// (else the message's).
+    sender: Option<Address>,
 }
 
 /// One recipient's result of one attempt.
@@ -287,6 +301,7 @@ impl Delivery {
             admit_tx: tx.clone(),
             remover: Remover::start(ctx.spool.clone(), sched.clone()),
             reports: Reporter::start(ctx.chain.clone(), config.plugins.delivered_queue),
+            pools: Pools::new(&config.delivery),
             timeouts: Timeouts::rfc5321(d.connect_timeout.0),
             config: config.clone(),
             spool: ctx.spool.clone(),
@@ -584,7 +599,9 @@ impl Shared {
         // One lease for the message: its recipients share the instances.
         let mut hooks = self.chain.current().lease();
         let headers = &body[..header_end(&body)];
-        let mut groups: HashMap<String, (Target, Vec<usize>)> = HashMap::new();
+        // One job per destination and envelope sender.
+        let mut groups: HashMap<(String, Option<Address>), (Destination, Vec<usize>)> =
+            HashMap::new();
         for (i, rcpt) in meta.envelope.recipients.iter().enumerate() {
             if !dstate.recipients[i].is_open() {
                 continue;
@@ -607,11 +624,19 @@ impl Shared {
                 tls: None,
                 started: Instant::now(),
             };
-            match decide(&self.config.delivery, route, rcpt) {
+            let sender = route.sender;
+            match decide(&self.config.delivery, route.route, rcpt) {
                 Decision::Deliver(target) => {
                     groups
-                        .entry(target.key())
-                        .or_insert_with(|| (target, Vec::new()))
+                        .entry((target.key(), sender))
+                        .or_insert_with(|| (Destination::Fixed(target), Vec::new()))
+                        .1
+                        .push(i);
+                }
+                Decision::Pool { name, require_tls } => {
+                    groups
+                        .entry((format!("pool:{name}"), sender))
+                        .or_insert_with(|| (Destination::Pool { name, require_tls }, Vec::new()))
                         .1
                         .push(i);
                 }
@@ -671,21 +696,29 @@ impl Shared {
         }
         let mut s = self.lock();
         s.active.insert(id.clone(), active);
-        for (key, (target, rcpts)) in groups {
-            let dest = s.dests.entry(key.clone()).or_insert_with(|| Dest {
-                target,
-                queue: VecDeque::new(),
-                connections: 0,
-                backoff_until: None,
-                backoff: Duration::ZERO,
-                last_error: None,
-                idle: VecDeque::new(),
-            });
-            dest.queue.push_back(Job {
+        for ((_, sender), (destination, rcpts)) in groups {
+            let target = match destination {
+                Destination::Fixed(target) => target,
+                Destination::Pool { name, require_tls } => {
+                    let suspended = |k: &str| s.dests.get(k).and_then(|d| d.backoff_until);
+                    match self.pools.pick(&name, require_tls, None, suspended) {
+                        Some(target) => target,
+                        // A pool the config had when the route was decided,
+                        // gone since: cannot happen while the config is fixed
+                        // for the process; deferred rather than lost if it did.
+                        None => {
+                            tracing::warn!(queue_id = %id, pool = name, "no such pool");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let job = Job {
                 id: id.clone(),
                 rcpts,
-            });
-            self.kick(&mut s, &key);
+                sender,
+            };
+            self.enqueue(&mut s, target, job);
         }
         Ok(())
     }
@@ -862,33 +895,24 @@ impl Shared {
                 },
             };
             let started = Instant::now();
+            // A connection kept from an earlier job may have been closed by
+            // the other side meanwhile; a new one is not.
+            let mut kept = true;
             if !client.as_ref().is_some_and(Client::is_usable) {
+                kept = false;
                 match self.open(&target, 0).await {
                     Ok((c, n)) => {
                         client = Some(c);
                         used = n;
                     }
                     Err(e) => {
-                        let results = job
-                            .rcpts
-                            .iter()
-                            .map(|&i| (i, Outcome::from_error(&e, None)))
-                            .collect();
-                        let attempt = Attempt {
-                            route: &key,
-                            host: None,
-                            addr: None,
-                            tls: None,
-                            started,
-                        };
-                        self.complete_job(&job.id, results, &attempt).await;
-                        self.destination_failed(&key, &e).await;
+                        self.destination_failed(&key, &e, Some(job)).await;
                         break;
                     }
                 }
             }
             let outgoing = Outgoing {
-                sender: &meta.envelope.sender,
+                sender: job.sender.as_ref().unwrap_or(&meta.envelope.sender),
                 params: &meta.envelope.params,
                 recipients: job
                     .rcpts
@@ -898,7 +922,7 @@ impl Shared {
                 message: &body,
             };
             let mut fell_back = false;
-            let (results, host, addr, tls) = loop {
+            let sent = loop {
                 let Some(c) = client.as_mut() else {
                     unreachable!("a usable client was just ensured")
                 };
@@ -921,6 +945,22 @@ impl Shared {
                         continue;
                     }
                 }
+                // A kept connection lost before the transaction began (the
+                // other side closed it while idle, or went down): nothing
+                // was sent, so a new connection tries again at once, and if
+                // none opens the destination is down.
+                if kept && matches!(&sent, Err(Error::Io { stage: "MAIL", .. })) {
+                    kept = false;
+                    client = None;
+                    match self.open(&target, 0).await {
+                        Ok((c, n)) => {
+                            client = Some(c);
+                            used = n;
+                            continue;
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
                 let results: Vec<(usize, Outcome)> = match sent {
                     Ok(per_rcpt) => job
                         .rcpts
@@ -940,7 +980,14 @@ impl Shared {
                         .map(|&i| (i, Outcome::from_error(&e, remote.clone())))
                         .collect(),
                 };
-                break (results, c.host.clone(), c.peer, c.tls);
+                break Ok((results, c.host.clone(), c.peer, c.tls));
+            };
+            let (results, host, addr, tls) = match sent {
+                Ok(sent) => sent,
+                Err(e) => {
+                    self.destination_failed(&key, &e, Some(job)).await;
+                    break;
+                }
             };
             let attempt = Attempt {
                 route: &key,
@@ -985,8 +1032,10 @@ impl Shared {
 
     /// The destination could not be reached: suspend it for a while (doubling,
     /// from the first retry interval up to the last), and defer or fail its
-    /// queued jobs with the same reason.
-    async fn destination_failed(self: &Arc<Self>, key: &str, e: &Error) {
+    /// queued jobs (and `failed`, the one that found it down) with the same
+    /// reason. A pool host's jobs go to the pool's next host at once instead,
+    /// when one is up.
+    async fn destination_failed(self: &Arc<Self>, key: &str, e: &Error, failed: Option<Job>) {
         let jobs: Vec<Job> = {
             let mut s = self.lock();
             let retry = &self.config.delivery.retry;
@@ -1008,7 +1057,19 @@ impl Shared {
                 d.last_error = Some(e.reply());
                 tracing::info!(destination = key, backoff = ?d.backoff, reason = %e, "destination suspended");
             }
-            d.queue.drain(..).collect()
+            let pool = match &d.target.via {
+                Via::PoolHost { pool, .. } if e.is_transient() => {
+                    Some((pool.clone(), d.target.require_tls))
+                }
+                _ => None,
+            };
+            let jobs: Vec<Job> = failed.into_iter().chain(d.queue.drain(..)).collect();
+            match pool {
+                Some((pool, require_tls)) => {
+                    self.to_next_pool_host(&mut s, &pool, require_tls, key, jobs)
+                }
+                None => jobs,
+            }
         };
         for job in jobs {
             let results = job
@@ -1019,6 +1080,46 @@ impl Shared {
             self.complete_job(&job.id, results, &attempt_for(key)).await;
         }
         self.timer.notify_one();
+    }
+
+    /// Moves jobs from pool host `failed` to the pool's next host that is up;
+    /// returns those that found none.
+    fn to_next_pool_host(
+        self: &Arc<Self>,
+        s: &mut Sched,
+        pool: &str,
+        require_tls: bool,
+        failed: &str,
+        jobs: Vec<Job>,
+    ) -> Vec<Job> {
+        let mut stranded = Vec::new();
+        for job in jobs {
+            let suspended = |k: &str| s.dests.get(k).and_then(|d| d.backoff_until);
+            match self.pools.pick(pool, require_tls, Some(failed), suspended) {
+                Some(target) => {
+                    tracing::info!(queue_id = %job.id, from = failed, to = %target.key(), "pool host down; sent to the next");
+                    self.enqueue(s, target, job);
+                }
+                None => stranded.push(job),
+            }
+        }
+        stranded
+    }
+
+    /// Queues a job on its destination (made if new) and starts connections.
+    fn enqueue(self: &Arc<Self>, s: &mut Sched, target: Target, job: Job) {
+        let key = target.key();
+        let dest = s.dests.entry(key.clone()).or_insert_with(|| Dest {
+            target,
+            queue: VecDeque::new(),
+            connections: 0,
+            backoff_until: None,
+            backoff: Duration::ZERO,
+            last_error: None,
+            idle: VecDeque::new(),
+        });
+        dest.queue.push_back(job);
+        self.kick(s, &key);
     }
 
     /// Opens a connection to a destination: MX hosts in order (or the smart
@@ -1042,7 +1143,7 @@ impl Shared {
                     None,
                 )
             }
-            Via::Smarthost(sh) => {
+            Via::Smarthost(sh) | Via::PoolHost { host: sh, .. } => {
                 let tls = if sh.implicit_tls {
                     TlsUse::Implicit
                 } else if target.require_tls {

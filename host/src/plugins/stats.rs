@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::HookName;
 
 /// Answer kinds counted per hook (`done`: a `delivered` call).
-pub const ANSWERS: [&str; 11] = [
+pub const ANSWERS: [&str; 12] = [
     "continue",
     "accept",
     "reject",
@@ -21,6 +21,7 @@ pub const ANSWERS: [&str; 11] = [
     "discard",
     "default",
     "done",
+    "pool",
 ];
 
 /// Error kinds counted per hook.

@@ -4,6 +4,7 @@
 mod core;
 mod crash;
 mod delivery;
+mod firstparty;
 mod kv;
 mod once;
 mod platform;

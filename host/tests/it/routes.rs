@@ -330,7 +330,7 @@ async fn route_reject_bounces_to_the_sender() -> anyhow::Result<()> {
     );
     assert!(status.contains("Action: failed"), "{status}");
     assert!(status.contains("Status: 5.1.2"), "{status}");
-    assert!(status.contains("no route to this domain"), "{status}");
+    assert!(status.contains("no route to this recipient"), "{status}");
     assert!(
         String::from_utf8_lossy(&got[0].data).contains("Subject: refused"),
         "the report returns the message"

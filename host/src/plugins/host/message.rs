@@ -45,6 +45,7 @@ impl MessageRef {
             removed: s.removed.clone(),
             recipients: s.recipients.clone(),
             quarantine: s.quarantine.clone(),
+            trusted: s.trusted.clone(),
         })))
     }
 }
@@ -142,6 +143,8 @@ pub struct MessageState {
     removed: Vec<String>,
     recipients: Vec<Recipient>,
     quarantine: Option<String>,
+    /// Recipients that plugins granted `recipients` added or put in place.
+    trusted: Vec<Address>,
 }
 
 impl MessageState {
@@ -155,6 +158,7 @@ impl MessageState {
             removed: Vec::new(),
             recipients,
             quarantine: None,
+            trusted: Vec::new(),
         }
     }
 
@@ -199,6 +203,7 @@ impl MessageState {
     /// right after the leading trace fields, which stay first).
     pub fn finish(self, tx: &mut DataTransaction) {
         tx.envelope.recipients = self.recipients;
+        tx.trusted = self.trusted;
         if self.quarantine.is_some() {
             tx.quarantine = self.quarantine;
         }
@@ -299,6 +304,19 @@ fn rewrite(raw: &[u8], added: &[(String, String)], removed: &[String]) -> Vec<u8
     }
     // The empty line and the body, untouched.
     out.extend_from_slice(&raw[consumed..]);
+    out
+}
+
+/// RFC 3461 xtext: `+`, `=` and characters outside `!`..`~` as `+HH`.
+fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
     out
 }
 
@@ -458,11 +476,61 @@ impl HostMessage for HostState {
             Ok(a) => a,
             Err(e) => return Ok(Err(e)),
         };
+        let trusted = self.may_add_recipients;
         let mut state = self.table.get(&m)?.lock();
         if !state.recipients.iter().any(|r| r.address == address) {
+            if trusted {
+                state.trusted.push(address.clone());
+            }
             state.recipients.push(Recipient::new(address.0));
         }
         Ok(Ok(()))
+    }
+
+    async fn replace_recipient(
+        &mut self,
+        m: Resource<MessageRef>,
+        recipient: WitAddress,
+        by: Vec<WitAddress>,
+    ) -> wasmtime::Result<Result<bool, EditError>> {
+        self.host_call_done();
+        let by = match by.iter().map(to_address).collect::<Result<Vec<_>, _>>() {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        };
+        let old = format!("{}@{}", recipient.local_part, recipient.domain);
+        let trusted = self.may_add_recipients;
+        let mut state = self.table.get(&m)?.lock();
+        let Some(i) = state
+            .recipients
+            .iter()
+            .position(|r| r.address.as_str().eq_ignore_ascii_case(&old))
+        else {
+            return Ok(Ok(false));
+        };
+        let mut original = state.recipients.remove(i);
+        // The address the sender wrote, for bounces (RFC 3461 4.2), unless
+        // the client gave one.
+        if original.orcpt.is_none() {
+            original.orcpt = Some(format!("rfc822;{}", xtext(original.address.as_str())));
+        }
+        let mut at = i;
+        for address in by {
+            // Already a recipient (two aliases to one target): one copy.
+            if state.recipients.iter().any(|r| r.address == address) {
+                continue;
+            }
+            if trusted {
+                state.trusted.push(address.clone());
+            }
+            let r = Recipient {
+                address,
+                ..original.clone()
+            };
+            state.recipients.insert(at, r);
+            at += 1;
+        }
+        Ok(Ok(true))
     }
 
     async fn remove_recipient(

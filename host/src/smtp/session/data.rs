@@ -111,9 +111,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Recipients a data-hook plugin added face the access rules that RCPT
     /// does, and the recipient limit: a plugin that takes addresses from the
-    /// message must not make the relay open. Those refused are dropped and
+    /// message must not make the relay open. Those a plugin granted
+    /// `recipients` added (`trusted`: the administrator's own aliases and
+    /// journal addresses) face only the limit. Those refused are dropped and
     /// logged; the message goes on to the others.
-    fn check_added_recipients(&self, id: &QueueId, given: &[Address], envelope: &mut Envelope) {
+    fn check_added_recipients(
+        &self,
+        id: &QueueId,
+        given: &[Address],
+        trusted: &[Address],
+        envelope: &mut Envelope,
+    ) {
         let access = &self.ctx.access;
         let mut room = self
             .ctx
@@ -128,6 +136,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if room == 0 {
                 tracing::warn!(queue_id = %id, rcpt = %r.address, "recipient added by a plugin dropped: limits.max_recipients reached");
                 return false;
+            }
+            if trusted.contains(&r.address) {
+                room -= 1;
+                return true;
             }
             match access.check_recipient(self.info.may_relay, &r.address) {
                 Ok(address) => {
@@ -183,11 +195,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         full.extend_from_slice(received.as_bytes());
         full.extend_from_slice(&message);
 
-        let mut tx = DataTransaction {
-            envelope,
-            message: full,
-            quarantine: None,
-        };
+        let mut tx = DataTransaction::new(envelope, full);
         let given: Vec<Address> = tx
             .envelope
             .recipients
@@ -198,7 +206,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // The data hook is the transaction's last.
         self.hooks.end();
         let metadata = scopes.transaction.map(|m| m.snapshot()).unwrap_or_default();
-        self.check_added_recipients(&id, &given, &mut tx.envelope);
+        let trusted = std::mem::take(&mut tx.trusted);
+        self.check_added_recipients(&id, &given, &trusted, &mut tx.envelope);
         if !matches!(verdict, Verdict::Continue | Verdict::Accept) {
             tracing::info!(queue_id = %id, peer = %self.info.peer, verdict = ?verdict, "message refused by policy");
             return self.refused(verdict).unwrap_or(Flow::Continue);
