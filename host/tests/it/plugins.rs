@@ -598,7 +598,7 @@ async fn replaced_wasm_is_picked_up_by_the_watcher() -> anyhow::Result<()> {
         support::wasm_dir().join("router.wasm"),
         plugins.join("gate.wasm"),
     )?;
-    let first = "[[plugin]]\nname = \"gate\"\npath = \"gate.wasm\"\n[plugin.config.routes]\n";
+    let first = "[[plugin]]\nname = \"gate\"\npath = \"gate.wasm\"\n[plugin.config.routes]\n\"x.test\" = \"mx\"\n";
     let cache = dir.path().join("cache");
     let config_text = |chain: &str| {
         format!(

@@ -14,8 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use wasmtime::component::Resource;
 
+use super::body::{self, BodyEdits, Footer, Refusal};
 use crate::envelope::{Address, Recipient};
-use crate::plugins::bindings::message::{EditError, Host, HostMessage, Part};
+use crate::plugins::bindings::message::{
+    BodyEdits as WitBodyEdits, BodyError, EditError, Host, HostMessage, Part,
+};
 use crate::plugins::bindings::types::{Address as WitAddress, Header};
 use crate::plugins::check;
 use crate::plugins::instance::HostState;
@@ -46,6 +49,7 @@ impl MessageRef {
             recipients: s.recipients.clone(),
             quarantine: s.quarantine.clone(),
             trusted: s.trusted.clone(),
+            body: s.body.clone(),
         })))
     }
 }
@@ -145,6 +149,8 @@ pub struct MessageState {
     quarantine: Option<String>,
     /// Recipients that plugins granted `recipients` added or put in place.
     trusted: Vec<Address>,
+    /// Footers and removed parts, applied in [`MessageState::finish`].
+    body: BodyEdits,
 }
 
 impl MessageState {
@@ -159,6 +165,7 @@ impl MessageState {
             recipients,
             quarantine: None,
             trusted: Vec::new(),
+            body: BodyEdits::default(),
         }
     }
 
@@ -207,7 +214,11 @@ impl MessageState {
         if self.quarantine.is_some() {
             tx.quarantine = self.quarantine;
         }
-        let raw = Arc::try_unwrap(self.raw).unwrap_or_else(|arc| (*arc).clone());
+        let raw = if self.body.is_empty() {
+            Arc::try_unwrap(self.raw).unwrap_or_else(|arc| (*arc).clone())
+        } else {
+            body::apply(&self.raw, &self.body)
+        };
         if self.added.is_empty() && self.removed.is_empty() {
             tx.message = raw;
             return;
@@ -231,7 +242,7 @@ fn header_end(raw: &[u8]) -> usize {
 /// The header section as logical fields: (name, raw lines including CRLF).
 /// Lines without a colon keep their bytes with no name, so the pieces add up to
 /// the section and nothing is lost in a rewrite.
-fn fields(raw: &[u8]) -> Vec<(Option<&str>, &[u8])> {
+pub(super) fn fields(raw: &[u8]) -> Vec<(Option<&str>, &[u8])> {
     let section = &raw[..header_end(raw)];
     let mut out = Vec::new();
     let mut start = 0;
@@ -305,6 +316,13 @@ fn rewrite(raw: &[u8], added: &[(String, String)], removed: &[String]) -> Vec<u8
     // The empty line and the body, untouched.
     out.extend_from_slice(&raw[consumed..]);
     out
+}
+
+fn refusal(r: Refusal) -> BodyError {
+    match r {
+        Refusal::Signed => BodyError::Signed,
+        Refusal::NotRemovable => BodyError::NotRemovable,
+    }
 }
 
 /// RFC 3461 xtext: `+`, `=` and characters outside `!`..`~` as `+HH`.
@@ -557,6 +575,53 @@ impl HostMessage for HostState {
         let reason = reason.replace(['\r', '\n', '\0'], " ");
         self.table.get(&m)?.lock().quarantine = Some(reason);
         Ok(())
+    }
+
+    async fn add_footer(
+        &mut self,
+        m: Resource<MessageRef>,
+        text: String,
+        html: String,
+    ) -> wasmtime::Result<Result<(), BodyError>> {
+        self.host_call_done();
+        let mut state = self.table.get(&m)?.lock();
+        if let Err(r) = body::check_footer(&state.raw) {
+            return Ok(Err(refusal(r)));
+        }
+        // A footer's text goes into the message as is: no NULs, and line
+        // ends the relay makes CRLF.
+        let clean = |s: String| s.replace('\0', "");
+        state.body.footers.push(Footer {
+            text: clean(text),
+            html: clean(html),
+        });
+        Ok(Ok(()))
+    }
+
+    async fn remove_part(
+        &mut self,
+        m: Resource<MessageRef>,
+        index: u32,
+        reason: String,
+    ) -> wasmtime::Result<Result<(), BodyError>> {
+        self.host_call_done();
+        let mut state = self.table.get(&m)?.lock();
+        if let Err(r) = body::check_removal(&state.raw, index) {
+            return Ok(Err(refusal(r)));
+        }
+        if !state.body.removed.iter().any(|(i, _)| *i == index) {
+            state.body.removed.push((index, reason));
+        }
+        Ok(Ok(()))
+    }
+
+    async fn body_edits(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<WitBodyEdits> {
+        self.host_call_done();
+        let state = self.table.get(&m)?.lock();
+        Ok(WitBodyEdits {
+            removed: state.body.removed.iter().map(|(i, _)| *i).collect(),
+            footers: u32::try_from(state.body.footers.len()).unwrap_or(u32::MAX),
+        })
     }
 
     async fn drop(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<()> {
