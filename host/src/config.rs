@@ -83,6 +83,9 @@ pub struct Config {
     /// Log settings.
     #[serde(default)]
     pub log: LogConfig,
+    /// The admin HTTP listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// The folder the config file is in: relative paths in the config are
     /// relative to it.
     #[serde(skip)]
@@ -150,6 +153,21 @@ pub struct ListenerConfig {
     /// PEM private key.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from
+    /// a load balancer, naming the real client.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The load balancers allowed to send one; a connection from anywhere
+    /// else is refused.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Time allowed for the PROXY header to arrive.
+    #[serde(default = "default_proxy_timeout")]
+    pub proxy_timeout: HumanDuration,
+}
+
+fn default_proxy_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 fn default_mode() -> ListenerMode {
@@ -688,14 +706,58 @@ impl PluginConfig {
 pub struct LogConfig {
     /// tracing filter, e.g. `info` or `postern=debug`; `RUST_LOG` wins.
     pub level: String,
+    /// `text` (default) or `json`.
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            format: LogFormat::Text,
         }
     }
+}
+
+/// How log records are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line a record for a person, coloured only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line, its fields at the top level.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("{s:?} is not a log format (text or json)")),
+        }
+    }
+}
+
+/// `[admin]`: the HTTP listener for metrics, the JSON API, injection and the
+/// status page. Off unless `address` is set; the same API is always served on
+/// the control socket in the spool folder.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `ip:port`. A non-loopback address needs `token`, `tls_cert` and `tls_key`.
+    pub address: Option<SocketAddr>,
+    /// Bearer token required by every request but `/health` (a browser logs
+    /// in with it once and gets a session cookie). Without it the listener
+    /// answers only reads, and injection only with a `[[user]]` login.
+    pub token: Option<String>,
+    /// PEM certificate chain: the listener speaks HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// A duration written like `"30s"`, `"5m"`, `"4h"`, `"5d"` (or a bare number of seconds).
@@ -756,6 +818,13 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// Written as whole seconds (what the admin API sends).
+impl serde::Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0.as_secs())
+    }
+}
+
 impl Config {
     /// Reads, parses and checks a config file.
     pub fn load(path: &Path) -> Result<Config, Error> {
@@ -804,6 +873,21 @@ impl Config {
                 (_, _, None) => {
                     return Err(self.invalid(&key("tls_key"), "a private key is required for TLS"))
                 }
+            }
+            if l.proxy_protocol && l.trusted_proxies.is_empty() {
+                return Err(self.invalid(
+                    &key("trusted_proxies"),
+                    "proxy_protocol needs the load balancers' CIDRs: anyone else could claim any address",
+                ));
+            }
+            if !l.proxy_protocol && !l.trusted_proxies.is_empty() {
+                return Err(self.invalid(
+                    &key("proxy_protocol"),
+                    "trusted_proxies is set but proxy_protocol is not true",
+                ));
+            }
+            if l.proxy_timeout.0.is_zero() {
+                return Err(self.invalid(&key("proxy_timeout"), "must be more than 0"));
             }
             if l.mode == ListenerMode::Submission && l.tls_mode() == TlsMode::None {
                 return Err(self.invalid(
@@ -878,7 +962,34 @@ impl Config {
             }
         }
         self.check_plugins()?;
-        self.check_kv()
+        self.check_kv()?;
+        self.check_admin()
+    }
+
+    fn check_admin(&self) -> Result<(), Error> {
+        let a = &self.admin;
+        if a.token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(self.invalid("admin.token", "must be at least 16 characters"));
+        }
+        match (&a.tls_cert, &a.tls_key) {
+            (Some(_), None) => {
+                return Err(self.invalid("admin.tls_key", "needed with admin.tls_cert"))
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid("admin.tls_cert", "needed with admin.tls_key"))
+            }
+            _ => {}
+        }
+        if let Some(addr) = a.address {
+            let protected = a.token.is_some() && a.tls_cert.is_some();
+            if !addr.ip().is_loopback() && !protected {
+                return Err(self.invalid(
+                    "admin.address",
+                    format!("{addr} is not a loopback address: set admin.token, admin.tls_cert and admin.tls_key to serve it"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_kv(&self) -> Result<(), Error> {
@@ -1008,6 +1119,9 @@ mod tests {
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\nsmarthost = \"ftp://x\"\n", "delivery.smarthost"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery.routes]\n\"a.test\" = \"smtp://\"\n", "delivery.routes.a.test"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\nmax_per_destination = 0\n", "max_per_destination"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\nproxy_protocol = true\n", "listener[0].trusted_proxies"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n", "listener[0].proxy_protocol"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\nproxy_timeout = \"0s\"\n", "listener[0].proxy_timeout"),
         ] {
             let err = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
@@ -1179,6 +1293,30 @@ mod tests {
         // Without a store shared by name, a `:` in a plugin name is harmless.
         let text =
             format!("{MINIMAL}[[plugin]]\nname = \"a:b\"\npath = \"a.wasm\"\ngrants = [\"kv\"]\n");
+        assert!(Config::parse(&text, Path::new("t.toml")).is_ok());
+    }
+
+    #[test]
+    fn admin_errors_name_the_key() {
+        for (body, needle) in [
+            ("[admin]\nadress = \"127.0.0.1:8025\"", "adress"),
+            ("[admin]\naddress = \"localhost\"", "address"),
+            ("[admin]\ntoken = \"short\"", "admin.token"),
+            ("[admin]\ntls_cert = \"c.pem\"", "admin.tls_key"),
+            ("[admin]\naddress = \"0.0.0.0:8025\"", "admin.address"),
+            (
+                "[admin]\naddress = \"[::]:8025\"\ntoken = \"0123456789abcdef\"",
+                "admin.address",
+            ),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}{body}\n"), Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{body:?}: {err}");
+        }
+        let c = Config::parse(MINIMAL, Path::new("t.toml")).unwrap();
+        assert_eq!(c.admin.address, None, "no HTTP listener unless asked for");
+        let text = format!("{MINIMAL}[admin]\naddress = \"[::1]:8025\"\n");
         assert!(Config::parse(&text, Path::new("t.toml")).is_ok());
     }
 

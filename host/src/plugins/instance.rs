@@ -596,7 +596,8 @@ enum Raw {
     Route(wit::Route),
 }
 
-fn verdict_kind(v: &Verdict) -> &'static str {
+/// The word for a verdict in counters and logs.
+pub(crate) fn verdict_kind(v: &Verdict) -> &'static str {
     match v {
         Verdict::Continue => "continue",
         Verdict::Accept => "accept",

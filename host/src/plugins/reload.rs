@@ -173,7 +173,14 @@ async fn run(
         // as it is until its next event.
         open.clear();
         let started = std::time::Instant::now();
-        match reload(&config_path, &runtime, &handle).await {
+        let reloaded = reload(&config_path, &runtime, &handle).await;
+        let m = crate::admin::metrics::metrics();
+        m.reload_duration.observe(started.elapsed());
+        m.reloads.inc(match reloaded {
+            Ok(_) => crate::admin::metrics::Result_::Ok,
+            Err(_) => crate::admin::metrics::Result_::Failed,
+        });
+        match reloaded {
             Ok(n) => tracing::info!(
                 plugins = n,
                 took_ms = started.elapsed().as_millis() as u64,

@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 mod kv;
 mod once;
+mod ops;
 mod plugin_cli;
 mod plugins;
 mod routes;

@@ -32,6 +32,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ));
         }
         let envelope = Envelope::new(sender, params);
+        // The transaction's verdicts start here.
+        self.hooks.take_verdicts();
         let verdict = self.hooks.mail_from(&self.info, &envelope).await;
         if let Some(flow) = self.refused(verdict) {
             // No transaction began: the instances go back.
