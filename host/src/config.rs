@@ -745,7 +745,7 @@ impl FromStr for LogFormat {
 /// `[admin]`: the HTTP listener for metrics, the JSON API, injection and the
 /// status page. Off unless `address` is set; the same API is always served on
 /// the control socket in the spool folder.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// `ip:port`. A non-loopback address needs `token`, `tls_cert` and `tls_key`.
@@ -758,6 +758,20 @@ pub struct AdminConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key.
     pub tls_key: Option<PathBuf>,
+    /// How long an injection's `Idempotency-Key` is remembered.
+    pub idempotency_window: HumanDuration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: None,
+            token: None,
+            tls_cert: None,
+            tls_key: None,
+            idempotency_window: HumanDuration(Duration::from_secs(24 * 3600)),
+        }
+    }
 }
 
 /// A duration written like `"30s"`, `"5m"`, `"4h"`, `"5d"` (or a bare number of seconds).
@@ -968,6 +982,9 @@ impl Config {
 
     fn check_admin(&self) -> Result<(), Error> {
         let a = &self.admin;
+        if a.idempotency_window.0.is_zero() {
+            return Err(self.invalid("admin.idempotency_window", "must be more than 0"));
+        }
         if a.token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(self.invalid("admin.token", "must be at least 16 characters"));
         }

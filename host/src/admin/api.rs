@@ -15,12 +15,13 @@
 //! | `POST /api/v1/queue/resume` | `{"domain": D}` |
 //! | `GET /api/v1/queue/suspended` | `{"suspended": [{"domain", "until"}]}` |
 //! | `GET /api/v1/plugins` | the chain, with per-hook counters |
+//! | `POST /api/v1/messages` | injection (see [`super::inject`]) |
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path as AxPath, Query, State as AxState};
+use axum::extract::{DefaultBodyLimit, Path as AxPath, Query, State as AxState};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -50,6 +51,12 @@ pub fn router(state: Arc<State>, transport: Transport) -> Router {
         .route("/api/v1/queue/resume", post(resume))
         .route("/api/v1/queue/{name}", get(show).post(act))
         .route("/api/v1/plugins", get(plugins))
+        .route(
+            "/api/v1/messages",
+            post(super::inject::inject).layer(DefaultBodyLimit::max(super::inject::body_limit(
+                state.ctx.config.limits.max_message_size,
+            ))),
+        )
         .with_state(state.clone())
         .merge(login)
         .layer(axum::middleware::from_fn_with_state(

@@ -82,7 +82,8 @@ pub async fn guard(
         return next.run(req).await;
     }
     let path = req.uri().path();
-    if path == "/health" || path == "/login" {
+    // Injection checks its own credentials: the token, or a user's.
+    if path == "/health" || path == "/login" || path == "/api/v1/messages" {
         return next.run(req).await;
     }
     let Some(token) = state.ctx.config.admin.token.as_deref() else {

@@ -118,6 +118,8 @@ label!(
     Source {
         /// An SMTP session.
         Smtp => "smtp",
+        /// `POST /api/v1/messages`.
+        Api => "api",
         /// A delivery status notification the relay wrote.
         Dsn => "dsn",
     }
@@ -383,6 +385,8 @@ pub struct Metrics {
     pub reloads: Counters<Result_>,
     /// Time one reload took (compile, validate, swap).
     pub reload_duration: Histogram,
+    /// `POST /api/v1/messages` requests by result.
+    pub injections: Counters<Result_>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -399,6 +403,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     spool_fsync: Histogram::new(FAST),
     reloads: Counters::default(),
     reload_duration: Histogram::new(FAST),
+    injections: Counters::default(),
 });
 
 /// The relay's metrics (one set per process, as a scrape sees it).
@@ -649,6 +654,12 @@ impl Metrics {
             "postern_plugin_reload_duration_seconds",
             "Time one plugin chain reload took.",
             &self.reload_duration,
+        );
+        page.counters(
+            "postern_injections_total",
+            "HTTP injection requests, by result.",
+            "result",
+            &self.injections,
         );
     }
 }

@@ -14,11 +14,14 @@
 //!   is the relay user's), TCP needs the token for anything but reads.
 //! - [`serve`]: the listeners: TCP (plain or TLS) and the Unix socket, each
 //!   connection served by hyper with the axum router.
+//! - [`inject`]: `POST /api/v1/messages`, a message handed over as JSON,
+//!   through the same hooks, rules and spool as SMTP.
 //! - [`client`]: the command line's side of the control socket.
 
 pub mod api;
 pub mod client;
 pub mod guard;
+pub mod inject;
 pub mod metrics;
 pub mod scrape;
 pub mod serve;
@@ -59,6 +62,14 @@ pub enum Error {
     /// The listener's certificate or key.
     #[error("admin.tls_cert/tls_key: {0}")]
     Tls(#[from] crate::smtp::tls::Error),
+    /// The idempotency keys' folder in the spool.
+    #[error("{path}: {source}")]
+    Keys {
+        /// The folder.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// The admin listeners, bound but not yet answering: bound before delivery
@@ -68,6 +79,7 @@ pub struct Admin {
     ctx: Arc<Context>,
     control: UnixListener,
     http: Option<(TcpListener, Option<TlsAcceptor>)>,
+    keys: inject::Keys,
 }
 
 /// What every request handler shares.
@@ -84,7 +96,12 @@ pub struct State {
     sessions: Mutex<std::collections::HashMap<String, Instant>>,
     /// The last reading of the whole queue, for scrapes and the status page.
     queue: tokio::sync::Mutex<Option<QueueReading>>,
+    /// Injection's idempotency keys.
+    keys: inject::Keys,
 }
+
+/// How often idempotency keys past their window are removed.
+const KEY_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// One reading of the queue folder.
 struct QueueReading {
@@ -140,10 +157,15 @@ impl Admin {
                 Some((listener, tls))
             }
         };
+        let dir = ctx.spool.root().join("idempotency");
+        let window = config.idempotency_window.0;
+        let keys = inject::Keys::open(dir.clone(), window)
+            .map_err(|source| Error::Keys { path: dir, source })?;
         Ok(Admin {
             ctx: ctx.clone(),
             control,
             http,
+            keys,
         })
     }
 
@@ -157,6 +179,16 @@ impl Admin {
             listening: AtomicBool::new(false),
             sessions: Mutex::default(),
             queue: tokio::sync::Mutex::new(None),
+            keys: self.keys,
+        });
+        let pruner = state.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(KEY_PRUNE_INTERVAL);
+            loop {
+                every.tick().await;
+                let s = pruner.clone();
+                let _ = tokio::task::spawn_blocking(move || s.keys.prune()).await;
+            }
         });
         tokio::spawn(serve::unix(
             self.control,

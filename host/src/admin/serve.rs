@@ -6,13 +6,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use std::net::SocketAddr;
+
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+
+use crate::envelope::TlsInfo;
 
 /// Time a client has to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,12 +25,24 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Time a client has for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Who is at the other end of an admin connection; handlers that build a
+/// session from a request (injection) read it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client (127.0.0.1 port 0 on the control socket).
+    pub peer: SocketAddr,
+    /// The listener's address.
+    pub local: SocketAddr,
+    /// The TLS session, over HTTPS.
+    pub tls: Option<TlsInfo>,
+}
+
 /// Serves one connection until the client closes it.
-async fn connection<I>(io: I, router: Router)
+async fn connection<I>(io: I, router: Router, info: ConnInfo)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = TowerToHyperService::new(router);
+    let service = TowerToHyperService::new(router.layer(Extension(info)));
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -55,13 +71,22 @@ pub async fn tcp(listener: TcpListener, tls: Option<TlsAcceptor>, router: Router
         };
         let router = router.clone();
         let tls = tls.clone();
+        let local = conn.local_addr().unwrap_or(peer);
         tokio::spawn(async move {
             let _slot = slot;
+            let info = ConnInfo {
+                peer,
+                local,
+                tls: None,
+            };
             match tls {
-                None => connection(conn, router).await,
+                None => connection(conn, router, info).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
-                        Ok(Ok(stream)) => connection(stream, router).await,
+                        Ok(Ok(stream)) => {
+                            let tls = Some(crate::smtp::tls::info(stream.get_ref().1));
+                            connection(stream, router, ConnInfo { tls, ..info }).await
+                        }
                         Ok(Err(e)) => {
                             tracing::info!(%peer, error = %e, "admin TLS handshake failed")
                         }
@@ -78,7 +103,13 @@ pub async fn unix(listener: UnixListener, router: Router) {
     loop {
         match listener.accept().await {
             Ok((conn, _)) => {
-                tokio::spawn(connection(conn, router.clone()));
+                let here = SocketAddr::from(([127, 0, 0, 1], 0));
+                let info = ConnInfo {
+                    peer: here,
+                    local: here,
+                    tls: None,
+                };
+                tokio::spawn(connection(conn, router.clone(), info));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "control socket accept failed");

@@ -14,6 +14,7 @@ use crate::config::BareNewline;
 use crate::envelope::{Address, Envelope, SessionInfo};
 use crate::policy::{DataTransaction, Verdict};
 use crate::queue::QueueId;
+use crate::server::Context;
 use crate::smtp::codec::{self, BdatReceiver, ContentFlags, ContentLimits, DataReceiver};
 use crate::smtp::reply::Reply;
 
@@ -109,40 +110,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.end_of_message(message, flags).await
     }
 
-    /// Recipients a data-hook plugin added face the access rules that RCPT
-    /// does, and the recipient limit: a plugin that takes addresses from the
-    /// message must not make the relay open. Those refused are dropped and
-    /// logged; the message goes on to the others.
-    fn check_added_recipients(&self, id: &QueueId, given: &[Address], envelope: &mut Envelope) {
-        let access = &self.ctx.access;
-        let mut room = self
-            .ctx
-            .config
-            .limits
-            .max_recipients
-            .saturating_sub(given.len());
-        envelope.recipients.retain_mut(|r| {
-            if given.contains(&r.address) {
-                return true;
-            }
-            if room == 0 {
-                tracing::warn!(queue_id = %id, rcpt = %r.address, "recipient added by a plugin dropped: limits.max_recipients reached");
-                return false;
-            }
-            match access.check_recipient(self.info.may_relay, &r.address) {
-                Ok(address) => {
-                    r.address = address;
-                    room -= 1;
-                    true
-                }
-                Err(reply) => {
-                    tracing::warn!(queue_id = %id, peer = %self.info.peer, rcpt = %r.address, reply = %reply, "recipient added by a plugin dropped: the access rules refuse it for this client");
-                    false
-                }
-            }
-        });
-    }
-
     /// The message has ended: check it, run the data hook, spool it, reply.
     async fn end_of_message(&mut self, message: Vec<u8>, flags: ContentFlags) -> Flow {
         let Some(envelope) = self.tx.take() else {
@@ -236,7 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let verdict = self.hooks.data(&self.info, &mut tx).await;
         // The data hook is the transaction's last.
         self.hooks.end();
-        self.check_added_recipients(id, &given, &mut tx.envelope);
+        check_added_recipients(&self.ctx, &self.info, id, &given, &mut tx.envelope);
         if !matches!(verdict, Verdict::Continue | Verdict::Accept) {
             return (self.refused(verdict).unwrap_or(Flow::Continue), refused);
         }
@@ -280,8 +247,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 }
 
+/// Recipients a data-hook plugin added face the access rules that RCPT
+/// does, and the recipient limit: a plugin that takes addresses from the
+/// message must not make the relay open. Those refused are dropped and
+/// logged; the message goes on to the others.
+pub(crate) fn check_added_recipients(
+    ctx: &Context,
+    info: &SessionInfo,
+    id: &QueueId,
+    given: &[Address],
+    envelope: &mut Envelope,
+) {
+    let access = &ctx.access;
+    let mut room = ctx.config.limits.max_recipients.saturating_sub(given.len());
+    envelope.recipients.retain_mut(|r| {
+        if given.contains(&r.address) {
+            return true;
+        }
+        if room == 0 {
+            tracing::warn!(queue_id = %id, rcpt = %r.address, "recipient added by a plugin dropped: limits.max_recipients reached");
+            return false;
+        }
+        match access.check_recipient(info.may_relay, &r.address) {
+            Ok(address) => {
+                r.address = address;
+                room -= 1;
+                true
+            }
+            Err(reply) => {
+                tracing::warn!(queue_id = %id, peer = %info.peer, rcpt = %r.address, reply = %reply, "recipient added by a plugin dropped: the access rules refuse it for this client");
+                false
+            }
+        }
+    });
+}
+
 /// Our trace header (RFC 5321 4.4), with the protocol keywords of RFC 3848.
-fn received_header(
+pub(crate) fn received_header(
     info: &SessionInfo,
     hostname: &str,
     esmtp: bool,

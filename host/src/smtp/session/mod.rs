@@ -8,6 +8,8 @@ mod ehlo;
 mod mail;
 mod rcpt;
 
+pub(crate) use data::{check_added_recipients, received_header};
+
 use std::sync::Arc;
 use std::time::Duration;
 

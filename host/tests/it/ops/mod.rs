@@ -3,6 +3,7 @@
 //! running relay.
 
 mod admin;
+mod inject;
 mod logs;
 mod proxy;
 mod queue;

@@ -67,6 +67,14 @@ pub fn get(url: &str, token: Option<&str>) -> Answer {
 /// POST a JSON body to `url` with the bearer token, if any.
 pub fn post_json(url: &str, token: Option<&str>, body: &serde_json::Value) -> Answer {
     let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+    match &auth {
+        Some(a) => post_with(url, &["-H", a], body),
+        None => post_with(url, &[], body),
+    }
+}
+
+/// POST a JSON body to `url` with more curl arguments (credentials, headers).
+pub fn post_with(url: &str, more: &[&str], body: &serde_json::Value) -> Answer {
     let body = body.to_string();
     let mut args = vec![
         url,
@@ -75,9 +83,7 @@ pub fn post_json(url: &str, token: Option<&str>, body: &serde_json::Value) -> An
         "--data-binary",
         &body,
     ];
-    if let Some(a) = &auth {
-        args.extend(["-H", a]);
-    }
+    args.extend_from_slice(more);
     curl(&args)
 }
 
