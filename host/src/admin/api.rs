@@ -4,6 +4,8 @@
 //!
 //! | method and path | what |
 //! | --- | --- |
+//! | `GET /` | the live status page |
+//! | `GET /api/v1/status` | what the status page shows, as JSON |
 //! | `GET /health` | `ok` while the process runs |
 //! | `GET /ready` | 200 once the listeners accept, the spool is open and the chain loaded, else 503 |
 //! | `GET /metrics` | Prometheus text format |
@@ -41,6 +43,8 @@ pub fn router(state: Arc<State>, transport: Transport) -> Router {
         .route("/login", get(guard::login_form).post(guard::login))
         .with_state((state.clone(), transport));
     Router::new()
+        .route("/", get(super::status::page))
+        .route("/api/v1/status", get(super::status::status))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -358,9 +358,29 @@ impl ListenerMetrics {
     }
 }
 
+/// One delivery attempt, for the status page's list.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecentDelivery {
+    /// When, seconds since the epoch.
+    pub at: u64,
+    /// The message.
+    pub queue_id: String,
+    /// The recipient.
+    pub recipient: String,
+    /// delivered, deferred, failed or expired.
+    pub outcome: &'static str,
+    /// The next hop's reply, or ours.
+    pub reply: String,
+}
+
+/// Delivery attempts the status page lists.
+const RECENT_DELIVERIES: usize = 15;
+
 /// Every counter of the relay.
 pub struct Metrics {
     listeners: RwLock<Vec<(SocketAddr, Arc<ListenerMetrics>)>>,
+    /// The last delivery attempts, newest first.
+    recent: std::sync::Mutex<std::collections::VecDeque<RecentDelivery>>,
     /// SMTP replies by the command they answer and their class.
     pub replies: Counters2<Stage, CodeClass>,
     /// Transactions by how they ended.
@@ -391,6 +411,7 @@ pub struct Metrics {
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     listeners: RwLock::default(),
+    recent: std::sync::Mutex::default(),
     replies: Counters2::default(),
     transactions: Counters::default(),
     received: Counters::default(),
@@ -434,6 +455,31 @@ impl Metrics {
         });
         all.push((address, m.clone()));
         m
+    }
+
+    /// Keeps a delivery attempt for the status page.
+    pub fn recent_delivery(&self, d: RecentDelivery) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_DELIVERIES {
+            recent.pop_back();
+        }
+        recent.push_front(d);
+    }
+
+    /// The last delivery attempts, newest first.
+    pub fn recent_deliveries(&self) -> Vec<RecentDelivery> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().cloned().collect()
+    }
+
+    /// SMTP sessions open now, over every listener.
+    pub fn sessions(&self) -> i64 {
+        self.listeners
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, l)| l.active.load(Relaxed))
+            .sum()
     }
 
     /// Counts one SMTP reply.

@@ -14,6 +14,7 @@
 //!   is the relay user's), TCP needs the token for anything but reads.
 //! - [`serve`]: the listeners: TCP (plain or TLS) and the Unix socket, each
 //!   connection served by hyper with the axum router.
+//! - [`status`]: the live status page at `/` and the JSON it polls.
 //! - [`inject`]: `POST /api/v1/messages`, a message handed over as JSON,
 //!   through the same hooks, rules and spool as SMTP.
 //! - [`client`]: the command line's side of the control socket.
@@ -25,6 +26,7 @@ pub mod inject;
 pub mod metrics;
 pub mod scrape;
 pub mod serve;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -98,6 +100,10 @@ pub struct State {
     queue: tokio::sync::Mutex<Option<QueueReading>>,
     /// Injection's idempotency keys.
     keys: inject::Keys,
+    /// Messages per second for the status page's chart.
+    rates: status::Rates,
+    /// When the admin side started (the relay's uptime).
+    started: Instant,
 }
 
 /// How often idempotency keys past their window are removed.
@@ -180,7 +186,10 @@ impl Admin {
             sessions: Mutex::default(),
             queue: tokio::sync::Mutex::new(None),
             keys: self.keys,
+            rates: status::Rates::default(),
+            started: Instant::now(),
         });
+        tokio::spawn(status::sample(state.clone()));
         let pruner = state.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(KEY_PRUNE_INTERVAL);

@@ -1297,9 +1297,16 @@ impl Shared {
                     "554 4.4.7 message expired after {}; last reply: {last}",
                     self.config.delivery.max_age
                 ));
-                tracing::info!(queue_id = %id, recipient = %meta.envelope.recipients[i].address,
+                tracing::info!(queue_id = %id, recipient = meta.envelope.recipients[i].address.as_str(),
                     outcome = "expired", "delivery attempt");
                 metrics().deliveries.inc(DeliveryOutcome::Expired);
+                metrics().recent_delivery(crate::admin::metrics::RecentDelivery {
+                    at: now,
+                    queue_id: id.to_string(),
+                    recipient: meta.envelope.recipients[i].address.to_string(),
+                    outcome: "expired",
+                    reply: r.last_reply.clone().unwrap_or_default(),
+                });
             }
         }
         // DSNs for what is final and not yet reported.
@@ -1574,6 +1581,18 @@ fn apply(
         m.delivery_delay.observe(Duration::from_secs(waited));
     }
     let outcome = outcome.as_str();
+    m.recent_delivery(crate::admin::metrics::RecentDelivery {
+        at: unix_now(),
+        queue_id: id.to_string(),
+        recipient: meta
+            .envelope
+            .recipients
+            .get(i)
+            .map(|r| r.address.to_string())
+            .unwrap_or_default(),
+        outcome,
+        reply: o.reply.to_string().trim_end().to_string(),
+    });
     // The attempt's one record; the reply and the addresses come from the
     // network, and as strings both log formats escape them.
     let reply = o.reply.to_string();

@@ -7,6 +7,7 @@ mod inject;
 mod logs;
 mod proxy;
 mod queue;
+mod status;
 
 // The plugin build helper, as `plugins.rs` includes it.
 #[allow(dead_code, clippy::duplicate_mod)]
