@@ -1077,6 +1077,50 @@ impl Config {
         Ok(())
     }
 
+    /// The keys whose value in `new` a running relay started with `self`
+    /// does not take up until it restarts: everything but the plugin chain
+    /// (`[[plugin]]` tables), which a reload swaps in. A listener's address
+    /// is named as such, other changes by their table.
+    pub fn restart_needed(&self, new: &Config) -> Vec<String> {
+        fn differ<T: fmt::Debug>(a: &T, b: &T) -> bool {
+            format!("{a:?}") != format!("{b:?}")
+        }
+        let mut keys = Vec::new();
+        if self.hostname != new.hostname {
+            keys.push("hostname".to_string());
+        }
+        if self.listeners.len() != new.listeners.len() {
+            keys.push("listener".to_string());
+        } else {
+            for (i, (a, b)) in self.listeners.iter().zip(&new.listeners).enumerate() {
+                if a.address != b.address {
+                    keys.push(format!("listener[{i}].address"));
+                } else if differ(a, b) {
+                    keys.push(format!("listener[{i}]"));
+                }
+            }
+        }
+        let tables: [(&str, bool); 10] = [
+            ("spool", differ(&self.spool, &new.spool)),
+            ("relay", differ(&self.relay, &new.relay)),
+            ("user", differ(&self.users, &new.users)),
+            ("limits", differ(&self.limits, &new.limits)),
+            ("smtp", differ(&self.smtp, &new.smtp)),
+            ("delivery", differ(&self.delivery, &new.delivery)),
+            ("kv", differ(&self.kv, &new.kv)),
+            ("log", differ(&self.log, &new.log)),
+            ("admin", differ(&self.admin, &new.admin)),
+            ("plugins", differ(&self.plugins, &new.plugins)),
+        ];
+        keys.extend(
+            tables
+                .iter()
+                .filter(|(_, d)| *d)
+                .map(|(k, _)| k.to_string()),
+        );
+        keys
+    }
+
     /// The plugins folder, absolute.
     pub fn plugins_dir(&self) -> PathBuf {
         self.resolve(&self.plugins.dir)
@@ -1335,6 +1379,25 @@ mod tests {
         assert_eq!(c.admin.address, None, "no HTTP listener unless asked for");
         let text = format!("{MINIMAL}[admin]\naddress = \"[::1]:8025\"\n");
         assert!(Config::parse(&text, Path::new("t.toml")).is_ok());
+    }
+
+    #[test]
+    fn a_reload_names_what_needs_a_restart() {
+        let parse = |t: &str| Config::parse(t, Path::new("t.toml")).unwrap();
+        let old = parse(&format!(
+            "{MINIMAL}[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\n"
+        ));
+        let same_but_plugins = parse(&format!(
+            "{MINIMAL}[[plugin]]\nname = \"b\"\npath = \"b.wasm\"\n"
+        ));
+        assert!(old.restart_needed(&same_but_plugins).is_empty());
+        let moved = parse(
+            "[[listener]]\naddress = \"127.0.0.1:2626\"\n[limits]\nmax_errors = 3\n[relay]\ndomains = [\"x.test\"]\n",
+        );
+        assert_eq!(
+            old.restart_needed(&moved),
+            ["listener[0].address", "relay", "limits"]
+        );
     }
 
     #[test]

@@ -131,15 +131,7 @@ fn promtool_is_silent(page: &str) {
         .write_all(page.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool: {said}"
-    );
+    super::assert_silent(&out, "promtool");
 }
 
 /// A token guards everything but /health; a browser logs in with it and

@@ -1,13 +1,16 @@
 //! Operations: the admin listener and its guard, `/metrics` after known
 //! traffic (checked by promtool), the queue API and bulk control on a
-//! running relay.
+//! running relay, injection, logs, the PROXY protocol behind haproxy, the
+//! status page in Chromium, SIGHUP, and the systemd unit.
 
 mod admin;
 mod inject;
 mod logs;
 mod proxy;
 mod queue;
+mod sighup;
 mod status;
+mod systemd;
 
 // The plugin build helper, as `plugins.rs` includes it.
 #[allow(dead_code, clippy::duplicate_mod)]
@@ -80,4 +83,17 @@ pub fn transaction(mut c: Raw, helo: &str, rcpts: &[(&str, &str)], body: &str) -
     let reply = c.reply();
     c.cmd("QUIT");
     reply
+}
+
+/// A checker's run succeeded and it had nothing to say (no warning).
+pub fn assert_silent(out: &std::process::Output, what: &str) {
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "{what}: {said}"
+    );
 }
