@@ -96,11 +96,20 @@ fn text_without_colour_and_json_from_the_command_line() {
         "Subject: t\r\n\r\nhi\r\n",
     );
     let id = crate::support::smtp::queue_id(&reply);
-    let log = relay.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains(": transaction "))
-        .unwrap_or_else(|| panic!("no transaction record: {log}"));
+    // The record reaches the log through a pipe: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (log, line) = loop {
+        let log = relay.log();
+        if let Some(l) = log.lines().find(|l| l.contains(": transaction ")) {
+            let l = l.to_string();
+            break (log, l);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no transaction record: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(line.contains(&format!("queue_id={id}")), "{line}");
     assert!(line.contains("sender=\"a@ours.test\""), "{line}");
     assert!(!log.contains('\x1b'), "{log:?}");
