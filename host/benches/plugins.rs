@@ -1,8 +1,8 @@
 //! Plugin call costs, through the chain's hooks as a session calls them:
 //! - one rcpt call on a warm pooled instance, and with `instances = "fresh"`
 //!   (a new instance and `init` per transaction);
-//! - one whole message (connect, mail-from, rcpt, data, route) through a chain
-//!   of five plugins that each handle every hook, and through none.
+//! - one whole message (connect, helo, mail-from, rcpt, data, route) through a
+//!   chain of five plugins that each handle every hook, and through none.
 //!
 //! Prints microseconds per call or per message; builds the plugins first.
 
@@ -13,8 +13,10 @@ use std::time::Instant;
 
 use postern::config::Config;
 use postern::envelope::{Address, Envelope, MailParams, Recipient, SessionInfo};
-use postern::plugins::{Lease, Runtime};
-use postern::policy::{DataTransaction, RouteQuery};
+use postern::metadata::SharedMetadata;
+use postern::plugins::{Lease, Runtime, Scopes};
+use postern::policy::{DataTransaction, Queued, RouteQuery};
+use postern::queue::QueueId;
 
 /// Builds the benchmarked plugins; returns the folder with their `.wasm`.
 fn wasm_dir() -> PathBuf {
@@ -46,15 +48,23 @@ struct Fixture {
     message: Vec<u8>,
 }
 
-/// One message's hooks, as a session and delivery call them.
+/// One message's hooks, as a session and delivery call them (with the
+/// metadata scopes a session makes).
 async fn one_message(hooks: &mut Lease, f: &Fixture) {
-    assert!(hooks.connect(&f.session).await.lets_through());
+    let limit = 64 * 1024;
+    let mut scopes = Scopes {
+        session: Some(SharedMetadata::new(limit)),
+        transaction: None,
+    };
+    assert!(hooks.connect(&f.session, &scopes).await.lets_through());
+    assert!(hooks.helo(&f.session, &scopes).await.lets_through());
+    scopes.transaction = Some(SharedMetadata::new(limit));
     assert!(hooks
-        .mail_from(&f.session, &f.envelope)
+        .mail_from(&f.session, &f.envelope, &scopes)
         .await
         .lets_through());
     assert!(hooks
-        .rcpt(&f.session, &f.envelope, &f.rcpt)
+        .rcpt(&f.session, &f.envelope, &f.rcpt, &scopes)
         .await
         .lets_through());
     let mut envelope = f.envelope.clone();
@@ -64,15 +74,25 @@ async fn one_message(hooks: &mut Lease, f: &Fixture) {
         message: f.message.clone(),
         quarantine: None,
     };
-    assert!(hooks.data(&f.session, &mut tx).await.lets_through());
+    let id = QueueId::generate();
+    assert!(hooks
+        .data(&f.session, &mut tx, &scopes, &id)
+        .await
+        .lets_through());
     hooks.end();
+    let metadata = Arc::new(scopes.transaction.map(|m| m.snapshot()).unwrap_or_default());
     // The header section, blank line included, as delivery hands it over.
     let end = MESSAGE.len();
     assert!(tx.message[..end].ends_with(b"\r\n\r\n"));
     let headers = &tx.message[..end];
     hooks
         .route(RouteQuery {
-            envelope: &tx.envelope,
+            queued: Queued {
+                id: &id,
+                envelope: &tx.envelope,
+                client: Some(&f.session),
+                metadata: &metadata,
+            },
             recipient: &f.rcpt,
             headers,
         })
@@ -108,7 +128,9 @@ fn main() -> anyhow::Result<()> {
         Config::parse(&text, &dir.path().join("postern.toml"))
     };
 
-    for (label, instances, iterations) in [("warm", "warm", 20_000u32), ("fresh", "fresh", 2_000)] {
+    for (label, instances, iterations) in
+        [("warm", "per-call", 20_000u32), ("fresh", "fresh", 2_000)]
+    {
         let config = config(&format!(
             "[[plugin]]\nname = \"blocklist\"\npath = \"blocklist.wasm\"\ninstances = \"{instances}\"\n\
              [plugin.config]\ndomains = [\"blocked.test\"]\n"
@@ -117,15 +139,16 @@ fn main() -> anyhow::Result<()> {
             let runtime = Runtime::new(&config)?;
             let chain = Arc::new(runtime.load_chain(&config).await?);
             let mut hooks = chain.lease();
+            let scopes = Scopes::default();
             // One transaction per call: the lease ends after each, so a warm
             // instance goes back to the pool and a fresh one is dropped.
             for _ in 0..iterations / 10 {
-                hooks.rcpt(&f.session, &f.envelope, &f.rcpt).await;
+                hooks.rcpt(&f.session, &f.envelope, &f.rcpt, &scopes).await;
                 hooks.end();
             }
             let started = Instant::now();
             for _ in 0..iterations {
-                let v = hooks.rcpt(&f.session, &f.envelope, &f.rcpt).await;
+                let v = hooks.rcpt(&f.session, &f.envelope, &f.rcpt, &scopes).await;
                 assert!(v.lets_through());
                 hooks.end();
             }

@@ -93,6 +93,10 @@ pub struct Config {
     /// The config file itself.
     #[serde(skip)]
     pub path: PathBuf,
+    /// What is accepted but should change (old names), one line each, for
+    /// `postern check` and the log at start.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 fn default_hostname() -> String {
@@ -436,6 +440,12 @@ pub struct PluginsConfig {
     pub max_memory_mb: u64,
     /// Reload the chain when a `.wasm` in `dir` or the config file changes.
     pub watch: bool,
+    /// Bytes the plugins' metadata of one scope (a session, or a message)
+    /// may take together; past it `set` answers `too-large`.
+    pub max_metadata_size: usize,
+    /// Delivery reports waiting for the `delivered` hook; when the queue is
+    /// full, new ones are dropped and counted.
+    pub delivered_queue: usize,
 }
 
 impl Default for PluginsConfig {
@@ -446,6 +456,8 @@ impl Default for PluginsConfig {
             archive_dir: PathBuf::from("archive"),
             max_memory_mb: 256,
             watch: true,
+            max_metadata_size: 64 * 1024,
+            delivered_queue: 10_000,
         }
     }
 }
@@ -510,16 +522,25 @@ pub enum HookName {
     /// At delivery.
     #[serde(rename = "route")]
     Route,
+    /// After EHLO/HELO.
+    #[serde(rename = "helo")]
+    Helo,
+    /// After each delivery attempt.
+    #[serde(rename = "delivered")]
+    Delivered,
 }
 
 impl HookName {
-    /// Every hook, in the order a message meets them.
-    pub const ALL: [HookName; 5] = [
+    /// Every hook (in the order of the WIT `hook` enum, which is also each
+    /// one's [`HookName::index`]).
+    pub const ALL: [HookName; 7] = [
         HookName::Connect,
         HookName::MailFrom,
         HookName::Rcpt,
         HookName::Data,
         HookName::Route,
+        HookName::Helo,
+        HookName::Delivered,
     ];
 
     /// Its position in [`HookName::ALL`].
@@ -535,6 +556,8 @@ impl HookName {
             HookName::Rcpt => "rcpt",
             HookName::Data => "data",
             HookName::Route => "route",
+            HookName::Helo => "helo",
+            HookName::Delivered => "delivered",
         }
     }
 }
@@ -558,31 +581,34 @@ pub enum OnError {
     Reject,
 }
 
-/// How a plugin's instances live.
+/// How a plugin's instances live. Whatever the mode, an instance is retired
+/// after a trap, a memory high-water mark or many uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
 pub enum Instances {
-    /// A pool of warm instances, each lent to one transaction at a time and
-    /// retired after a trap, a memory high-water mark or many uses.
+    /// Warm instances, each lent for one hook call: the few in use stay in
+    /// the processor's caches, which under load makes a call markedly
+    /// cheaper. A plugin keeps what it needs from one hook to the next in
+    /// metadata, never in its memory.
     #[default]
-    Warm,
-    /// A new instance per transaction: no state outlives it.
-    Fresh,
-    /// Warm instances lent for one hook call at a time rather than a whole
-    /// transaction, for plugins that keep nothing from one hook to the next:
-    /// the few instances in use stay in the processor's caches, which under
-    /// load makes a call markedly cheaper.
     #[serde(rename = "per-call")]
     PerCall,
+    /// Warm instances, each lent to one transaction at a time (from its
+    /// first hook to the end of data, RSET or the session's end). `warm` is
+    /// the old name.
+    #[serde(rename = "transaction", alias = "warm")]
+    Transaction,
+    /// A new instance per transaction: no state outlives it.
+    #[serde(rename = "fresh")]
+    Fresh,
 }
 
 impl Instances {
     /// The name used in the config.
     pub fn as_str(self) -> &'static str {
         match self {
-            Instances::Warm => "warm",
-            Instances::Fresh => "fresh",
             Instances::PerCall => "per-call",
+            Instances::Transaction => "transaction",
+            Instances::Fresh => "fresh",
         }
     }
 }
@@ -628,6 +654,10 @@ pub struct HookTimeouts {
     pub data: Option<u64>,
     /// route.
     pub route: Option<u64>,
+    /// helo.
+    pub helo: Option<u64>,
+    /// delivered.
+    pub delivered: Option<u64>,
 }
 
 impl HookTimeouts {
@@ -638,6 +668,8 @@ impl HookTimeouts {
             HookName::Rcpt => self.rcpt,
             HookName::Data => self.data,
             HookName::Route => self.route,
+            HookName::Helo => self.helo,
+            HookName::Delivered => self.delivered,
         }
     }
 }
@@ -666,7 +698,7 @@ pub struct PluginConfig {
     /// Memory cap per instance, in MiB.
     #[serde(default = "default_memory_mb")]
     pub memory_mb: u64,
-    /// `warm` (default) or `fresh`.
+    /// `per-call` (default), `transaction` or `fresh`.
     #[serde(default)]
     pub instances: Instances,
     /// Host interfaces the plugin may use.
@@ -675,6 +707,14 @@ pub struct PluginConfig {
     /// Plugin configuration handed to `init` as JSON.
     #[serde(default)]
     pub config: Option<toml::Table>,
+    /// A new version that runs beside this one on the same calls, its
+    /// verdicts counted against this one's and never enforced (`.wasm`
+    /// relative to `[plugins] dir`).
+    #[serde(default)]
+    pub shadow: Option<PathBuf>,
+    /// The shadow's `[plugin.config]`; the live one's when absent.
+    #[serde(default)]
+    pub shadow_config: Option<toml::Table>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -697,6 +737,32 @@ impl PluginConfig {
             Some(t) => serde_json::to_string(t).unwrap_or_else(|_| "{}".into()),
             None => "{}".into(),
         }
+    }
+
+    /// The entry its shadow runs as: the shadow's file and config, named
+    /// `<name>@shadow` (its log tag and kv space), otherwise the same limits
+    /// and grants. Its instances are lent per call (fresh ones stay fresh).
+    pub fn shadow_entry(&self) -> Option<PluginConfig> {
+        let path = self.shadow.clone()?;
+        Some(PluginConfig {
+            name: format!("{}@shadow", self.name),
+            path,
+            config: self.shadow_config.clone().or_else(|| self.config.clone()),
+            shadow: None,
+            shadow_config: None,
+            instances: match self.instances {
+                Instances::Fresh => Instances::Fresh,
+                _ => Instances::PerCall,
+            },
+            ..self.clone()
+        })
+    }
+
+    /// The plugin name its metadata is kept under: a shadow's is the live
+    /// plugin's (it reads what the live one wrote; its own writes go to a
+    /// copy).
+    pub fn metadata_name(&self) -> &str {
+        self.name.strip_suffix("@shadow").unwrap_or(&self.name)
     }
 }
 
@@ -861,9 +927,32 @@ impl Config {
         // absolute here.
         config.kv.ca_file = config.kv.ca_file.as_deref().map(|p| config.resolve(p));
         config.check()?;
+        config.warnings = old_names(text, path);
         Ok(config)
     }
+}
 
+/// Old names the config still accepts, each with what to write instead.
+fn old_names(text: &str, path: &Path) -> Vec<String> {
+    let Ok(table) = toml::from_str::<toml::Table>(text) else {
+        return Vec::new();
+    };
+    let plugins = table.get("plugin").and_then(|p| p.as_array());
+    plugins
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, p)| p.get("instances").and_then(|v| v.as_str()) == Some("warm"))
+        .map(|(i, _)| {
+            format!(
+                "{}: plugin[{i}].instances = \"warm\" is the old name of \"transaction\"; the default, \"per-call\", suits a plugin that keeps its state in metadata",
+                path.display()
+            )
+        })
+        .collect()
+}
+
+impl Config {
     fn invalid(&self, key: &str, message: impl Into<String>) -> Error {
         Error::Invalid {
             path: self.path.clone(),
@@ -1045,11 +1134,25 @@ impl Config {
         if self.plugins.max_memory_mb == 0 {
             return Err(self.invalid("plugins.max_memory_mb", "must be more than 0"));
         }
+        if self.plugins.max_metadata_size == 0 {
+            return Err(self.invalid("plugins.max_metadata_size", "must be more than 0"));
+        }
+        if self.plugins.delivered_queue == 0 {
+            return Err(self.invalid("plugins.delivered_queue", "must be more than 0"));
+        }
         let mut names = std::collections::HashSet::new();
         for (i, p) in self.plugin_chain.iter().enumerate() {
             let key = |k: &str| format!("plugin[{i}].{k}");
-            if p.name.is_empty() || p.name.contains(['/', '\\']) || p.name.starts_with('.') {
-                return Err(self.invalid(&key("name"), "expected a non-empty name without `/`"));
+            // `@` is kept for shadows (`<name>@shadow`).
+            if p.name.is_empty() || p.name.contains(['/', '\\', '@']) || p.name.starts_with('.') {
+                return Err(
+                    self.invalid(&key("name"), "expected a non-empty name without `/` or `@`")
+                );
+            }
+            if p.shadow_config.is_some() && p.shadow.is_none() {
+                return Err(
+                    self.invalid(&key("shadow_config"), "needs `shadow`, the shadow's .wasm")
+                );
             }
             if !names.insert(p.name.as_str()) {
                 return Err(self.invalid(&key("name"), format!("{:?} is used twice", p.name)));
@@ -1221,6 +1324,60 @@ mod tests {
         );
     }
 
+    /// Instances are lent per call unless the config says otherwise; `warm`
+    /// is still read, as `transaction`, with a warning saying so.
+    #[test]
+    fn instances_default_per_call_and_warm_is_an_old_name() {
+        let entry = |extra: &str| {
+            format!("{MINIMAL}[[plugin]]\nname = \"p\"\npath = \"p.wasm\"\n{extra}\n")
+        };
+        let c = Config::parse(&entry(""), Path::new("t.toml")).unwrap();
+        assert_eq!(c.plugin_chain[0].instances, Instances::PerCall);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = Config::parse(&entry("instances = \"transaction\""), Path::new("t.toml")).unwrap();
+        assert_eq!(c.plugin_chain[0].instances, Instances::Transaction);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = Config::parse(&entry("instances = \"warm\""), Path::new("t.toml")).unwrap();
+        assert_eq!(c.plugin_chain[0].instances, Instances::Transaction);
+        assert_eq!(c.warnings.len(), 1);
+        assert!(
+            c.warnings[0].contains("plugin[0].instances = \"warm\"")
+                && c.warnings[0].contains("\"transaction\""),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    /// A shadow runs as `<name>@shadow` with its own file and config (the
+    /// live one's when it has none), per call, under the live one's
+    /// metadata name.
+    #[test]
+    fn a_shadow_runs_as_its_own_entry() {
+        let text = format!(
+            "{MINIMAL}[[plugin]]\nname = \"router\"\npath = \"router.wasm\"\nshadow = \"router-v2.wasm\"\n\
+             instances = \"transaction\"\ngrants = [\"kv\"]\n[plugin.config]\nx = 1\n"
+        );
+        let c = Config::parse(&text, Path::new("t.toml")).unwrap();
+        let live = &c.plugin_chain[0];
+        let shadow = live.shadow_entry().unwrap();
+        assert_eq!(shadow.name, "router@shadow");
+        assert_eq!(shadow.path, PathBuf::from("router-v2.wasm"));
+        assert_eq!(shadow.config_json(), live.config_json());
+        assert_eq!(shadow.instances, Instances::PerCall);
+        assert_eq!(shadow.grants, live.grants);
+        assert_eq!(shadow.metadata_name(), "router");
+        assert!(shadow.shadow_entry().is_none());
+        let own = text.replace(
+            "[plugin.config]",
+            "[plugin.shadow_config]\ny = 2\n[plugin.config]",
+        );
+        let c = Config::parse(&own, Path::new("t.toml")).unwrap();
+        assert_eq!(
+            c.plugin_chain[0].shadow_entry().unwrap().config_json(),
+            r#"{"y":2}"#
+        );
+    }
+
     /// The config the README runs the relay with parses, chain and all.
     #[test]
     fn the_example_config_parses() {
@@ -1239,7 +1396,8 @@ mod tests {
         for (body, needle) in [
             ("colour = 1", "colour"),
             ("on_error = \"explode\"", "on_error"),
-            ("hooks = [\"helo\"]", "helo"),
+            ("hooks = [\"greet\"]", "greet"),
+            ("shadow_config = { x = 1 }", "plugin[0].shadow_config"),
             ("grants = [\"network\"]", "network"),
             ("timeouts = { dta = 5 }", "dta"),
             ("timeout_ms = 0", "plugin[0].timeout_ms"),
@@ -1247,6 +1405,10 @@ mod tests {
             ("instances = \"hot\"", "instances"),
             (
                 "[[plugin]]\nname = \"a\"\npath = \"b.wasm\"",
+                "plugin[1].name",
+            ),
+            (
+                "[[plugin]]\nname = \"b@shadow\"\npath = \"b.wasm\"",
                 "plugin[1].name",
             ),
         ] {

@@ -16,7 +16,10 @@
 //! - [`policy`]: what a hook answers ([`policy::Verdict`], [`policy::Route`]).
 //! - [`plugins`]: the plugin chain run at each hook.
 //! - [`envelope`]: sender, recipients, parameters, client facts.
+//! - [`metadata`]: what plugins remember per session and per message.
 //! - [`queue`]: the durable spool; a 250 after DATA means it is fsynced here.
+//! - [`record`]: one transaction as JSON (session facts, envelope, metadata),
+//!   shown by `postern queue show --json` and replayed by `postern plugin test`.
 //! - [`delivery`]: the queue manager and SMTP client that take spooled mail to
 //!   the next hop, retry it, bounce it, and the `postern queue` commands.
 //! - [`admin`]: beside the flow: metrics, the HTTP listener and the control
@@ -27,10 +30,12 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod envelope;
+pub mod metadata;
 pub mod plugins;
 pub mod policy;
 pub mod proxy;
 pub mod queue;
+pub mod record;
 pub mod relay;
 pub mod server;
 pub mod smtp;

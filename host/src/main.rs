@@ -65,6 +65,9 @@ fn main() -> anyhow::Result<()> {
         Command::Queue { command } => queue_cli::run(&cli.config, command),
         Command::Check => {
             let config = Config::load(&cli.config)?;
+            for w in &config.warnings {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{}: ok, {} listener(s), spool {}",
                 cli.config.display(),
@@ -102,6 +105,9 @@ fn serve(
 ) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     init_logging(&config.log.level, log_format.unwrap_or(config.log.format));
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -2,15 +2,14 @@
 //! operators.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::Subcommand;
 
 use postern::config::{Config, Grant};
-use postern::envelope::{Address, Envelope, MailParams, Recipient, SessionInfo};
-use postern::plugins::{reload, ChainHandle, Runtime};
-use postern::policy::{DataTransaction, RouteQuery};
+use postern::plugins::{reload, Runtime};
+
+mod replay;
 
 /// The SDK this binary was built with; `POSTERN_SDK` points elsewhere.
 const SDK_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk");
@@ -30,21 +29,39 @@ pub enum PluginCommand {
         /// The component.
         file: PathBuf,
     },
-    /// Run the plugin's hooks against one transaction, without a relay, and
-    /// print each answer. With --config, the `[[plugin]]` entry whose path has
-    /// this file's name supplies its config, grants and limits.
+    /// Run the plugin's hooks (connect, helo, mail-from, rcpt, data, route)
+    /// without a relay: against one transaction (--message, --from, --to),
+    /// printing each answer, or against a folder of `.eml` files (--messages),
+    /// printing a table of answers per hook. A `NAME.json` transaction record
+    /// beside `NAME.eml` (as `postern queue show --json` prints under
+    /// `record`) gives its session facts, envelope and metadata; without one
+    /// the envelope comes from the From, To and Cc fields. With --against
+    /// OLD.wasm both versions run and only the transactions where they answer
+    /// differently are printed (exit status 1 if there are any). With
+    /// --config, the `[[plugin]]` entry whose path has this file's name
+    /// supplies its config, grants and limits.
     Test {
         /// The component.
         file: PathBuf,
         /// The message (RFC 5322, LF or CRLF line ends).
-        #[arg(long)]
-        message: PathBuf,
-        /// Envelope sender.
-        #[arg(long)]
-        from: String,
-        /// Envelope recipients.
-        #[arg(long, required = true)]
+        #[arg(
+            long,
+            required_unless_present = "messages",
+            conflicts_with = "messages"
+        )]
+        message: Option<PathBuf>,
+        /// Envelope sender (with --message).
+        #[arg(long, requires = "message")]
+        from: Option<String>,
+        /// Envelope recipients (with --message).
+        #[arg(long, requires = "message")]
         to: Vec<String>,
+        /// A folder of `.eml` files, each with an optional `.json` record.
+        #[arg(long)]
+        messages: Option<PathBuf>,
+        /// An older version of the plugin to compare with.
+        #[arg(long)]
+        against: Option<PathBuf>,
     },
     /// Show the loaded chain of the running relay: name, content hash, hooks,
     /// load time, and per hook calls, answers, errors and latency.
@@ -62,13 +79,33 @@ pub fn run(command: PluginCommand, config: &Path, config_given: bool) -> anyhow:
             message,
             from,
             to,
-        } => tokio_runtime()?.block_on(test(
-            &file,
-            config_given.then_some(config),
-            &message,
-            &from,
-            &to,
-        )),
+            messages,
+            against,
+        } => {
+            let config = config_given.then_some(config);
+            let transactions = match (&message, &messages) {
+                (Some(message), _) => {
+                    let from = from.context("--from is needed with --message")?;
+                    if to.is_empty() {
+                        bail!("--to is needed with --message");
+                    }
+                    vec![replay::Transaction::given(message, &from, &to)?]
+                }
+                (None, Some(folder)) => replay::Transaction::folder(folder)?,
+                (None, None) => bail!("--message or --messages is needed"),
+            };
+            let differ = tokio_runtime()?.block_on(replay::run(
+                &file,
+                against.as_deref(),
+                config,
+                &transactions,
+                message.is_some(),
+            ))?;
+            if differ {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         PluginCommand::List => list(config),
     }
 }
@@ -136,6 +173,13 @@ fn new(name: &str) -> anyhow::Result<()> {
 //!     path = "{ident}.wasm"
 //!     [plugin.config]
 //!     domains = ["blocked.example"]
+//!
+//! The relay lends an instance for one hook call at a time: keep nothing in
+//! the plugin's memory from one hook to the next. What a later hook needs
+//! goes into `metadata` (per session, or per message, kept by the relay):
+//!
+//!     metadata::set(Scope::Transaction, "seen", "yes")
+//!     metadata::get(Scope::Transaction, "seen")
 
 use postern_sdk::prelude::*;
 
@@ -194,6 +238,24 @@ impl RelayEntry {
         Ok(RelayEntry {
             table: entry_for(config, &relay, file)?,
             settings,
+        })
+    }
+
+    /// The same entry for another file (an older version of the plugin).
+    fn with_file(&self, file: &Path) -> anyhow::Result<RelayEntry> {
+        let mut doc: toml::Table = toml::from_str(&self.table)?;
+        let path = toml::Value::String(file.canonicalize()?.display().to_string());
+        if let Some(t) = doc
+            .get_mut("plugin")
+            .and_then(|p| p.as_array_mut())
+            .and_then(|a| a.first_mut())
+            .and_then(|t| t.as_table_mut())
+        {
+            t.insert("path".into(), path);
+        }
+        Ok(RelayEntry {
+            table: toml::to_string(&doc)?,
+            settings: self.settings.clone(),
         })
     }
 }
@@ -263,7 +325,7 @@ async fn check(file: &Path, config: Option<&Path>) -> anyhow::Result<()> {
         }
         Err(e) => bail!("{}: {e}", file.display()),
     };
-    println!("{}: fits postern:relay/plugin@0.1.0", file.display());
+    println!("{}: fits {}", file.display(), req.world);
     println!("  sha256: {}", req.hash);
     println!("  hooks:  {hooks}");
     let names: Vec<&str> = req.grants.iter().map(|g| g.as_str()).collect();
@@ -306,115 +368,15 @@ fn entry_for(config: &Path, relay: &Config, file: &Path) -> anyhow::Result<Strin
         "path".into(),
         toml::Value::String(file.canonicalize()?.display().to_string()),
     );
+    // The file alone is checked or tested, not the shadow beside it.
+    table.remove("shadow");
+    table.remove("shadow_config");
     let mut doc = toml::Table::new();
     doc.insert(
         "plugin".into(),
         toml::Value::Array(vec![toml::Value::Table(table)]),
     );
     Ok(toml::to_string(&doc)?)
-}
-
-async fn test(
-    file: &Path,
-    config: Option<&Path>,
-    message: &Path,
-    from: &str,
-    to: &[String],
-) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let relay = config.map(|c| RelayEntry::load(c, file)).transpose()?;
-    let grants = [Grant::Log, Grant::Kv, Grant::Dns];
-    let config = scratch_config(dir.path(), file, relay.as_ref(), &grants)?;
-    let rt = Runtime::new(&config)?;
-    let chain = rt
-        .load_chain(&config)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let handle = Arc::new(ChainHandle::new(chain));
-    let chain = handle.current();
-    let mut hooks = chain.lease();
-
-    let raw = std::fs::read(message).with_context(|| format!("reading {}", message.display()))?;
-    let text = String::from_utf8_lossy(&raw)
-        .replace("\r\n", "\n")
-        .replace('\n', "\r\n");
-    let peer = "127.0.0.1:50000".parse()?;
-    let session = SessionInfo {
-        peer,
-        local: "127.0.0.1:25".parse()?,
-        helo: Some("client.test".into()),
-        tls: None,
-        auth_user: None,
-        may_relay: true,
-    };
-    println!("connect:   {}", show(&hooks.connect(&session).await));
-    let mut envelope = Envelope::new(Address(from.to_string()), MailParams::default());
-    println!(
-        "mail_from: {}",
-        show(&hooks.mail_from(&session, &envelope).await)
-    );
-    for t in to {
-        let rcpt = Recipient::new(t.clone());
-        let v = hooks.rcpt(&session, &envelope, &rcpt).await;
-        println!("rcpt {t}: {}", show(&v));
-        if v.lets_through() {
-            envelope.recipients.push(rcpt);
-        }
-    }
-    let mut tx = DataTransaction {
-        envelope,
-        message: text.into_bytes(),
-        quarantine: None,
-    };
-    println!("data:      {}", show(&hooks.data(&session, &mut tx).await));
-    let recipients: Vec<&str> = tx
-        .envelope
-        .recipients
-        .iter()
-        .map(|r| r.address.as_str())
-        .collect();
-    println!("  recipients: {}", recipients.join(", "));
-    if let Some(q) = &tx.quarantine {
-        println!("  quarantined: {q}");
-    }
-    let end = tx
-        .message
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(tx.message.len());
-    println!(
-        "  headers:\n    {}",
-        String::from_utf8_lossy(&tx.message[..end]).replace("\r\n", "\n    ")
-    );
-    for rcpt in &tx.envelope.recipients {
-        let route = hooks
-            .route(RouteQuery {
-                envelope: &tx.envelope,
-                recipient: rcpt,
-                headers: &tx.message[..end],
-            })
-            .await;
-        println!("route {}: {route:?}", rcpt.address);
-    }
-    for p in chain.plugins() {
-        for h in p.stats.snapshot() {
-            if !h.errors.is_empty() {
-                println!("errors at {}: {:?}", h.hook, h.errors);
-            }
-        }
-    }
-    Ok(())
-}
-
-fn show(v: &postern::policy::Verdict) -> String {
-    use postern::policy::Verdict;
-    match v {
-        Verdict::Continue => "continue".into(),
-        Verdict::Accept => "accept".into(),
-        Verdict::Reject(r) => format!("reject {r}"),
-        Verdict::Tempfail(r) => format!("tempfail {r}"),
-        Verdict::Disconnect(r) => format!("disconnect {r}"),
-    }
 }
 
 fn list(config: &Path) -> anyhow::Result<()> {
@@ -434,29 +396,51 @@ fn list(config: &Path) -> anyhow::Result<()> {
         println!("no plugins loaded");
     }
     for p in chain {
-        let loaded = i64::try_from(p.loaded_at).unwrap_or(0);
-        println!(
-            "{}  sha256:{}  hooks: {}  instances: {}  loaded: {}",
-            p.name,
-            &p.hash[..p.hash.len().min(16)],
-            p.hooks.join(","),
-            p.instances,
-            mail_parser::DateTime::from_timestamp(loaded).to_rfc3339()
-        );
-        for h in p.stats {
-            println!(
-                "  {:<9} calls {:>8}  p50 <{}us p90 <{}us p99 <{}us  answers: {}  errors: {}",
-                h.hook,
-                h.calls,
-                h.p50_us,
-                h.p90_us,
-                h.p99_us,
-                counts(&h.answers),
-                counts(&h.errors)
-            );
+        print_status(&p, "");
+        if let Some(dropped) = p.delivered_dropped {
+            println!("  delivered reports dropped (queue full): {dropped}");
+        }
+        if let Some(shadow) = &p.shadow {
+            print_status(shadow, "  shadow ");
+            for h in p
+                .stats
+                .iter()
+                .filter(|h| h.shadow_agreed + h.shadow_disagreed > 0)
+            {
+                println!(
+                    "  shadow at {:<9} agreed {}  disagreed {}",
+                    h.hook, h.shadow_agreed, h.shadow_disagreed
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// One plugin's header line and per-hook counters.
+fn print_status(p: &reload::PluginStatus, prefix: &str) {
+    let loaded = i64::try_from(p.loaded_at).unwrap_or(0);
+    println!(
+        "{prefix}{}  sha256:{}  hooks: {}  instances: {}  world: {}  loaded: {}",
+        p.name,
+        &p.hash[..p.hash.len().min(16)],
+        p.hooks.join(","),
+        p.instances,
+        p.world.rsplit('@').next().unwrap_or(&p.world),
+        mail_parser::DateTime::from_timestamp(loaded).to_rfc3339()
+    );
+    for h in &p.stats {
+        println!(
+            "{prefix}  {:<9} calls {:>8}  p50 <{}us p90 <{}us p99 <{}us  answers: {}  errors: {}",
+            h.hook,
+            h.calls,
+            h.p50_us,
+            h.p90_us,
+            h.p99_us,
+            counts(&h.answers),
+            counts(&h.errors)
+        );
+    }
 }
 
 /// `kind n, kind n`, or `none`.

@@ -1,7 +1,11 @@
 //! What a hook answers. The session asks at connect, MAIL, RCPT and after DATA;
 //! the built-in relay access rules answer first, then the plugin chain.
 
-use crate::envelope::{Envelope, Recipient};
+use std::sync::Arc;
+
+use crate::envelope::{Envelope, Recipient, SessionInfo};
+use crate::metadata::Metadata;
+use crate::queue::{QueueId, QueuedMeta};
 use crate::smtp::reply::Reply;
 
 /// The answer of one hook (built-in rules or a plugin).
@@ -56,11 +60,36 @@ pub enum Route {
     Reject(Reply),
 }
 
-/// The recipient the route hook is asked about, with its envelope.
+/// A queued message, as the delivery hooks (route, delivered) see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Queued<'a> {
+    /// Its queue id.
+    pub id: &'a QueueId,
+    /// Its envelope as spooled.
+    pub envelope: &'a Envelope,
+    /// The session that handed it over (none for the relay's own bounces).
+    pub client: Option<&'a SessionInfo>,
+    /// Its transaction metadata, as stored with it.
+    pub metadata: &'a Arc<Metadata>,
+}
+
+impl<'a> Queued<'a> {
+    /// The parts of a spooled record.
+    pub fn of(meta: &'a QueuedMeta, id: &'a QueueId) -> Queued<'a> {
+        Queued {
+            id,
+            envelope: &meta.envelope,
+            client: meta.client.as_ref(),
+            metadata: &meta.metadata,
+        }
+    }
+}
+
+/// The recipient the route hook is asked about, with its message.
 #[derive(Debug, Clone)]
 pub struct RouteQuery<'a> {
-    /// The queued message's envelope.
-    pub envelope: &'a Envelope,
+    /// The queued message.
+    pub queued: Queued<'a>,
     /// The recipient being routed.
     pub recipient: &'a Recipient,
     /// The message's header section (up to the empty line).

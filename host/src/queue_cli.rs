@@ -261,4 +261,22 @@ fn print_entry(e: &Entry) {
                 .unwrap_or_default()
         );
     }
+    if let Some(record) = &e.record {
+        if let Some(client) = &record.client {
+            println!(
+                "    from {} (helo {}) on {}{}",
+                client.peer,
+                client.helo.as_deref().unwrap_or("?"),
+                client.local,
+                client
+                    .auth_user
+                    .as_deref()
+                    .map(|u| format!(", authenticated as {u}"))
+                    .unwrap_or_default()
+            );
+        }
+        for (plugin, key, value) in record.metadata.iter() {
+            println!("    metadata {plugin}.{key} = {}", value.escape_debug());
+        }
+    }
 }

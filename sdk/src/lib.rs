@@ -34,10 +34,19 @@
 //! Build it with `cargo build --release --target wasm32-wasip2`, copy the
 //! `.wasm` into the relay's plugins folder and name it in a `[[plugin]]` table.
 //!
+//! The relay lends an instance of the plugin for one hook call at a time, so
+//! the plugin's own memory is not a place for state between hooks: two hooks
+//! of one transaction may run on different instances, and one instance serves
+//! other sessions in between. What a plugin learns at one hook and needs at a
+//! later one goes into [`metadata`], which the relay keeps per session and per
+//! message (with the message in the spool, so a value set at `data` is there
+//! at `route`, also after a restart).
+//!
 //! Host interfaces ([`log`], [`kv`], [`dns`]) work only when the relay's config
 //! grants them to the plugin; a plugin that uses one it was not granted is
-//! refused at load time, naming the interface. Every host call returns a
-//! `Result` or a plain value; none of them panics.
+//! refused at load time, naming the interface. [`metadata`] and the hook's
+//! context are always there. Every host call returns a `Result` or a plain
+//! value; none of them panics.
 
 #![deny(missing_docs)]
 
@@ -49,11 +58,12 @@ use std::fmt;
 use std::ops::Deref;
 
 #[doc(hidden)]
-#[allow(missing_docs)]
+// Generated: a record argument (the delivery report) is passed flattened.
+#[allow(missing_docs, clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "postern:relay/plugin@0.1.0",
+        world: "postern:relay/plugin@0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_world",
         default_bindings_module: "::postern_sdk::bindings",
@@ -64,16 +74,19 @@ pub mod bindings {
 use bindings::postern::relay::context;
 pub use bindings::postern::relay::message::{EditError, Message, Part};
 pub use bindings::postern::relay::types::{
-    Address, BodyType, Envelope as EnvelopeInfo, Header, Hook, IpAddress, MailParams, Reply, Route,
-    Session as SessionInfo, TlsInfo, Verdict,
+    Address, BodyType, DeliveryOutcome, DeliveryReport, Envelope as EnvelopeInfo, Header, Hook,
+    IpAddress, MailParams, Reply, Route, Session as SessionInfo, TlsInfo, Verdict,
 };
 pub use postern_sdk_macros::plugin;
 
+pub mod record;
+
 /// Everything a plugin usually needs: `use postern_sdk::prelude::*;`.
 pub mod prelude {
+    pub use crate::metadata::{self, Scope};
     pub use crate::{
-        Address, Config, ConfigError, Envelope, Header, Headers, Hook, Message, Plugin, Recipient,
-        Reply, Route, Session, Verdict,
+        Address, Config, ConfigError, DeliveryOutcome, DeliveryReport, Envelope, Header, Headers,
+        Hook, Message, Plugin, Recipient, Reply, Route, Session, Verdict,
     };
 }
 
@@ -87,6 +100,13 @@ pub trait Plugin: Sized + 'static {
 
     /// After the client connected, before the banner.
     fn connect(&self, _session: &Session) -> Verdict {
+        Verdict::Continue
+    }
+
+    /// After EHLO or HELO, with the name in `session.helo` (and again after
+    /// the EHLO that follows STARTTLS). A refusal answers that EHLO; the
+    /// client may try again.
+    fn helo(&self, _session: &Session) -> Verdict {
         Verdict::Continue
     }
 
@@ -107,10 +127,16 @@ pub trait Plugin: Sized + 'static {
     }
 
     /// At delivery, per recipient: where it goes. `headers` reads the
-    /// message's header fields.
+    /// message's header fields; [`metadata`] has what the transaction's
+    /// hooks left (read only here).
     fn route(&self, _envelope: &Envelope, _rcpt: &Recipient, _headers: &Headers) -> Route {
         Route::Default
     }
+
+    /// After each delivery attempt of each recipient, for audit trails,
+    /// feedback loops and counters: nothing it does changes the delivery. It
+    /// runs off the delivery path, at most once per attempt.
+    fn delivered(&self, _envelope: &Envelope, _report: &DeliveryReport) {}
 }
 
 /// The envelope of the transaction whose hook is running (during `rcpt`: the
@@ -178,6 +204,12 @@ impl Session {
     pub fn of_hook() -> Session {
         FromHook::fetched_by(context::get_session)
     }
+}
+
+/// The running hook's queue id: during `data` (the id the message will
+/// have), `route` and `delivered`; none before.
+pub fn queue_id() -> Option<String> {
+    context::get_queue_id()
 }
 
 impl Envelope {
@@ -604,6 +636,73 @@ pub mod kv {
     }
 }
 
+/// What the plugin remembers about the session and the message, kept by the
+/// relay (always available; no grant). Each plugin writes only its own keys;
+/// [`get_from`](metadata::get_from) reads another plugin's.
+///
+/// A classifier that decides at `data` and a route that follows at
+/// delivery, in two plugins or one:
+///
+/// ```no_run
+/// use postern_sdk::prelude::*;
+///
+/// struct Classify;
+///
+/// #[postern_sdk::plugin]
+/// impl Plugin for Classify {
+///     fn init(_config: Config) -> Result<Self, ConfigError> { Ok(Classify) }
+///
+///     fn data(&self, _s: &Session, _e: &Envelope, message: &Message) -> Verdict {
+///         let bulk = message.first_header("Precedence").is_some_and(|p| p == "bulk");
+///         let class = if bulk { "bulk" } else { "normal" };
+///         // Fails only past the relay's size limit; the message goes on anyway.
+///         let _ = metadata::set(Scope::Transaction, "class", class);
+///         Verdict::Continue
+///     }
+///
+///     fn route(&self, _e: &Envelope, _r: &Recipient, _h: &Headers) -> Route {
+///         match metadata::get(Scope::Transaction, "class").as_deref() {
+///             Some("bulk") => Route::smarthost("smtp://bulk.example.net:25"),
+///             _ => Route::Default,
+///         }
+///     }
+/// }
+///
+/// postern_sdk::export!(Classify);
+/// # fn main() {}
+/// ```
+pub mod metadata {
+    use crate::bindings::postern::relay::metadata as host;
+    pub use host::{MetadataError as Error, Scope};
+
+    /// This plugin's value for `key`.
+    pub fn get(scope: Scope, key: &str) -> Option<String> {
+        host::get(scope, key)
+    }
+
+    /// Sets this plugin's value for `key`: refused past the relay's size
+    /// limit, in a hook without that scope, or where it is read only
+    /// (`route`, `delivered`).
+    pub fn set(scope: Scope, key: &str, value: &str) -> Result<(), Error> {
+        host::set(scope, key, value)
+    }
+
+    /// Removes this plugin's value for `key`; returns whether there was one.
+    pub fn remove(scope: Scope, key: &str) -> Result<bool, Error> {
+        host::remove(scope, key)
+    }
+
+    /// This plugin's keys.
+    pub fn keys(scope: Scope) -> Vec<String> {
+        host::keys(scope)
+    }
+
+    /// Another plugin's value, by its `[[plugin]] name` (read only).
+    pub fn get_from(plugin: &str, scope: Scope, key: &str) -> Option<String> {
+        host::get_from(plugin, scope, key)
+    }
+}
+
 /// DNS lookups through the relay's resolver (grant `dns`).
 pub mod dns {
     use crate::bindings::postern::relay::dns as host;
@@ -692,6 +791,10 @@ macro_rules! export {
                     with(|p| p.connect(&$crate::Session::of_hook()))
                 }
 
+                fn helo() -> $crate::Verdict {
+                    with(|p| p.helo(&$crate::Session::of_hook()))
+                }
+
                 fn mail_from() -> $crate::Verdict {
                     with(|p| p.mail_from(&$crate::Session::of_hook(), &$crate::Envelope::of_hook()))
                 }
@@ -718,6 +821,10 @@ macro_rules! export {
                             &$crate::Headers::of_hook(),
                         )
                     })
+                }
+
+                fn delivered(report: $crate::DeliveryReport) {
+                    with(|p| p.delivered(&$crate::Envelope::of_hook(), &report))
                 }
             }
 

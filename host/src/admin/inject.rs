@@ -42,6 +42,8 @@ use super::serve::ConnInfo;
 use super::State;
 use crate::delivery::state::unix_now;
 use crate::envelope::{Address, Body, Envelope, MailParams, Recipient, SessionInfo};
+use crate::metadata::SharedMetadata;
+use crate::plugins::Scopes;
 use crate::policy::{DataTransaction, Verdict};
 use crate::queue::QueueId;
 use crate::smtp::reply::Reply;
@@ -710,9 +712,15 @@ async fn submit(
         may_relay: true,
     };
     let mut hooks = ctx.chain.current().lease();
-    refused("connect", hooks.connect(&info).await)?;
+    let limit = ctx.config.plugins.max_metadata_size;
+    let scopes = Scopes {
+        session: Some(SharedMetadata::new(limit)),
+        transaction: Some(SharedMetadata::new(limit)),
+    };
+    refused("connect", hooks.connect(&info, &scopes).await)?;
+    refused("helo", hooks.helo(&info, &scopes).await)?;
     let mut envelope = Envelope::new(Address(sender), params);
-    refused("sender", hooks.mail_from(&info, &envelope).await)?;
+    refused("sender", hooks.mail_from(&info, &envelope, &scopes).await)?;
     for (i, r) in req.recipients.iter().enumerate() {
         let field = format!("recipients[{i}]");
         let address = ctx
@@ -720,7 +728,7 @@ async fn submit(
             .check_recipient(info.may_relay, &Address(r.clone()))
             .map_err(|reply| Refusal::reply(&field, reply))?;
         let rcpt = Recipient::new(address.0);
-        refused(&field, hooks.rcpt(&info, &envelope, &rcpt).await)?;
+        refused(&field, hooks.rcpt(&info, &envelope, &rcpt, &scopes).await)?;
         if !envelope
             .recipients
             .iter()
@@ -750,8 +758,9 @@ async fn submit(
         message,
         quarantine: None,
     };
-    let verdict = hooks.data(&info, &mut tx).await;
+    let verdict = hooks.data(&info, &mut tx, &scopes, &id).await;
     hooks.end();
+    let metadata = scopes.transaction.map(|m| m.snapshot()).unwrap_or_default();
     crate::smtp::session::check_added_recipients(ctx, &info, &id, &given, &mut tx.envelope);
     let verdicts = hooks.take_verdicts();
     let logged = |outcome: &str, reply: &str| {
@@ -789,6 +798,7 @@ async fn submit(
             &tx.envelope,
             Some(&info),
             tx.quarantine.clone(),
+            metadata,
             Arc::new(tx.message),
         )
         .await;

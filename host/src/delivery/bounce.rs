@@ -241,6 +241,7 @@ mod tests {
             client: None,
             hold: None,
             size: 0,
+            metadata: Default::default(),
         }
     }
 

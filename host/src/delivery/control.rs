@@ -16,6 +16,7 @@ use super::state::{self, unix_now, Status};
 use super::suspend::{Suspension, Suspensions};
 use super::Delivery;
 use crate::queue::{self, QueueId, Spool};
+use crate::record::Record;
 
 /// The socket's name inside the spool folder.
 pub const SOCKET: &str = "control.sock";
@@ -270,6 +271,10 @@ pub struct Entry {
     /// Why it is held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_reason: Option<String>,
+    /// The transaction record: session facts, envelope with parameters, the
+    /// plugins' metadata (`show` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Record>,
 }
 
 /// One recipient in an [`Entry`].
@@ -297,6 +302,7 @@ pub fn entry(queue_dir: &Path, id: &QueueId) -> Result<Entry, queue::Error> {
     let stored = queue::spool_load(&queue_dir.join(id.as_str()), id)?;
     let meta = stored.meta;
     let st = state::load(queue_dir, &meta, id).unwrap_or_else(|_| state::DeliveryState::new(&meta));
+    let record = Record::of(&meta);
     let held = st.is_held(&meta);
     let now = unix_now();
     let state = if held {
@@ -342,6 +348,7 @@ pub fn entry(queue_dir: &Path, id: &QueueId) -> Result<Entry, queue::Error> {
         } else {
             None
         },
+        record: Some(record),
     })
 }
 
@@ -352,7 +359,8 @@ pub fn list(queue_dir: &Path) -> Result<Vec<Entry>, queue::Error> {
     let mut out = Vec::new();
     for id in queue::list_ids(queue_dir)? {
         match entry(queue_dir, &id) {
-            Ok(e) => out.push(e),
+            // The records stay out of a listing: `show` has them.
+            Ok(e) => out.push(Entry { record: None, ..e }),
             Err(queue::Error::NotFound(_)) => {}
             Err(e @ queue::Error::Damaged { .. }) => {
                 tracing::warn!(queue_id = %id, error = %e, "skipping a damaged message file")

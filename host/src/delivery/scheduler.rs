@@ -30,8 +30,9 @@ use super::tls::ClientTls;
 use super::Error;
 use crate::admin::metrics::{metrics, DeliveryOutcome, Direction, Label, Result_, Source};
 use crate::config::Config;
+use crate::plugins::delivered::{self, Reporter};
 use crate::plugins::ChainHandle;
-use crate::policy::RouteQuery;
+use crate::policy::{Queued, RouteQuery};
 use crate::queue::{off_runtime, QueueId, QueuedMeta, Spool, Spooled};
 use crate::server::Context;
 use crate::smtp::reply::Reply;
@@ -79,6 +80,8 @@ struct Shared {
     /// Held while the suspensions are changed and saved, so two changes
     /// never write the file out of order.
     suspend_writer: std::sync::Mutex<()>,
+    /// Reports each attempt to the `delivered` hook.
+    reports: Reporter,
 }
 
 /// Where the bytes of a message being admitted are.
@@ -291,6 +294,7 @@ impl Delivery {
         let shared = Arc::new(Shared {
             admit_tx: tx.clone(),
             remover: Remover::start(ctx.spool.clone(), sched.clone()),
+            reports: Reporter::start(ctx.chain.clone(), config.plugins.delivered_queue),
             timeouts: Timeouts::rfc5321(d.connect_timeout.0),
             config: config.clone(),
             spool: ctx.spool.clone(),
@@ -679,7 +683,7 @@ impl Shared {
             decided = true;
             let route = hooks
                 .route(RouteQuery {
-                    envelope: &meta.envelope,
+                    queued: Queued::of(&meta, id),
                     recipient: rcpt,
                     headers,
                 })
@@ -705,7 +709,7 @@ impl Shared {
                         None,
                         false,
                     );
-                    apply(id, &meta, &mut dstate, i, &o, &attempt("discard"));
+                    self.apply(id, &meta, &mut dstate, i, &o, &attempt("discard"));
                 }
                 Decision::Reject(reply) => {
                     // A 4xx from the route hook (a plugin's tempfail, or its
@@ -725,7 +729,7 @@ impl Shared {
                         remote: None,
                         dsn_relayed: false,
                     };
-                    apply(id, &meta, &mut dstate, i, &o, &attempt("reject"));
+                    self.apply(id, &meta, &mut dstate, i, &o, &attempt("reject"));
                 }
                 Decision::LocalFolder(dir) => {
                     let o = match self.write_local(&dir, id, i, &body) {
@@ -736,7 +740,7 @@ impl Shared {
                         ),
                         Err(e) => Outcome::from_error(&e, None),
                     };
-                    apply(id, &meta, &mut dstate, i, &o, &attempt("local"));
+                    self.apply(id, &meta, &mut dstate, i, &o, &attempt("local"));
                 }
             }
         }
@@ -1240,7 +1244,7 @@ impl Shared {
             };
             let meta = a.meta.clone();
             for (i, o) in &results {
-                apply(id, &meta, &mut a.state, *i, o, attempt);
+                self.apply(id, &meta, &mut a.state, *i, o, attempt);
             }
             a.jobs_left = a.jobs_left.saturating_sub(1);
             if a.jobs_left == 0 {
@@ -1451,7 +1455,14 @@ impl Shared {
         let dsn_id = QueueId::generate();
         let spooled = self
             .spool
-            .store(&dsn_id, &envelope, None, None, Arc::new(report))
+            .store(
+                &dsn_id,
+                &envelope,
+                None,
+                None,
+                Default::default(),
+                Arc::new(report),
+            )
             .await?;
         tracing::info!(queue_id = %id, dsn_id = %dsn_id, to = %to, recipients = notice.len(), "delivery status notification queued");
         metrics().received.inc(Source::Dsn);
@@ -1540,76 +1551,93 @@ fn attempt_for(key: &str) -> Attempt<'_> {
     }
 }
 
-/// Applies one outcome to a recipient's state, with the attempt's log record.
-fn apply(
-    id: &QueueId,
-    meta: &QueuedMeta,
-    st: &mut DeliveryState,
-    i: usize,
-    o: &Outcome,
-    attempt: &Attempt<'_>,
-) {
-    let Some(r) = st.recipients.get_mut(i) else {
-        return;
-    };
-    r.attempts += 1;
-    r.status = o.status;
-    r.last_reply = Some(o.reply.to_string());
-    r.remote = o.remote.clone();
-    r.dsn_relayed = o.dsn_relayed;
-    r.enhanced = Some(if o.reply.enhanced.is_empty() {
-        match o.reply.code {
-            200..=299 => "2.0.0".into(),
-            400..=499 => "4.0.0".into(),
-            _ => "5.0.0".into(),
+impl Shared {
+    /// Applies one outcome to a recipient's state, with the attempt's log record
+    /// and its report to the `delivered` hook.
+    fn apply(
+        &self,
+        id: &QueueId,
+        meta: &Arc<QueuedMeta>,
+        st: &mut DeliveryState,
+        i: usize,
+        o: &Outcome,
+        attempt: &Attempt<'_>,
+    ) {
+        let Some(r) = st.recipients.get_mut(i) else {
+            return;
+        };
+        let Some(recipient) = meta.envelope.recipients.get(i) else {
+            return;
+        };
+        r.attempts += 1;
+        r.status = o.status;
+        r.last_reply = Some(o.reply.to_string());
+        r.remote = o.remote.clone();
+        r.dsn_relayed = o.dsn_relayed;
+        r.enhanced = Some(if o.reply.enhanced.is_empty() {
+            match o.reply.code {
+                200..=299 => "2.0.0".into(),
+                400..=499 => "4.0.0".into(),
+                _ => "5.0.0".into(),
+            }
+        } else {
+            o.reply.enhanced.to_string()
+        });
+        let outcome = match o.status {
+            Status::Delivered => DeliveryOutcome::Delivered,
+            Status::Deferred | Status::Pending => DeliveryOutcome::Deferred,
+            Status::Failed => DeliveryOutcome::Failed,
+        };
+        let m = metrics();
+        m.deliveries.inc(outcome);
+        if attempt.addr.is_some() {
+            m.attempt_duration.observe(attempt.started.elapsed());
         }
-    } else {
-        o.reply.enhanced.to_string()
-    });
-    let outcome = match o.status {
-        Status::Delivered => DeliveryOutcome::Delivered,
-        Status::Deferred | Status::Pending => DeliveryOutcome::Deferred,
-        Status::Failed => DeliveryOutcome::Failed,
-    };
-    let m = metrics();
-    m.deliveries.inc(outcome);
-    if attempt.addr.is_some() {
-        m.attempt_duration.observe(attempt.started.elapsed());
+        if outcome == DeliveryOutcome::Delivered {
+            let waited = unix_now().saturating_sub(meta.received);
+            m.delivery_delay.observe(Duration::from_secs(waited));
+        }
+        let outcome = outcome.as_str();
+        // The reply and the addresses come from the network: as strings,
+        // both log formats escape them.
+        let reply = o.reply.to_string();
+        m.recent_delivery(crate::admin::metrics::RecentDelivery {
+            at: unix_now(),
+            queue_id: id.to_string(),
+            recipient: recipient.address.to_string(),
+            outcome,
+            reply: reply.trim_end().to_string(),
+        });
+        tracing::info!(
+            target: "postern::delivery",
+            queue_id = %id,
+            recipient = recipient.address.as_str(),
+            route = attempt.route,
+            host = attempt.host.unwrap_or(""),
+            addr = %attempt.addr.map(|a| a.to_string()).unwrap_or_default(),
+            tls = attempt.tls.unwrap_or("none"),
+            reply = reply.trim_end(),
+            delay_ms = attempt.started.elapsed().as_millis() as u64,
+            attempt = r.attempts,
+            outcome,
+            "delivery attempt"
+        );
+        self.reports.report(
+            id,
+            meta,
+            delivered::Attempt {
+                recipient: &recipient.address,
+                outcome: match o.status {
+                    Status::Delivered => delivered::Outcome::Delivered,
+                    Status::Deferred | Status::Pending => delivered::Outcome::Deferred,
+                    Status::Failed => delivered::Outcome::Failed,
+                },
+                reply: o.reply.to_string(),
+                remote: o.remote.clone(),
+                attempt: r.attempts,
+            },
+        );
     }
-    if outcome == DeliveryOutcome::Delivered {
-        let waited = unix_now().saturating_sub(meta.received);
-        m.delivery_delay.observe(Duration::from_secs(waited));
-    }
-    let outcome = outcome.as_str();
-    m.recent_delivery(crate::admin::metrics::RecentDelivery {
-        at: unix_now(),
-        queue_id: id.to_string(),
-        recipient: meta
-            .envelope
-            .recipients
-            .get(i)
-            .map(|r| r.address.to_string())
-            .unwrap_or_default(),
-        outcome,
-        reply: o.reply.to_string().trim_end().to_string(),
-    });
-    // The attempt's one record; the reply and the addresses come from the
-    // network, and as strings both log formats escape them.
-    let reply = o.reply.to_string();
-    tracing::info!(
-        target: "postern::delivery",
-        queue_id = %id,
-        recipient = meta.envelope.recipients.get(i).map(|r| r.address.as_str()).unwrap_or(""),
-        route = attempt.route,
-        host = attempt.host.unwrap_or(""),
-        addr = %attempt.addr.map(|a| a.to_string()).unwrap_or_default(),
-        tls = attempt.tls.unwrap_or("none"),
-        reply = reply.trim_end(),
-        delay_ms = attempt.started.elapsed().as_millis() as u64,
-        attempt = r.attempts,
-        outcome,
-        "delivery attempt"
-    );
 }
 
 fn header_end(message: &[u8]) -> usize {

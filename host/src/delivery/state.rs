@@ -247,6 +247,7 @@ mod tests {
             client: None,
             hold: None,
             size: 0,
+            metadata: Default::default(),
         }
     }
 

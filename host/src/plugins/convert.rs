@@ -29,6 +29,16 @@ fn ip(ip: IpAddr) -> wit::IpAddress {
     }
 }
 
+/// An IP address from its numbers.
+pub fn ip_addr(ip: &wit::IpAddress) -> IpAddr {
+    match *ip {
+        wit::IpAddress::Ipv4((a, b, c, d)) => std::net::Ipv4Addr::new(a, b, c, d).into(),
+        wit::IpAddress::Ipv6((a, b, c, d, e, f, g, h)) => {
+            std::net::Ipv6Addr::new(a, b, c, d, e, f, g, h).into()
+        }
+    }
+}
+
 /// The session facts.
 pub fn session(s: &SessionInfo) -> wit::Session {
     wit::Session {
@@ -105,4 +115,54 @@ pub fn route(r: wit::Route) -> Result<Route, String> {
         wit::Route::Discard => Route::Discard,
         wit::Route::Reject(r) => Route::Reject(check::reply(&r, &[5])?),
     })
+}
+
+/// The answers of a `postern:relay@0.1.0` plugin in 0.2.0 terms: the same
+/// shapes, generated twice.
+pub mod v0_1 {
+    use crate::config::HookName;
+    use crate::plugins::bindings::types as wit;
+    use crate::plugins::bindings::v0_1::types as old;
+
+    /// A hook `init` named.
+    pub fn hook(h: old::Hook) -> HookName {
+        match h {
+            old::Hook::Connect => HookName::Connect,
+            old::Hook::MailFrom => HookName::MailFrom,
+            old::Hook::Rcpt => HookName::Rcpt,
+            old::Hook::Data => HookName::Data,
+            old::Hook::Route => HookName::Route,
+        }
+    }
+
+    fn reply(r: old::Reply) -> wit::Reply {
+        wit::Reply {
+            code: r.code,
+            enhanced: r.enhanced,
+            text: r.text,
+        }
+    }
+
+    /// A verdict.
+    pub fn verdict(v: old::Verdict) -> wit::Verdict {
+        match v {
+            old::Verdict::Continue => wit::Verdict::Continue,
+            old::Verdict::Accept => wit::Verdict::Accept,
+            old::Verdict::Reject(r) => wit::Verdict::Reject(reply(r)),
+            old::Verdict::Tempfail(r) => wit::Verdict::Tempfail(reply(r)),
+            old::Verdict::Disconnect(r) => wit::Verdict::Disconnect(reply(r)),
+        }
+    }
+
+    /// A route.
+    pub fn route(r: old::Route) -> wit::Route {
+        match r {
+            old::Route::Default => wit::Route::Default,
+            old::Route::Mx(d) => wit::Route::Mx(d),
+            old::Route::Smarthost(u) => wit::Route::Smarthost(u),
+            old::Route::LocalFolder(f) => wit::Route::LocalFolder(f),
+            old::Route::Discard => wit::Route::Discard,
+            old::Route::Reject(r) => wit::Route::Reject(reply(r)),
+        }
+    }
 }

@@ -12,7 +12,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use crate::config::{HookName, Instances, PluginConfig};
 use crate::plugins::bindings::types as wit;
-use crate::plugins::bindings::{Plugin, PluginPre};
+use crate::plugins::bindings::{v0_1, Plugin, PluginPre};
 use crate::plugins::host::context::HookContext;
 use crate::plugins::host::dns::Resolver;
 use crate::plugins::host::kv::KvStore;
@@ -83,6 +83,8 @@ impl ResourceLimiter for Limiter {
 pub struct HostState {
     /// The plugin's name: log tag and key-value space.
     pub(crate) plugin: String,
+    /// The name its metadata is kept under (a shadow's is the live plugin's).
+    pub(crate) metadata_name: String,
     pub(crate) services: Arc<Services>,
     pub(crate) table: ResourceTable,
     /// What the hook in progress is about (`postern:relay/context`); none
@@ -162,36 +164,69 @@ impl CallError {
 
 /// One hook call: what it is about (read by the guest on request) and its
 /// arguments.
-pub struct Call<'a> {
-    /// Session, envelope, recipient, headers.
-    pub context: &'a Arc<HookContext>,
+pub struct Call {
+    /// Session, envelope, recipient, headers, metadata.
+    pub context: Arc<HookContext>,
     /// The hook and its arguments.
-    pub args: Args<'a>,
+    pub args: Args,
 }
 
 /// The arguments of one hook call.
-pub enum Args<'a> {
+pub enum Args {
     /// connect.
     Connect,
+    /// helo.
+    Helo,
     /// mail-from.
     MailFrom,
     /// rcpt.
     Rcpt,
     /// data.
-    Data(&'a MessageRef),
+    Data(MessageRef),
     /// route.
     Route,
+    /// delivered.
+    Delivered(wit::DeliveryReport),
 }
 
-impl Call<'_> {
+impl Call {
+    /// A call of the hook `args` stands for, about `context`.
+    pub fn new(context: Arc<HookContext>, args: Args) -> Call {
+        Call { context, args }
+    }
+
+    /// The same call on copies of its inputs (the message with the edits so
+    /// far, the metadata), whose changes are discarded: a shadow's call.
+    pub fn fork(&self) -> Call {
+        let args = match &self.args {
+            Args::Connect => Args::Connect,
+            Args::Helo => Args::Helo,
+            Args::MailFrom => Args::MailFrom,
+            Args::Rcpt => Args::Rcpt,
+            Args::Data(m) => Args::Data(m.fork()),
+            Args::Route => Args::Route,
+            Args::Delivered(r) => Args::Delivered(r.clone()),
+        };
+        Call::new(Arc::new(self.context.fork()), args)
+    }
+
     /// The hook this call is for.
     pub fn hook(&self) -> HookName {
-        match self.args {
+        self.args.hook()
+    }
+}
+
+impl Args {
+    /// The hook these are the arguments of.
+    pub fn hook(&self) -> HookName {
+        match self {
             Args::Connect => HookName::Connect,
+            Args::Helo => HookName::Helo,
             Args::MailFrom => HookName::MailFrom,
             Args::Rcpt => HookName::Rcpt,
             Args::Data(_) => HookName::Data,
             Args::Route => HookName::Route,
+            Args::Delivered(_) => HookName::Delivered,
         }
     }
 }
@@ -243,19 +278,55 @@ impl Deadline {
 }
 
 /// A checked answer.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
-    /// From connect, mail-from, rcpt, data.
+    /// From connect, helo, mail-from, rcpt, data.
     Verdict(Verdict),
     /// From route.
     Route(Route),
+    /// From delivered, which answers nothing.
+    Done,
+}
+
+/// A plugin's exports, in the world it was built for.
+enum Exports {
+    /// `postern:relay@0.2.0`.
+    Current(Plugin),
+    /// `postern:relay@0.1.0`: no helo or delivered hooks.
+    V0_1(v0_1::Plugin),
+}
+
+/// A linked plugin, ready to instantiate, in the world it was built for.
+pub(crate) enum Pre {
+    /// `postern:relay@0.2.0`.
+    Current(PluginPre<HostState>),
+    /// `postern:relay@0.1.0`.
+    V0_1(v0_1::PluginPre<HostState>),
 }
 
 /// One instance with its store.
 pub struct Instance {
     store: Store<HostState>,
-    plugin: Plugin,
+    plugin: Exports,
     uses: u32,
+}
+
+/// The folder a plugin granted `archive` sees as `/archive`.
+#[derive(Debug)]
+pub enum Archive {
+    /// `<plugins.archive_dir>/<name>`.
+    Folder(PathBuf),
+    /// A shadow's: a temporary folder, removed when the shadow is unloaded.
+    Scratch(tempfile::TempDir),
+}
+
+impl Archive {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Archive::Folder(p) => p,
+            Archive::Scratch(d) => d.path(),
+        }
+    }
 }
 
 /// A plugin compiled, linked and validated: what the chain calls.
@@ -269,18 +340,22 @@ pub struct LoadedPlugin {
     /// The same, one bit per hook (by [`HookName::index`]).
     hook_bits: u8,
     /// Per hook, by [`HookName::index`].
-    deadlines: [Deadline; 5],
+    deadlines: [Deadline; HookName::ALL.len()],
     /// When it was loaded.
     pub loaded_at: SystemTime,
     /// Counters.
     pub stats: Stats,
     config_json: String,
     engine: Engine,
-    pre: PluginPre<HostState>,
+    pre: Pre,
     services: Arc<Services>,
     ticker: Arc<Ticker>,
-    archive: Option<PathBuf>,
+    archive: Option<Archive>,
     pool: Mutex<Vec<Instance>>,
+    /// The new version running beside this one (`shadow` in the config).
+    pub shadow: Option<Arc<LoadedPlugin>>,
+    /// Limits the shadow's disagreement lines in the log.
+    pub(crate) shadow_log: crate::plugins::shadow::LogLimit,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -300,6 +375,8 @@ fn hook_name(h: wit::Hook) -> HookName {
         wit::Hook::Rcpt => HookName::Rcpt,
         wit::Hook::Data => HookName::Data,
         wit::Hook::Route => HookName::Route,
+        wit::Hook::Helo => HookName::Helo,
+        wit::Hook::Delivered => HookName::Delivered,
     }
 }
 
@@ -309,10 +386,10 @@ impl LoadedPlugin {
         config: PluginConfig,
         hash: String,
         engine: Engine,
-        pre: PluginPre<HostState>,
+        pre: Pre,
         services: Arc<Services>,
         ticker: Arc<Ticker>,
-        archive: Option<PathBuf>,
+        archive: Option<Archive>,
     ) -> LoadedPlugin {
         LoadedPlugin {
             config_json: config.config_json(),
@@ -329,12 +406,22 @@ impl LoadedPlugin {
             ticker,
             archive,
             pool: Mutex::new(Vec::new()),
+            shadow: None,
+            shadow_log: Default::default(),
         }
     }
 
     /// The plugin's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The WIT world the plugin was built for.
+    pub fn world(&self) -> &'static str {
+        match self.pre {
+            Pre::Current(_) => "postern:relay/plugin@0.2.0",
+            Pre::V0_1(_) => "postern:relay/plugin@0.1.0",
+        }
     }
 
     /// True when the relay calls this plugin at `hook`.
@@ -387,7 +474,7 @@ impl LoadedPlugin {
 
     fn new_store(&self) -> Result<Store<HostState>, CallError> {
         let mut wasi = WasiCtx::builder();
-        if let Some(dir) = &self.archive {
+        if let Some(dir) = self.archive.as_ref().map(Archive::path) {
             wasi.preopened_dir(dir, "/archive", FsPerms::ReadWrite)
                 .map_err(|e| {
                     CallError::Instantiate(format!("archive folder {}: {e}", dir.display()))
@@ -395,6 +482,7 @@ impl LoadedPlugin {
         }
         let state = HostState {
             plugin: self.config.name.clone(),
+            metadata_name: self.config.metadata_name().to_string(),
             services: self.services.clone(),
             table: ResourceTable::new(),
             context: None,
@@ -447,7 +535,14 @@ impl LoadedPlugin {
         let _ticking = self.ticker.busy();
         store.data_mut().arm(deadline.ticks);
         store.set_epoch_deadline(1);
-        let plugin = match self.pre.instantiate_async(&mut store).await {
+        let instantiated = match &self.pre {
+            Pre::Current(pre) => pre
+                .instantiate_async(&mut store)
+                .await
+                .map(Exports::Current),
+            Pre::V0_1(pre) => pre.instantiate_async(&mut store).await.map(Exports::V0_1),
+        };
+        let plugin = match instantiated {
             Ok(p) => p,
             Err(e) => {
                 return Err(match self.classify(&store, deadline.time, e) {
@@ -456,8 +551,18 @@ impl LoadedPlugin {
                 })
             }
         };
-        let hooks = match plugin.call_init(&mut store, &self.config_json).await {
-            Ok(Ok(hooks)) => hooks.into_iter().map(hook_name).collect(),
+        let init = match &plugin {
+            Exports::Current(p) => p
+                .call_init(&mut store, &self.config_json)
+                .await
+                .map(|r| r.map(|hooks| hooks.into_iter().map(hook_name).collect())),
+            Exports::V0_1(p) => p
+                .call_init(&mut store, &self.config_json)
+                .await
+                .map(|r| r.map(|hooks| hooks.into_iter().map(convert::v0_1::hook).collect())),
+        };
+        let hooks = match init {
+            Ok(Ok(hooks)) => hooks,
             Ok(Err(message)) => return Err(CallError::ConfigRefused(message)),
             Err(e) => {
                 return Err(match self.classify(&store, deadline.time, e) {
@@ -515,7 +620,7 @@ impl LoadedPlugin {
     pub async fn call(
         &self,
         held: &mut Option<Instance>,
-        call: &Call<'_>,
+        call: &Call,
         pass: &mut Pass<'_>,
     ) -> Result<Answer, CallError> {
         let hook = call.hook();
@@ -527,8 +632,7 @@ impl LoadedPlugin {
         }
         self.stats.call(hook, pass.lap());
         match &result {
-            Ok(Answer::Verdict(v)) => self.stats.answer(hook, verdict_kind(v)),
-            Ok(Answer::Route(r)) => self.stats.answer(hook, route_kind(r)),
+            Ok(answer) => self.stats.answer(hook, answer_kind(answer)),
             Err(e) => self.stats.error(hook, e.kind()),
         }
         result
@@ -537,7 +641,7 @@ impl LoadedPlugin {
     async fn call_inner(
         &self,
         held: &mut Option<Instance>,
-        call: &Call<'_>,
+        call: &Call,
     ) -> Result<Answer, CallError> {
         let deadline = self.deadlines[call.hook().index()];
         // Out of the slot while the guest runs: if this future is dropped
@@ -550,30 +654,9 @@ impl LoadedPlugin {
         store.data_mut().arm(deadline.ticks);
         store.data_mut().context = Some(call.context.clone());
         store.set_epoch_deadline(1);
-        let raw = match call.args {
-            Args::Connect => plugin.call_connect(&mut *store).await.map(Raw::Verdict),
-            Args::MailFrom => plugin.call_mail_from(&mut *store).await.map(Raw::Verdict),
-            Args::Rcpt => plugin.call_rcpt(&mut *store).await.map(Raw::Verdict),
-            Args::Data(m) => {
-                let handle: Resource<MessageRef> = store
-                    .data_mut()
-                    .table
-                    .push((*m).clone())
-                    .map_err(|e| CallError::Instantiate(e.to_string()))?;
-                let rep = handle.rep();
-                let r = plugin
-                    .call_data(&mut *store, handle)
-                    .await
-                    .map(Raw::Verdict);
-                // The guest only borrowed the handle; take it back so the
-                // message is not kept alive by an idle instance.
-                let _ = store
-                    .data_mut()
-                    .table
-                    .delete(Resource::<MessageRef>::new_own(rep));
-                r
-            }
-            Args::Route => plugin.call_route(&mut *store).await.map(Raw::Route),
+        let raw = match plugin {
+            Exports::Current(plugin) => call_current(plugin, store, &call.args).await?,
+            Exports::V0_1(plugin) => call_v0_1(plugin, store, &call.args).await?,
         };
         // The context is the caller's; an idle instance keeps none of it.
         store.data_mut().context = None;
@@ -585,6 +668,7 @@ impl LoadedPlugin {
         let answer = match raw {
             Raw::Verdict(v) => convert::verdict(v).map(Answer::Verdict),
             Raw::Route(r) => convert::route(r).map(Answer::Route),
+            Raw::Done => Ok(Answer::Done),
         };
         *held = Some(instance);
         answer.map_err(CallError::Invalid)
@@ -594,6 +678,86 @@ impl LoadedPlugin {
 enum Raw {
     Verdict(wit::Verdict),
     Route(wit::Route),
+    Done,
+}
+
+/// Lends the message to the guest for one call: the guest only borrows the
+/// handle, and [`take_back`] removes it after the call, so an idle instance
+/// never keeps the message alive.
+fn lend(
+    store: &mut Store<HostState>,
+    message: &MessageRef,
+) -> Result<(Resource<MessageRef>, u32), CallError> {
+    let handle: Resource<MessageRef> = store
+        .data_mut()
+        .table
+        .push(message.clone())
+        .map_err(|e| CallError::Instantiate(e.to_string()))?;
+    let rep = handle.rep();
+    Ok((handle, rep))
+}
+
+fn take_back(store: &mut Store<HostState>, rep: u32) {
+    let _ = store
+        .data_mut()
+        .table
+        .delete(Resource::<MessageRef>::new_own(rep));
+}
+
+/// One hook call on a 0.2.0 plugin.
+async fn call_current(
+    plugin: &Plugin,
+    store: &mut Store<HostState>,
+    args: &Args,
+) -> Result<wasmtime::Result<Raw>, CallError> {
+    Ok(match args {
+        Args::Connect => plugin.call_connect(&mut *store).await.map(Raw::Verdict),
+        Args::Helo => plugin.call_helo(&mut *store).await.map(Raw::Verdict),
+        Args::MailFrom => plugin.call_mail_from(&mut *store).await.map(Raw::Verdict),
+        Args::Rcpt => plugin.call_rcpt(&mut *store).await.map(Raw::Verdict),
+        Args::Data(m) => {
+            let (handle, rep) = lend(store, m)?;
+            let r = plugin.call_data(&mut *store, handle).await;
+            take_back(store, rep);
+            r.map(Raw::Verdict)
+        }
+        Args::Route => plugin.call_route(&mut *store).await.map(Raw::Route),
+        Args::Delivered(report) => plugin
+            .call_delivered(&mut *store, report)
+            .await
+            .map(|()| Raw::Done),
+    })
+}
+
+/// One hook call on a 0.1.0 plugin, its answer in 0.2.0 terms. Its `init`
+/// cannot name the hooks 0.1.0 lacks, so they are never called.
+async fn call_v0_1(
+    plugin: &v0_1::Plugin,
+    store: &mut Store<HostState>,
+    args: &Args,
+) -> Result<wasmtime::Result<Raw>, CallError> {
+    use convert::v0_1::{route, verdict};
+    let v = |v| Raw::Verdict(verdict(v));
+    Ok(match args {
+        Args::Connect => plugin.call_connect(&mut *store).await.map(v),
+        Args::MailFrom => plugin.call_mail_from(&mut *store).await.map(v),
+        Args::Rcpt => plugin.call_rcpt(&mut *store).await.map(v),
+        Args::Data(m) => {
+            let (handle, rep) = lend(store, m)?;
+            let r = plugin.call_data(&mut *store, handle).await;
+            take_back(store, rep);
+            r.map(v)
+        }
+        Args::Route => plugin
+            .call_route(&mut *store)
+            .await
+            .map(|r| Raw::Route(route(r))),
+        Args::Helo | Args::Delivered(_) => {
+            return Err(CallError::Invalid(
+                "a postern:relay@0.1.0 plugin has no such hook".into(),
+            ))
+        }
+    })
 }
 
 /// The word for a verdict in counters and logs.
@@ -615,6 +779,14 @@ fn route_kind(r: &Route) -> &'static str {
         Route::LocalFolder(_) => "local-folder",
         Route::Discard => "discard",
         Route::Reject(_) => "reject",
+    }
+}
+
+fn answer_kind(a: &Answer) -> &'static str {
+    match a {
+        Answer::Verdict(v) => verdict_kind(v),
+        Answer::Route(r) => route_kind(r),
+        Answer::Done => "done",
     }
 }
 

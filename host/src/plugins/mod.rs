@@ -9,30 +9,38 @@
 //! - [`instance`]: one loaded plugin, its warm pool, limits and calls.
 //! - [`host`]: the host interfaces (log, kv, dns, message).
 //! - [`check`] and [`convert`]: what a plugin's answer must satisfy.
+//! - [`delivered`]: the queue of delivery reports for the `delivered` hook.
 //! - [`reload`]: hot reload on file changes and SIGHUP, and the control socket.
+//! - [`shadow`]: a new version run beside the live one, its answers counted.
 //! - [`stats`]: counters for `postern plugin list`.
 //! - [`ticker`]: the epoch ticker behind deadlines, parked while idle.
 
 pub mod bindings;
 pub mod check;
 pub mod convert;
+pub mod delivered;
 pub mod host;
 pub mod instance;
 pub mod reload;
 pub mod runtime;
+pub mod shadow;
 pub mod stats;
 pub mod ticker;
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::config::{HookName, OnError};
 use crate::envelope::{Envelope, Recipient, SessionInfo};
+use crate::metadata::{Access, SharedMetadata};
+use crate::plugins::bindings::types as wit;
 use crate::plugins::host::context::HookContext;
 use crate::plugins::host::message::{MessageRef, MessageState};
 use crate::plugins::instance::{Answer, Args, Call, CallError, Instance, LoadedPlugin, Pass};
-use crate::policy::{DataTransaction, Route, RouteQuery, Verdict};
+use crate::policy::{DataTransaction, Queued, Route, RouteQuery, Verdict};
+use crate::queue::QueueId;
 use crate::smtp::reply::Reply;
 
 pub use runtime::Runtime;
@@ -157,7 +165,8 @@ impl Chain {
         &self.plugins
     }
 
-    fn handling(&self, hook: HookName) -> bool {
+    /// True when some plugin of the chain handles `hook`.
+    pub fn handles(&self, hook: HookName) -> bool {
         self.plugins.iter().any(|p| p.handles(hook))
     }
 
@@ -235,7 +244,9 @@ impl Lease {
     }
 
     /// Runs a verdict hook: the first answer other than `Continue` ends it.
-    async fn verdict(&mut self, call: Call<'_>) -> Verdict {
+    /// A plugin with a shadow has the shadow run on the same call, on a copy
+    /// of its inputs, once the live answer is known.
+    async fn verdict(&mut self, call: Call) -> Verdict {
         let hook = call.hook();
         let Some(mut pass) = self.chain.pass() else {
             return Verdict::Continue;
@@ -244,9 +255,11 @@ impl Lease {
             if !p.handles(hook) {
                 continue;
             }
+            // Before the live call, so the shadow sees what the live one saw.
+            let shadow_call = p.shadow.as_ref().map(|_| call.fork());
             let v = match p.call(held, &call, &mut pass).await {
                 Ok(Answer::Verdict(v)) => v,
-                Ok(Answer::Route(_)) => on_error(
+                Ok(_) => on_error(
                     p,
                     hook,
                     CallError::Invalid("a route from a verdict hook".into()),
@@ -255,6 +268,9 @@ impl Lease {
             };
             self.trail
                 .push((p.clone(), hook, instance::verdict_kind(&v)));
+            if let Some(shadow_call) = shadow_call {
+                shadow::spawn(p.clone(), shadow_call, Answer::Verdict(v.clone()));
+            }
             if v != Verdict::Continue {
                 return v;
             }
@@ -263,35 +279,47 @@ impl Lease {
     }
 
     /// connect hook. Not part of a transaction: the instances go back at once.
-    pub async fn connect(&mut self, session: &SessionInfo) -> Verdict {
-        if !self.chain.handling(HookName::Connect) {
+    pub async fn connect(&mut self, session: &SessionInfo, scopes: &Scopes) -> Verdict {
+        self.session_hook(Args::Connect, session, scopes).await
+    }
+
+    /// helo hook, after EHLO or HELO (and after the EHLO that follows
+    /// STARTTLS). Not part of a transaction: the instances go back at once.
+    pub async fn helo(&mut self, session: &SessionInfo, scopes: &Scopes) -> Verdict {
+        self.session_hook(Args::Helo, session, scopes).await
+    }
+
+    /// A hook of the session outside any transaction (connect, helo).
+    async fn session_hook(
+        &mut self,
+        args: Args,
+        session: &SessionInfo,
+        scopes: &Scopes,
+    ) -> Verdict {
+        if !self.chain.handles(args.hook()) {
             return Verdict::Continue;
         }
         let context = Arc::new(HookContext {
             session: Some(convert::session(session)),
-            ..HookContext::default()
+            ..scopes.context()
         });
-        let verdict = self
-            .verdict(Call {
-                context: &context,
-                args: Args::Connect,
-            })
-            .await;
+        let verdict = self.verdict(Call::new(context, args)).await;
         self.end();
         verdict
     }
 
     /// mail-from hook.
-    pub async fn mail_from(&mut self, session: &SessionInfo, envelope: &Envelope) -> Verdict {
-        if !self.chain.handling(HookName::MailFrom) {
+    pub async fn mail_from(
+        &mut self,
+        session: &SessionInfo,
+        envelope: &Envelope,
+        scopes: &Scopes,
+    ) -> Verdict {
+        if !self.chain.handles(HookName::MailFrom) {
             return Verdict::Continue;
         }
-        let context = Arc::new(transaction_context(session, envelope));
-        self.verdict(Call {
-            context: &context,
-            args: Args::MailFrom,
-        })
-        .await
+        let context = Arc::new(transaction_context(session, envelope, scopes));
+        self.verdict(Call::new(context, Args::MailFrom)).await
     }
 
     /// rcpt hook.
@@ -300,43 +328,43 @@ impl Lease {
         session: &SessionInfo,
         envelope: &Envelope,
         rcpt: &Recipient,
+        scopes: &Scopes,
     ) -> Verdict {
-        if !self.chain.handling(HookName::Rcpt) {
+        if !self.chain.handles(HookName::Rcpt) {
             return Verdict::Continue;
         }
         let context = Arc::new(HookContext {
             recipient: Some(convert::address(&rcpt.address)),
-            ..transaction_context(session, envelope)
+            ..transaction_context(session, envelope, scopes)
         });
-        self.verdict(Call {
-            context: &context,
-            args: Args::Rcpt,
-        })
-        .await
+        self.verdict(Call::new(context, Args::Rcpt)).await
     }
 
     /// data hook: may change the transaction. The message is shared by the
     /// plugins (and parsed only if one of them asks for its structure); each
     /// sees the edits of those before it, and the edits are applied to `tx`
-    /// whatever the verdict.
-    pub async fn data(&mut self, session: &SessionInfo, tx: &mut DataTransaction) -> Verdict {
-        if !self.chain.handling(HookName::Data) {
+    /// whatever the verdict. `queue_id` is the id the message will have.
+    pub async fn data(
+        &mut self,
+        session: &SessionInfo,
+        tx: &mut DataTransaction,
+        scopes: &Scopes,
+        queue_id: &QueueId,
+    ) -> Verdict {
+        if !self.chain.handles(HookName::Data) {
             return Verdict::Continue;
         }
-        let context = Arc::new(transaction_context(session, &tx.envelope));
+        let context = Arc::new(HookContext {
+            queue_id: Some(queue_id.to_string()),
+            ..transaction_context(session, &tx.envelope, scopes)
+        });
         let raw = Arc::new(std::mem::take(&mut tx.message));
         let state = Arc::new(Mutex::new(MessageState::new(
             raw,
             tx.envelope.recipients.clone(),
         )));
         let message = MessageRef(state.clone());
-        let verdict = self
-            .verdict(Call {
-                context: &context,
-                args: Args::Data(&message),
-            })
-            .await;
-        drop(message);
+        let verdict = self.verdict(Call::new(context, Args::Data(message))).await;
         let state = match Arc::try_unwrap(state) {
             Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
             // An instance still holds a handle (it cannot, as calls delete
@@ -354,7 +382,7 @@ impl Lease {
     /// `on_error = "tempfail"` answers `Reject` with a 4xx reply, which delivery
     /// should treat as "try again later".
     pub async fn route(&mut self, query: RouteQuery<'_>) -> Route {
-        if !self.chain.handling(HookName::Route) {
+        if !self.chain.handles(HookName::Route) {
             return Route::Default;
         }
         // The section without the empty line that ends it.
@@ -364,15 +392,11 @@ impl Lease {
             .filter(|s| s.ends_with(b"\r\n"))
             .unwrap_or(query.headers);
         let context = Arc::new(HookContext {
-            session: None,
-            envelope: Some(convert::envelope(query.envelope)),
             recipient: Some(convert::address(&query.recipient.address)),
             headers: Some(String::from_utf8_lossy(section).into_owned()),
+            ..queued_context(query.queued)
         });
-        let call = Call {
-            context: &context,
-            args: Args::Route,
-        };
+        let call = Call::new(context, Args::Route);
         let Some(mut pass) = self.chain.pass() else {
             return Route::Default;
         };
@@ -380,29 +404,97 @@ impl Lease {
             if !p.handles(HookName::Route) {
                 continue;
             }
+            let shadow_call = p.shadow.as_ref().map(|_| call.fork());
             let route = match p.call(held, &call, &mut pass).await {
                 Ok(Answer::Route(r)) => r,
-                Ok(Answer::Verdict(_)) => route_error(
+                Ok(_) => route_error(
                     p,
                     CallError::Invalid("a verdict from the route hook".into()),
                 ),
                 Err(e) => route_error(p, e),
             };
+            if let Some(shadow_call) = shadow_call {
+                shadow::spawn(p.clone(), shadow_call, Answer::Route(route.clone()));
+            }
             if route != Route::Default {
                 return route;
             }
         }
         Route::Default
     }
+
+    /// delivered hook: every plugin that handles it hears of the attempt;
+    /// answers and failures change nothing (a failure is logged and counted).
+    pub async fn delivered(&mut self, queued: Queued<'_>, report: wit::DeliveryReport) {
+        if !self.chain.handles(HookName::Delivered) {
+            return;
+        }
+        let context = Arc::new(HookContext {
+            recipient: Some(report.recipient.clone()),
+            ..queued_context(queued)
+        });
+        let call = Call::new(context, Args::Delivered(report));
+        if let Some(mut pass) = self.chain.pass() {
+            for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
+                if !p.handles(HookName::Delivered) {
+                    continue;
+                }
+                let shadow_call = p.shadow.as_ref().map(|_| call.fork());
+                let answer = match p.call(held, &call, &mut pass).await {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        tracing::warn!(plugin = p.name(), hook = %HookName::Delivered, error = %e, "plugin failed");
+                        Answer::Done
+                    }
+                };
+                if let Some(shadow_call) = shadow_call {
+                    shadow::spawn(p.clone(), shadow_call, answer);
+                }
+            }
+        }
+        self.end();
+    }
 }
 
-/// The context of a transaction's hooks: its session and envelope.
-fn transaction_context(session: &SessionInfo, envelope: &Envelope) -> HookContext {
+/// The metadata a hook may read and write: the session's, and the
+/// transaction's once MAIL FROM began one.
+#[derive(Debug, Clone, Default)]
+pub struct Scopes {
+    /// The session's values.
+    pub session: Option<SharedMetadata>,
+    /// The transaction's values.
+    pub transaction: Option<SharedMetadata>,
+}
+
+impl Scopes {
+    /// A context with these scopes and nothing else.
+    fn context(&self) -> HookContext {
+        HookContext {
+            session_metadata: self.session.clone().map(Access::Writable),
+            transaction_metadata: self.transaction.clone().map(Access::Writable),
+            ..HookContext::default()
+        }
+    }
+}
+
+/// The context of a transaction's hooks: its session, envelope and metadata.
+fn transaction_context(session: &SessionInfo, envelope: &Envelope, scopes: &Scopes) -> HookContext {
     HookContext {
         session: Some(convert::session(session)),
         envelope: Some(convert::envelope(envelope)),
-        recipient: None,
-        headers: None,
+        ..scopes.context()
+    }
+}
+
+/// The context of a delivery hook: the message's envelope, the session facts
+/// and metadata stored with it (read only), its queue id.
+fn queued_context(q: Queued<'_>) -> HookContext {
+    HookContext {
+        session: q.client.map(convert::session),
+        envelope: Some(convert::envelope(q.envelope)),
+        queue_id: Some(q.id.to_string()),
+        transaction_metadata: Some(Access::ReadOnly(q.metadata.clone())),
+        ..HookContext::default()
     }
 }
 
@@ -426,21 +518,28 @@ fn route_error(p: &LoadedPlugin, e: CallError) -> Route {
 
 /// The current chain, swapped atomically on reload.
 #[derive(Debug)]
-pub struct ChainHandle(RwLock<Arc<Chain>>);
+pub struct ChainHandle {
+    chain: RwLock<Arc<Chain>>,
+    /// Delivery reports the `delivered` hook never got: its queue was full.
+    pub delivered_dropped: AtomicU64,
+}
 
 impl ChainHandle {
     /// Wraps a loaded chain.
     pub fn new(chain: Chain) -> ChainHandle {
-        ChainHandle(RwLock::new(Arc::new(chain)))
+        ChainHandle {
+            chain: RwLock::new(Arc::new(chain)),
+            delivered_dropped: AtomicU64::new(0),
+        }
     }
 
     /// The chain new sessions use.
     pub fn current(&self) -> Arc<Chain> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.chain.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Replaces the chain; sessions already running keep theirs.
     pub fn swap(&self, chain: Chain) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(chain);
+        *self.chain.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(chain);
     }
 }

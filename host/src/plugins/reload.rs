@@ -18,7 +18,8 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, HookName};
+use crate::plugins::instance::LoadedPlugin;
 use crate::plugins::{ChainHandle, Error, Runtime};
 
 /// Quiet time after the last file event before reloading, while a file that
@@ -234,29 +235,52 @@ pub struct PluginStatus {
     pub instances: String,
     /// Load time, seconds since the Unix epoch.
     pub loaded_at: u64,
-    /// Per-hook counters.
+    /// Per-hook counters (with the shadow's agreement, when it has one).
     pub stats: Vec<crate::plugins::stats::HookSnapshot>,
+    /// The WIT world it was built for.
+    #[serde(default)]
+    pub world: String,
+    /// Its shadow: the new version running beside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Box<PluginStatus>>,
+    /// For a plugin that handles `delivered`: reports the hook never got
+    /// because its queue was full (the queue is the chain's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_dropped: Option<u64>,
 }
 
 /// The current chain, as [`PluginStatus`] rows.
 pub fn status(handle: &ChainHandle) -> Vec<PluginStatus> {
+    let dropped = handle
+        .delivered_dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
     handle
         .current()
         .plugins()
         .iter()
         .map(|p| PluginStatus {
-            name: p.name().to_string(),
-            hash: p.hash.clone(),
-            hooks: p.hooks.iter().map(|h| h.to_string()).collect(),
-            instances: p.config.instances.as_str().to_string(),
-            loaded_at: p
-                .loaded_at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            stats: p.stats.snapshot(),
+            delivered_dropped: p.handles(HookName::Delivered).then_some(dropped),
+            ..plugin_status(p)
         })
         .collect()
+}
+
+fn plugin_status(p: &LoadedPlugin) -> PluginStatus {
+    PluginStatus {
+        name: p.name().to_string(),
+        hash: p.hash.clone(),
+        hooks: p.hooks.iter().map(|h| h.to_string()).collect(),
+        instances: p.config.instances.as_str().to_string(),
+        loaded_at: p
+            .loaded_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        stats: p.stats.snapshot(),
+        world: p.world().to_string(),
+        shadow: p.shadow.as_deref().map(|s| Box::new(plugin_status(s))),
+        delivered_dropped: None,
+    }
 }
 
 /// The control socket's path for a config: in the spool, which belongs to the

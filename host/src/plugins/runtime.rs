@@ -12,10 +12,10 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::config::{Config, Grant, KvConfig, PluginConfig};
-use crate::plugins::bindings::{self, PluginPre};
+use crate::plugins::bindings::{self, v0_1, PluginPre};
 use crate::plugins::host::dns::Resolver;
 use crate::plugins::host::kv::KvStore;
-use crate::plugins::instance::{HostState, LoadedPlugin, Services};
+use crate::plugins::instance::{Archive, HostState, LoadedPlugin, Pre, Services};
 use crate::plugins::ticker::Ticker;
 use crate::plugins::{Chain, Error};
 
@@ -149,7 +149,23 @@ impl Runtime {
         Ok((hash, c))
     }
 
+    /// Loads one `[[plugin]]` entry, and its shadow when it names one.
     async fn load_plugin(&self, config: &Config, p: &PluginConfig) -> Result<LoadedPlugin, Error> {
+        let mut plugin = self.load_one(config, p, false).await?;
+        if let Some(entry) = p.shadow_entry() {
+            plugin.shadow = Some(Arc::new(self.load_one(config, &entry, true).await?));
+        }
+        Ok(plugin)
+    }
+
+    /// Reads, compiles, links and validates one plugin. A shadow's archive
+    /// folder is a scratch one, removed with it.
+    async fn load_one(
+        &self,
+        config: &Config,
+        p: &PluginConfig,
+        shadow: bool,
+    ) -> Result<LoadedPlugin, Error> {
         let path = config.plugins_dir().join(&p.path);
         let bytes = tokio::fs::read(&path).await.map_err(|source| Error::Read {
             plugin: p.name.clone(),
@@ -168,16 +184,26 @@ impl Runtime {
             plugin: p.name.clone(),
             message,
         })?;
-        let archive = if p.grants.contains(&Grant::Archive) {
+        let archive = if !p.grants.contains(&Grant::Archive) {
+            None
+        } else if shadow {
+            let dir = tempfile::Builder::new()
+                .prefix("postern-shadow-archive-")
+                .tempdir()
+                .map_err(|source| Error::Archive {
+                    plugin: p.name.clone(),
+                    path: std::env::temp_dir(),
+                    source,
+                })?;
+            Some(Archive::Scratch(dir))
+        } else {
             let dir = config.resolve(&config.plugins.archive_dir).join(&p.name);
             std::fs::create_dir_all(&dir).map_err(|source| Error::Archive {
                 plugin: p.name.clone(),
                 path: dir.clone(),
                 source,
             })?;
-            Some(dir)
-        } else {
-            None
+            Some(Archive::Folder(dir))
         };
         let mut plugin = LoadedPlugin::new(
             p.clone(),
@@ -288,7 +314,7 @@ fn cache_dir(dir: &Path) -> Result<(), String> {
 /// What grant, if any, an import of the `postern:relay` package needs.
 fn grant_for(interface: &str) -> Option<Option<Grant>> {
     match interface {
-        "types" | "message" | "context" => Some(None),
+        "types" | "message" | "context" | "metadata" => Some(None),
         "log" => Some(Some(Grant::Log)),
         "kv" => Some(Some(Grant::Kv)),
         "dns" => Some(Some(Grant::Dns)),
@@ -337,35 +363,56 @@ fn check_imports(engine: &Engine, component: &Component, p: &PluginConfig) -> Re
     Ok(())
 }
 
+/// The `postern:relay` version a component was built for: 0.1.0 if it
+/// imports any interface of that version, else the current one.
+fn world_version(engine: &Engine, component: &Component) -> &'static str {
+    let old = component
+        .component_type()
+        .imports(engine)
+        .any(|(name, _)| name.starts_with("postern:relay/") && name.ends_with("@0.1.0"));
+    if old {
+        "0.1.0"
+    } else {
+        "0.2.0"
+    }
+}
+
 /// A linker with WASI (nothing ambient in it: the store's context decides) and
-/// the host interfaces granted.
-fn link(
-    engine: &Engine,
-    component: &Component,
-    grants: &[Grant],
-) -> Result<PluginPre<HostState>, String> {
+/// the host interfaces granted, under the names of the world the component
+/// was built for. A 0.1.0 plugin gets the same host functions under 0.1.0
+/// names (see [`bindings`]).
+fn link(engine: &Engine, component: &Component, grants: &[Grant]) -> Result<Pre, String> {
+    let version = world_version(engine, component);
     let mut linker: Linker<HostState> = Linker::new(engine);
     let e = |e: wasmtime::Error| format!("{e:#}");
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(e)?;
-    bindings::types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?;
-    bindings::message::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?;
-    bindings::context::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?;
+    macro_rules! link {
+        ($interface:ident) => {{
+            let name = format!("postern:relay/{}@{version}", stringify!($interface));
+            let mut instance = linker.instance(&name).map_err(e)?;
+            bindings::$interface::add_to_linker_instance::<_, HasSelf<_>>(&mut instance, |s| s)
+                .map_err(e)?;
+        }};
+    }
+    link!(types);
+    link!(message);
+    link!(context);
+    if version != "0.1.0" {
+        link!(metadata);
+    }
     for g in grants {
         match g {
-            Grant::Log => {
-                bindings::log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?
-            }
-            Grant::Kv => {
-                bindings::kv::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?
-            }
-            Grant::Dns => {
-                bindings::dns::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(e)?
-            }
+            Grant::Log => link!(log),
+            Grant::Kv => link!(kv),
+            Grant::Dns => link!(dns),
             Grant::Archive => {}
         }
     }
     let pre = linker.instantiate_pre(component).map_err(e)?;
-    PluginPre::new(pre).map_err(e)
+    match version {
+        "0.1.0" => v0_1::PluginPre::new(pre).map(Pre::V0_1).map_err(e),
+        _ => PluginPre::new(pre).map(Pre::Current).map_err(e),
+    }
 }
 
 /// What a component needs from the relay, for `postern plugin check`.
@@ -379,6 +426,8 @@ pub struct Requirements {
     pub grants: Vec<Grant>,
     /// It imports WASI filesystem, so it may expect the `archive` grant.
     pub filesystem: bool,
+    /// The world it was built for, e.g. `postern:relay/plugin@0.2.0`.
+    pub world: String,
 }
 
 impl Runtime {
@@ -402,6 +451,7 @@ fn requirements(engine: &Engine, component: &Component, hash: String) -> Require
         imports: Vec::new(),
         grants: Vec::new(),
         filesystem: false,
+        world: format!("postern:relay/plugin@{}", world_version(engine, component)),
     };
     for (name, item) in component.component_type().imports(engine) {
         if !matches!(

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::HookName;
 
-/// Answer kinds counted per hook.
-pub const ANSWERS: [&str; 10] = [
+/// Answer kinds counted per hook (`done`: a `delivered` call).
+pub const ANSWERS: [&str; 11] = [
     "continue",
     "accept",
     "reject",
@@ -20,6 +20,7 @@ pub const ANSWERS: [&str; 10] = [
     "local-folder",
     "discard",
     "default",
+    "done",
 ];
 
 /// Error kinds counted per hook.
@@ -35,12 +36,15 @@ struct HookStats {
     latency: [AtomicU64; BUCKETS],
     /// Time of all calls, in µs (the metrics page's histogram sum).
     sum_us: AtomicU64,
+    /// Calls where the shadow answered as this plugin did, and where not.
+    shadow_agreed: AtomicU64,
+    shadow_disagreed: AtomicU64,
 }
 
 /// The counters of one plugin.
 #[derive(Default)]
 pub struct Stats {
-    hooks: [HookStats; 5],
+    hooks: [HookStats; HookName::ALL.len()],
 }
 
 impl std::fmt::Debug for Stats {
@@ -101,6 +105,16 @@ impl Stats {
         }
     }
 
+    /// Records whether the shadow answered a call as the live plugin did.
+    pub fn shadow(&self, hook: HookName, agreed: bool) {
+        let h = &self.hooks[hook.index()];
+        if agreed {
+            h.shadow_agreed.fetch_add(1, Relaxed);
+        } else {
+            h.shadow_disagreed.fetch_add(1, Relaxed);
+        }
+    }
+
     /// A snapshot for the hooks that were called.
     pub fn snapshot(&self) -> Vec<HookSnapshot> {
         HookName::ALL
@@ -121,6 +135,8 @@ impl Stats {
                     p50_us: pct(0.5),
                     p90_us: pct(0.9),
                     p99_us: pct(0.99),
+                    shadow_agreed: h.shadow_agreed.load(Relaxed),
+                    shadow_disagreed: h.shadow_disagreed.load(Relaxed),
                 })
             })
             .collect()
@@ -185,6 +201,12 @@ pub struct HookSnapshot {
     pub p90_us: u64,
     /// 99th percentile, upper bound in µs.
     pub p99_us: u64,
+    /// Calls the shadow answered as this plugin did.
+    #[serde(default)]
+    pub shadow_agreed: u64,
+    /// Calls the shadow answered otherwise.
+    #[serde(default)]
+    pub shadow_disagreed: u64,
 }
 
 #[cfg(test)]

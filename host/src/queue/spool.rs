@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::QueueId;
 use crate::envelope::{Envelope, SessionInfo};
+use crate::metadata::Metadata;
 
 /// Spool errors. Any of them during acceptance becomes `452 4.3.1`.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,14 @@ pub struct QueuedMeta {
     pub hold: Option<String>,
     /// Size of the message bytes.
     pub size: u64,
+    /// The plugins' transaction metadata, as it was when the message was
+    /// queued (none in records written before metadata existed).
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub metadata: Arc<Metadata>,
+}
+
+fn is_empty(m: &Arc<Metadata>) -> bool {
+    m.is_empty()
 }
 
 /// A spooled message as read back: its record and where its bytes start.
@@ -348,6 +357,7 @@ impl Spool {
         envelope: &Envelope,
         client: Option<&SessionInfo>,
         hold: Option<String>,
+        metadata: Metadata,
         message: Arc<Vec<u8>>,
     ) -> Result<Spooled, Error> {
         let meta = QueuedMeta {
@@ -358,6 +368,7 @@ impl Spool {
             client: client.cloned(),
             hold,
             size: message.len() as u64,
+            metadata: Arc::new(metadata),
         };
         let mut header = serde_json::to_vec(&meta).expect("spool record serializes");
         header.push(b'\n');
@@ -633,7 +644,14 @@ mod tests {
         let id = QueueId::generate();
         let msg = Arc::new(body.to_vec());
         spool
-            .store(&id, &envelope(), None, None, msg.clone())
+            .store(
+                &id,
+                &envelope(),
+                None,
+                None,
+                Metadata::default(),
+                msg.clone(),
+            )
             .await
             .unwrap();
         (id, msg)
@@ -651,7 +669,14 @@ mod tests {
         let long_msg =
             Arc::new(format!("Subject: long\r\n\r\n{}\r\n", "x".repeat(5000)).into_bytes());
         spool
-            .store(&long, &envelope(), None, None, long_msg)
+            .store(
+                &long,
+                &envelope(),
+                None,
+                None,
+                Metadata::default(),
+                long_msg,
+            )
             .await
             .unwrap();
         assert_eq!(pooled(dir.path()), 0, "the file moved to queue/");
@@ -669,7 +694,7 @@ mod tests {
         let big = QueueId::generate();
         let big_msg = Arc::new(vec![b'x'; POOL_FILE_MAX as usize + 1]);
         spool
-            .store(&big, &envelope(), None, None, big_msg)
+            .store(&big, &envelope(), None, None, Metadata::default(), big_msg)
             .await
             .unwrap();
         spool.remove(&big).unwrap();
@@ -750,7 +775,7 @@ mod tests {
             let spool = Spool::open(dir.path()).unwrap();
             let msg = Arc::new(b"Subject: hi\r\n\r\nbody\r\n".to_vec());
             spool
-                .store(&id, &envelope(), None, None, msg)
+                .store(&id, &envelope(), None, None, Metadata::default(), msg)
                 .await
                 .unwrap();
         }
@@ -794,7 +819,7 @@ mod tests {
                 let id = QueueId::generate();
                 let msg = Arc::new(format!("Subject: {i}\r\n\r\n").into_bytes());
                 spool
-                    .store(&id, &envelope(), None, None, msg)
+                    .store(&id, &envelope(), None, None, Metadata::default(), msg)
                     .await
                     .map(|_| id)
             }));

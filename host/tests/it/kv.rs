@@ -69,6 +69,7 @@ async fn counters_land_under_prefix_plugin_key() -> anyhow::Result<()> {
         for (hook, n) in [
             ("connect", "2"),
             ("data", "2"),
+            ("helo", "2"),
             ("mail_from", "2"),
             ("rcpt", "4"),
         ] {

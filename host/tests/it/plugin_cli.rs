@@ -72,7 +72,7 @@ fn check_accepts_a_plugin_and_names_hooks_and_grants() {
     );
     let stdout = succeeded(&out);
     assert!(
-        stdout.contains("fits postern:relay/plugin@0.1.0"),
+        stdout.contains("fits postern:relay/plugin@0.2.0"),
         "{stdout}"
     );
     let line = |key: &str| {
@@ -121,7 +121,7 @@ fn check_runs_init_with_the_entry_config_when_given() {
     };
 
     let alone = succeeded(&check(None));
-    assert!(alone.contains("fits postern:relay/plugin@0.1.0"), "{alone}");
+    assert!(alone.contains("fits postern:relay/plugin@0.2.0"), "{alone}");
     assert!(
         alone.contains(
             "hooks:  unknown: init refused to run without its config (missing field `routes`"
@@ -343,7 +343,8 @@ fn list_shows_the_running_chain_and_its_counts() {
     let header = listed.lines().next().unwrap_or_default();
     assert!(header.starts_with("blocklist  sha256:"), "{listed}");
     assert!(header.contains("hooks: mail_from,rcpt"), "{listed}");
-    assert!(header.contains("instances: warm"), "{listed}");
+    assert!(header.contains("instances: per-call"), "{listed}");
+    assert!(header.contains("world: 0.2.0"), "{listed}");
     // Loaded today, shown as an RFC 3339 time.
     let year = mail_parser::DateTime::from_timestamp(
         std::time::SystemTime::now()

@@ -150,7 +150,10 @@ async fn recipients_added_by_plugins_obey_the_access_rules() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_serves_one_transaction_at_a_time() -> anyhow::Result<()> {
     // The calls and transactions the instance had seen at each data hook.
-    for (instances, seen) in [("warm", [(4, 1), (4, 1)]), ("per-call", [(6, 2), (7, 2)])] {
+    for (instances, seen) in [
+        ("transaction", [(4, 1), (4, 1)]),
+        ("per-call", [(6, 2), (7, 2)]),
+    ] {
         let extra = format!("instances = \"{instances}\"");
         let relay = Relay::start(&testkit("tag_instance = true", &extra)).await?;
         let (mut a, _) = relay.client().await?;
@@ -196,12 +199,12 @@ async fn an_instance_serves_one_transaction_at_a_time() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A warm instance serves one transaction after another; with
+/// A transaction-bound instance serves one transaction after another; with
 /// `instances = "fresh"` each transaction gets a new one, so nothing a plugin
 /// keeps in memory outlives the transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_instances_keep_nothing_between_transactions() -> anyhow::Result<()> {
-    for (instances, second) in [("warm", "2"), ("fresh", "1")] {
+    for (instances, second) in [("transaction", "2"), ("fresh", "1")] {
         let extra = format!("instances = \"{instances}\"");
         let relay = Relay::start(&testkit("tag_instance = true", &extra)).await?;
         let (mut c, _) = relay.client().await?;
@@ -493,10 +496,19 @@ async fn reload_while_sending() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_verdict() -> anyhow::Result<()> {
     use postern::envelope::{Address, Envelope, MailParams, Recipient};
-    use postern::policy::{Route, RouteQuery};
+    use postern::policy::{Queued, Route, RouteQuery};
+    use postern::queue::QueueId;
 
     let relay = Relay::start("").await?;
     let envelope = Envelope::new(Address("a@b.test".into()), MailParams::default());
+    let id = QueueId::generate();
+    let metadata = std::sync::Arc::default();
+    let queued = || Queued {
+        id: &id,
+        envelope: &envelope,
+        client: None,
+        metadata: &metadata,
+    };
     let rcpt = Recipient::new("user@dest.test");
     let headers = b"Subject: hi\r\nX-Folder: by\r\n header\r\nFrom: a@b.test\r\n\r\n";
     for (config, expected) in [
@@ -539,7 +551,7 @@ async fn every_route_verdict() -> anyhow::Result<()> {
             .current()
             .lease()
             .route(RouteQuery {
-                envelope: &envelope,
+                queued: queued(),
                 recipient: &rcpt,
                 headers,
             })
@@ -554,7 +566,7 @@ async fn every_route_verdict() -> anyhow::Result<()> {
         .await?;
     let mut hooks = relay.handle.current().lease();
     let q = |r| RouteQuery {
-        envelope: &envelope,
+        queued: queued(),
         recipient: r,
         headers,
     };

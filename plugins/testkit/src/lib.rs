@@ -13,7 +13,18 @@
 //! tag_instance = true                            # data adds X-Testkit-Calls (hooks this instance ran since MAIL)
 //!                                                # and X-Testkit-Transactions (MAILs this instance has seen)
 //! inspect = true                                 # data adds X-Testkit-Inspect: subject, parts, text, attachments
+//! set_metadata = [{ hook = "connect", scope = "session", key = "k", value = "v" }]
+//!                                                # set at that hook; data adds X-Testkit-Set-Error for a refused set there
+//! show_metadata = ["kit.session.k", "other.transaction.k"]
+//!                                                # data adds X-Testkit-Metadata with those values (`plugin.scope.key`)
+//! trace_helo = true                              # helo appends NAME/plain or NAME/tls to session metadata "helo_seen"
+//! helo_refuse = "bad.example"                    # helo answers 550 5.7.1 to that name only
+//! record_delivered = true                        # delivered appends a line per report to /archive/delivered.log
 //! ```
+//!
+//! It keeps counters in its memory only to show how the relay lends
+//! instances (`tag_instance`); everything else between hooks goes through
+//! metadata, as a plugin's state should.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -55,6 +66,23 @@ struct Misbehave {
     how: String,
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetMetadata {
+    hook: String,
+    scope: String,
+    key: String,
+    value: String,
+}
+
+fn scope(name: &str) -> Scope {
+    if name == "session" {
+        Scope::Session
+    } else {
+        Scope::Transaction
+    }
+}
+
 // No deny_unknown_fields: serde does not support it next to `flatten`.
 #[derive(serde::Deserialize)]
 struct Testkit {
@@ -76,6 +104,16 @@ struct Testkit {
     /// session and envelope, and `rcpt` and `route` check their recipient.
     #[serde(default)]
     show_context: bool,
+    #[serde(default)]
+    set_metadata: Vec<SetMetadata>,
+    #[serde(default)]
+    show_metadata: Vec<String>,
+    #[serde(default)]
+    trace_helo: bool,
+    #[serde(default)]
+    helo_refuse: Option<String>,
+    #[serde(default)]
+    record_delivered: bool,
     /// Hooks this instance has run since its last mail-from; shows whether
     /// one instance served a whole transaction and nothing else meanwhile.
     #[serde(skip)]
@@ -87,6 +125,42 @@ struct Testkit {
 }
 
 impl Testkit {
+    /// Sets the metadata configured for `hook`; returns the refusals.
+    fn set_metadata(&self, hook: &str) -> Vec<String> {
+        self.set_metadata
+            .iter()
+            .filter(|s| s.hook == hook)
+            .filter_map(|s| {
+                let refused = match metadata::set(scope(&s.scope), &s.key, &s.value) {
+                    Ok(()) => return None,
+                    Err(metadata::Error::TooLarge) => "too-large",
+                    Err(metadata::Error::NoScope) => "no-scope",
+                    Err(metadata::Error::ReadOnly) => "read-only",
+                    Err(metadata::Error::InvalidKey) => "invalid-key",
+                };
+                Some(format!("{}: {refused}", s.key))
+            })
+            .collect()
+    }
+
+    /// `plugin.scope.key=value` for each `show_metadata` entry.
+    fn show_metadata(&self) -> String {
+        self.show_metadata
+            .iter()
+            .map(|entry| {
+                let mut parts = entry.splitn(3, '.');
+                let (plugin, sc, key) = (
+                    parts.next().unwrap_or(""),
+                    parts.next().unwrap_or(""),
+                    parts.next().unwrap_or(""),
+                );
+                let value = metadata::get_from(plugin, scope(sc), key);
+                format!("{entry}={}", value.as_deref().unwrap_or("-"))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// Counts and misbehaves as configured; `Some` is a verdict that ends
     /// the hook (a failed count, with `count_errors`).
     fn enter(&self, hook: &str) -> Option<Verdict> {
@@ -198,13 +272,39 @@ impl Plugin for Testkit {
         if let Some(v) = self.enter("connect") {
             return v;
         }
+        self.set_metadata("connect");
         self.verdict("connect")
+    }
+
+    fn helo(&self, session: &Session) -> Verdict {
+        if let Some(v) = self.enter("helo") {
+            return v;
+        }
+        self.set_metadata("helo");
+        if self.trace_helo {
+            let mut seen = metadata::get(Scope::Session, "helo_seen").unwrap_or_default();
+            if !seen.is_empty() {
+                seen.push(',');
+            }
+            let tls = if session.tls.is_some() {
+                "tls"
+            } else {
+                "plain"
+            };
+            seen.push_str(&format!("{}/{tls}", session.helo.as_deref().unwrap_or("")));
+            let _ = metadata::set(Scope::Session, "helo_seen", &seen);
+        }
+        if self.helo_refuse.is_some() && session.helo == self.helo_refuse {
+            return Verdict::reject(550, "5.7.1", "testkit refuses this name");
+        }
+        self.verdict("helo")
     }
 
     fn mail_from(&self, _session: &Session, _envelope: &Envelope) -> Verdict {
         if let Some(v) = self.enter("mail_from") {
             return v;
         }
+        self.set_metadata("mail_from");
         self.verdict("mail_from")
     }
 
@@ -215,12 +315,28 @@ impl Plugin for Testkit {
         if self.show_context && rcpt.domain() != "local.test" {
             return Verdict::reject(550, "5.1.1", &format!("testkit saw recipient {}", **rcpt));
         }
+        self.set_metadata("rcpt");
         self.verdict("rcpt")
     }
 
     fn data(&self, session: &Session, envelope: &Envelope, message: &Message) -> Verdict {
         if let Some(v) = self.enter("data") {
             return v;
+        }
+        let refused = self.set_metadata("data");
+        if !refused.is_empty()
+            && message
+                .add_header("X-Testkit-Set-Error", &refused.join("; "))
+                .is_err()
+        {
+            return Verdict::reject(554, "5.6.0", "header edit refused");
+        }
+        if !self.show_metadata.is_empty()
+            && message
+                .add_header("X-Testkit-Metadata", &self.show_metadata())
+                .is_err()
+        {
+            return Verdict::reject(554, "5.6.0", "header edit refused");
         }
         if self.tag_instance {
             let calls = self.calls.get().to_string();
@@ -275,6 +391,14 @@ impl Plugin for Testkit {
         self.verdict("data")
     }
 
+    fn delivered(&self, _envelope: &Envelope, report: &DeliveryReport) {
+        let _ = self.enter("delivered");
+        // A report that cannot be written shows as a missing line.
+        if self.record_delivered {
+            let _ = self.record(report);
+        }
+    }
+
     fn route(&self, _envelope: &Envelope, _rcpt: &Recipient, headers: &Headers) -> Route {
         let _ = self.enter("route");
         let Some(a) = self.hooks.get("route") else {
@@ -289,9 +413,47 @@ impl Plugin for Testkit {
                 Some(folder) => Route::local_folder(folder.as_str()),
                 None => Route::Default,
             },
+            // Filed in the folder the transaction's metadata names.
+            Some("folder-from-metadata") => match metadata::get(Scope::Transaction, &a.arg) {
+                Some(folder) => Route::local_folder(folder.as_str()),
+                None => Route::Default,
+            },
             Some("reject") => Route::reject(a.code, &a.enhanced, &a.text),
             _ => Route::Default,
         }
+    }
+}
+
+impl Testkit {
+    /// One line per report: recipient, outcome, attempt, queue id, the
+    /// transaction metadata the message was queued with, the reply.
+    fn record(&self, report: &DeliveryReport) -> std::io::Result<()> {
+        use std::io::Write;
+        let class: Vec<String> = metadata::keys(Scope::Transaction)
+            .iter()
+            .map(|k| {
+                let v = metadata::get(Scope::Transaction, k).unwrap_or_default();
+                format!("{k}={v}")
+            })
+            .collect();
+        let outcome = match report.outcome {
+            DeliveryOutcome::Delivered => "delivered",
+            DeliveryOutcome::Deferred => "deferred",
+            DeliveryOutcome::Failed => "failed",
+        };
+        let line = format!(
+            "{} {outcome} attempt={} id={} meta={} reply={}\n",
+            report.recipient,
+            report.attempt,
+            postern_sdk::queue_id().unwrap_or_default(),
+            class.join(","),
+            report.reply
+        );
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open("/archive/delivered.log")?
+            .write_all(line.as_bytes())
     }
 }
 

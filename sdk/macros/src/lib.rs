@@ -12,6 +12,8 @@ const HOOKS: &[(&str, &str)] = &[
     ("rcpt", "Rcpt"),
     ("data", "Data"),
     ("route", "Route"),
+    ("helo", "Helo"),
+    ("delivered", "Delivered"),
 ];
 
 /// Put on `impl Plugin for T { ... }`: records the hooks the block defines, so

@@ -3,26 +3,46 @@
 //! the whole chain; a plugin gets a copy in its memory only when it asks,
 //! so a hook that does not look at them costs no guest allocations.
 
+use crate::metadata::Access;
 use crate::plugins::bindings::context::Host;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::instance::HostState;
 
 /// The context of one hook call, shared by every plugin of the chain (one
 /// `Arc` per hook, so handing it to each plugin costs one reference count).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct HookContext {
-    /// The client session; none during route.
+    /// The client session (at route and delivered, as stored with the
+    /// message; none for the relay's own bounces).
     pub session: Option<wit::Session>,
-    /// The envelope; none during connect.
+    /// The envelope; none during connect and helo.
     pub envelope: Option<wit::Envelope>,
-    /// The recipient, during rcpt and route.
+    /// The recipient, during rcpt, route and delivered.
     pub recipient: Option<wit::Address>,
     /// The header section, during route.
     pub headers: Option<String>,
+    /// The queue id, from data on.
+    pub queue_id: Option<String>,
+    /// The session's metadata; none at route and delivered.
+    pub session_metadata: Option<Access>,
+    /// The transaction's metadata; none before mail-from.
+    pub transaction_metadata: Option<Access>,
+}
+
+impl HookContext {
+    /// The same context with metadata whose writes change nothing here: what a
+    /// shadow plugin gets.
+    pub fn fork(&self) -> HookContext {
+        HookContext {
+            session_metadata: self.session_metadata.as_ref().map(Access::fork),
+            transaction_metadata: self.transaction_metadata.as_ref().map(Access::fork),
+            ..self.clone()
+        }
+    }
 }
 
 impl HostState {
-    fn hook_context(&self) -> Option<&HookContext> {
+    pub(crate) fn hook_context(&self) -> Option<&HookContext> {
         self.context.as_deref()
     }
 }
@@ -66,5 +86,10 @@ impl Host for HostState {
             self.hook_context().and_then(|c| c.headers.as_ref()),
             "headers",
         )
+    }
+
+    fn get_queue_id(&mut self) -> wasmtime::Result<Option<String>> {
+        self.host_call_done();
+        Ok(self.hook_context().and_then(|c| c.queue_id.clone()))
     }
 }

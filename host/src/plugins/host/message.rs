@@ -30,6 +30,23 @@ impl MessageRef {
     fn lock(&self) -> MutexGuard<'_, MessageState> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// A separate message with the edits so far, whose own edits change
+    /// nothing here: what a shadow plugin reads and edits. It parses again
+    /// if it asks for structure (the shadow runs after the reply, so that
+    /// costs the client nothing).
+    pub fn fork(&self) -> MessageRef {
+        let s = self.lock();
+        MessageRef(Arc::new(Mutex::new(MessageState {
+            raw: s.raw.clone(),
+            headers: None,
+            mime: None,
+            added: s.added.clone(),
+            removed: s.removed.clone(),
+            recipients: s.recipients.clone(),
+            quarantine: s.quarantine.clone(),
+        })))
+    }
 }
 
 /// Where a part's decoded content is.

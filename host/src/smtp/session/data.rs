@@ -12,6 +12,7 @@ use super::{Flow, Session};
 use crate::admin::metrics::{metrics, Label, Source, TxOutcome};
 use crate::config::BareNewline;
 use crate::envelope::{Address, Envelope, SessionInfo};
+use crate::plugins::Scopes;
 use crate::policy::{DataTransaction, Verdict};
 use crate::queue::QueueId;
 use crate::server::Context;
@@ -160,6 +161,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         flags: ContentFlags,
     ) -> (Flow, TxOutcome) {
         let refused = TxOutcome::Refused;
+        // The transaction ends here, whatever the outcome.
+        let scopes = Scopes {
+            session: self.metadata.session.clone(),
+            transaction: self.metadata.transaction.take(),
+        };
         self.bdat = None;
         if flags.bare_newline && self.ctx.config.smtp.bare_newline == BareNewline::Reject {
             return (self.error_reply(Reply::BARE_NEWLINE), refused);
@@ -200,9 +206,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .iter()
             .map(|r| r.address.clone())
             .collect();
-        let verdict = self.hooks.data(&self.info, &mut tx).await;
+        let verdict = self.hooks.data(&self.info, &mut tx, &scopes, id).await;
         // The data hook is the transaction's last.
         self.hooks.end();
+        let metadata = scopes.transaction.map(|m| m.snapshot()).unwrap_or_default();
         check_added_recipients(&self.ctx, &self.info, id, &given, &mut tx.envelope);
         if !matches!(verdict, Verdict::Continue | Verdict::Accept) {
             return (self.refused(verdict).unwrap_or(Flow::Continue), refused);
@@ -226,6 +233,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 &tx.envelope,
                 Some(&self.info),
                 tx.quarantine.clone(),
+                metadata,
                 message,
             )
             .await

@@ -12,6 +12,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // RFC 5321 4.1.4: EHLO in the middle of a transaction resets it.
         self.reset_transaction();
         self.info.helo = Some(printable(&host));
+        let verdict = self.hooks.helo(&self.info, &self.metadata).await;
+        if let Some(flow) = self.refused(verdict) {
+            // Refused: no greeting took place, so MAIL needs another EHLO.
+            self.info.helo = None;
+            return flow;
+        }
         self.esmtp = esmtp;
         let greeting = format!(
             "{} Hello {} [{}]",

@@ -6,6 +6,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{Flow, Session};
 use crate::config::ListenerMode;
 use crate::envelope::{Address, Body, Envelope, MailParams, Ret};
+use crate::metadata::SharedMetadata;
 use crate::smtp::reply::Reply;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -32,12 +33,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ));
         }
         let envelope = Envelope::new(sender, params);
+        let limit = self.ctx.config.plugins.max_metadata_size;
+        self.metadata.transaction = Some(SharedMetadata::new(limit));
         // The transaction's verdicts start here.
         self.hooks.take_verdicts();
-        let verdict = self.hooks.mail_from(&self.info, &envelope).await;
+        let verdict = self
+            .hooks
+            .mail_from(&self.info, &envelope, &self.metadata)
+            .await;
         if let Some(flow) = self.refused(verdict) {
             // No transaction began: the instances go back.
             self.hooks.end();
+            self.metadata.transaction = None;
             return flow;
         }
         self.tx = Some(envelope);

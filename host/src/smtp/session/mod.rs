@@ -19,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::admin::metrics::{metrics, ConnOutcome, Stage};
 use crate::envelope::{Envelope, SessionInfo};
-use crate::plugins::Lease;
+use crate::metadata::SharedMetadata;
+use crate::plugins::{Lease, Scopes};
 use crate::policy::Verdict;
 use crate::server::{Context, Listener};
 use crate::smtp::codec::{self, BdatReceiver, CommandLine};
@@ -64,6 +65,9 @@ pub struct Session<S> {
     /// and the plugin instances lent to the transaction in progress.
     hooks: Lease,
     info: SessionInfo,
+    /// The plugins' metadata of the session, and of the transaction once
+    /// MAIL FROM begins one.
+    metadata: Scopes,
     /// EHLO (rather than HELO) was used.
     esmtp: bool,
     /// The transaction in progress, from MAIL to the end of data.
@@ -87,6 +91,8 @@ pub struct Carry {
     listener: Arc<Listener>,
     hooks: Lease,
     info: SessionInfo,
+    /// The session's metadata lasts as long as the connection.
+    session_metadata: Option<SharedMetadata>,
     errors: usize,
 }
 
@@ -99,6 +105,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         info: SessionInfo,
     ) -> Session<S> {
         let hooks = ctx.chain.current().lease();
+        let session_metadata = Some(SharedMetadata::new(ctx.config.plugins.max_metadata_size));
         Session::resume(
             stream,
             Carry {
@@ -106,6 +113,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 listener,
                 hooks,
                 info,
+                session_metadata,
                 errors: 0,
             },
         )
@@ -124,6 +132,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             listener: carry.listener,
             hooks: carry.hooks,
             info,
+            metadata: Scopes {
+                session: carry.session_metadata,
+                transaction: None,
+            },
             esmtp: false,
             tx: None,
             bdat: None,
@@ -143,6 +155,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             listener: self.listener,
             hooks: self.hooks,
             info: self.info,
+            session_metadata: self.metadata.session,
             errors: self.errors,
         };
         (self.stream, carry)
@@ -161,7 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Runs the connect hook and sends the banner. Returns false when the
     /// connection is to be closed.
     pub async fn greet(&mut self) -> bool {
-        let verdict = self.hooks.connect(&self.info).await;
+        let verdict = self.hooks.connect(&self.info, &self.metadata).await;
         let counters = metrics().listener(self.listener.config.address);
         match verdict {
             Verdict::Continue | Verdict::Accept => {
@@ -315,6 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn reset_transaction(&mut self) {
         self.hooks.end();
         self.tx = None;
+        self.metadata.transaction = None;
         self.bdat = None;
         self.bdat_memory = None;
     }

@@ -44,7 +44,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             orcpt: to.orcpt,
             notify: notify(to.flags),
         };
-        let verdict = self.hooks.rcpt(&self.info, tx, &recipient).await;
+        let verdict = self
+            .hooks
+            .rcpt(&self.info, tx, &recipient, &self.metadata)
+            .await;
         if let Some(flow) = self.refused(verdict) {
             return flow;
         }
