@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs first what the tests use: Debian's swaks
 # and postfix (for smtp-source/smtp-sink) as real peers, redis-server for the
-# shared kv store, Python for smtplib clients, openssl, and the wasm32-wasip2
-# target for the plugins.
+# shared kv store, Python for smtplib clients, openssl, curl for the admin
+# API, prometheus for promtool (which checks the /metrics page), haproxy in
+# front of the relay for the PROXY protocol, chromium (headless) to load the
+# status page, and the wasm32-wasip2 target for the plugins.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -14,6 +16,10 @@ command -v smtp-source >/dev/null || missing+=(postfix)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v python3 >/dev/null || missing+=(python3)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v haproxy >/dev/null || missing+=(haproxy)
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}" >&2
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null

@@ -16,6 +16,7 @@
 //! - [`tls`]: the rustls client configs (verified and opportunistic).
 //! - [`state`]: per-recipient outcomes and retry times, kept next to each spooled
 //!   message as `queue/<id>.state`.
+//! - [`suspend`]: destinations the operator suspended.
 //! - [`bounce`]: RFC 3464 delivery status notifications.
 //! - [`control`]: `postern queue` commands, over the control socket of a running
 //!   relay or directly on the spool of a stopped one.
@@ -28,6 +29,7 @@ pub mod pools;
 pub mod route;
 pub mod scheduler;
 pub mod state;
+pub mod suspend;
 pub mod tls;
 
 use std::net::SocketAddr;

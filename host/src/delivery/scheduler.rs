@@ -26,8 +26,10 @@ use super::dns::Dns;
 use super::pools::Pools;
 use super::route::{decide, Decision, Target, Via};
 use super::state::{self, unix_now, DeliveryState, Status};
+use super::suspend::{Suspension, Suspensions};
 use super::tls::ClientTls;
 use super::Error;
+use crate::admin::metrics::{metrics, DeliveryOutcome, Direction, Label, Result_, Source};
 use crate::config::Config;
 use crate::envelope::Address;
 use crate::plugins::delivered::{self, Reporter};
@@ -75,6 +77,11 @@ struct Shared {
     admit_tx: mpsc::UnboundedSender<Spooled>,
     /// Removes finished messages off the async workers.
     remover: Remover,
+    /// Destinations the operator suspended (read at each admission).
+    suspended: std::sync::RwLock<Suspensions>,
+    /// Held while the suspensions are changed and saved, so two changes
+    /// never write the file out of order.
+    suspend_writer: std::sync::Mutex<()>,
     /// Reports each attempt to the `delivered` hook.
     reports: Reporter,
     /// Which pool host takes the next message.
@@ -292,6 +299,7 @@ impl Delivery {
         let tls = ClientTls::new(d.tls_ca.as_ref().map(|p| config.resolve(p)).as_deref())
             .map_err(Error::Setup)?;
         let queue_dir = ctx.spool.root().join("queue");
+        let suspended = Suspensions::load(ctx.spool.root())?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Spooled>();
         let sched = Arc::new(Mutex::new(Sched {
             scan_needed: true,
@@ -312,12 +320,13 @@ impl Delivery {
             own,
             sched,
             timer: Notify::new(),
+            suspended: std::sync::RwLock::new(suspended),
+            suspend_writer: std::sync::Mutex::default(),
         });
         let _ = ctx.on_queued.set(tx);
         let delivery = Delivery { shared };
-        // The control socket first: `postern queue` answers from the moment
-        // the listeners open, however long the clean-up below takes.
-        super::control::serve(delivery.clone())?;
+        // The control socket is bound already (`crate::admin::Admin::bind`),
+        // so `postern queue` waits on it while the clean-up below runs.
         let removed = state::remove_orphans(&delivery.shared.queue_dir)?;
         if removed > 0 {
             tracing::info!(removed, "removed delivery states of messages already gone");
@@ -360,6 +369,12 @@ impl Delivery {
     /// The spool folder.
     pub fn spool_root(&self) -> PathBuf {
         self.shared.spool.root().to_path_buf()
+    }
+
+    /// Outbound connections open now, and messages in the active set.
+    pub(crate) fn load(&self) -> (usize, usize) {
+        let s = self.shared.lock();
+        (s.connections, s.active.len())
     }
 
     /// The spool's `queue/` folder.
@@ -446,6 +461,62 @@ impl Delivery {
         edited
     }
 
+    /// Destinations suspended now.
+    pub(crate) fn suspensions(&self) -> Vec<Suspension> {
+        self.shared.suspended().list(unix_now())
+    }
+
+    /// Suspends (`Some(until)`, `until` none: until resumed) or resumes
+    /// (`None`) delivery to a recipient domain, and saves the list. Returns
+    /// false for a resume of a domain that was not suspended.
+    pub(crate) async fn set_suspension(
+        &self,
+        domain: &str,
+        suspend: Option<Option<u64>>,
+    ) -> Result<bool, crate::queue::Error> {
+        let shared = self.shared.clone();
+        let domain = domain.to_string();
+        let root = self.shared.spool.root().to_path_buf();
+        off_runtime(move || {
+            let _writer = shared
+                .suspend_writer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let mut next = shared.suspended().clone();
+            let changed = match suspend {
+                Some(until) => {
+                    next.suspend(&domain, until);
+                    true
+                }
+                None => next.resume(&domain),
+            };
+            next.save(&root)?;
+            *shared.suspended.write().unwrap_or_else(|e| e.into_inner()) = next;
+            Ok(changed)
+        })
+        .await
+    }
+
+    /// Makes each message due now and lets it in as the active set has room,
+    /// the way a backlog is taken in (destination backoffs are lifted). A
+    /// message being delivered is left to that delivery.
+    pub(crate) async fn flush_many(&self, ids: &[QueueId]) -> Result<(), crate::queue::Error> {
+        {
+            let mut s = self.shared.lock();
+            for d in s.dests.values_mut() {
+                d.backoff_until = None;
+            }
+        }
+        for id in ids {
+            match self.edit(id, |_| {}, super::control::flush_file).await {
+                Ok(()) | Err(crate::queue::Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            self.shared.clone().admit(id.clone(), false).await;
+        }
+        Ok(())
+    }
+
     /// Tries one message, or all deferred ones, now (destination backoffs are lifted).
     ///
     /// Flushing everything does not admit the whole spool at once: it makes
@@ -480,6 +551,10 @@ impl Delivery {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Sched> {
         lock(&self.sched)
+    }
+
+    fn suspended(&self) -> std::sync::RwLockReadGuard<'_, Suspensions> {
+        self.suspended.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn max_deferred(&self) -> usize {
@@ -602,6 +677,11 @@ impl Shared {
         // One job per destination and envelope sender.
         let mut groups: HashMap<(String, Option<Address>), (Destination, Vec<usize>)> =
             HashMap::new();
+        // Recipients left alone because their domain is suspended: when they
+        // are all there is, the message waits without an attempt counted,
+        // until the earliest suspension ends (`None`: until a resume).
+        let mut held_back: Option<Option<u64>> = None;
+        let mut decided = false;
         for (i, rcpt) in meta.envelope.recipients.iter().enumerate() {
             if !dstate.recipients[i].is_open() {
                 continue;
@@ -610,6 +690,14 @@ impl Shared {
                 // finalize() turns open recipients of an expired message into failures.
                 continue;
             }
+            if let Some(until) = self.suspended().blocks(rcpt.address.domain(), now) {
+                held_back = Some(match (held_back.flatten(), until) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                });
+                continue;
+            }
+            decided = true;
             let route = hooks
                 .route(RouteQuery {
                     queued: Queued::of(&meta, id),
@@ -680,6 +768,13 @@ impl Shared {
                     self.apply(id, &meta, &mut dstate, i, &o, &attempt("local"));
                 }
             }
+        }
+        if let (true, false, Some(until)) = (groups.is_empty(), decided, held_back) {
+            if let Some(at) = until {
+                let mut s = self.lock();
+                self.push_deferred(&mut s, at, id.clone());
+            }
+            return Ok(());
         }
         let body = (meta.size <= CACHE_BODY_MAX).then_some(body);
         let active = Active {
@@ -1201,8 +1296,15 @@ impl Shared {
                             .await;
                 }
                 match connected {
-                    Ok(c) => return Ok((c, tried)),
+                    Ok(c) => {
+                        metrics().outbound.inc(Result_::Ok);
+                        if let Some(v) = c.tls {
+                            metrics().tls_session(Direction::Outbound, v);
+                        }
+                        return Ok((c, tried));
+                    }
                     Err(e) => {
+                        metrics().outbound.inc(Result_::Failed);
                         tracing::debug!(host = %host, %addr, error = %e, "next hop failed; trying the next");
                         last_error = Some(e);
                     }
@@ -1300,8 +1402,16 @@ impl Shared {
                     "554 4.4.7 message expired after {}; last reply: {last}",
                     self.config.delivery.max_age
                 ));
-                tracing::info!(queue_id = %id, recipient = %meta.envelope.recipients[i].address,
+                tracing::info!(queue_id = %id, recipient = meta.envelope.recipients[i].address.as_str(),
                     outcome = "expired", "delivery attempt");
+                metrics().deliveries.inc(DeliveryOutcome::Expired);
+                metrics().recent_delivery(crate::admin::metrics::RecentDelivery {
+                    at: now,
+                    queue_id: id.to_string(),
+                    recipient: meta.envelope.recipients[i].address.to_string(),
+                    outcome: "expired",
+                    reply: r.last_reply.clone().unwrap_or_default(),
+                });
             }
         }
         // DSNs for what is final and not yet reported.
@@ -1456,6 +1566,7 @@ impl Shared {
             )
             .await?;
         tracing::info!(queue_id = %id, dsn_id = %dsn_id, to = %to, recipients = notice.len(), "delivery status notification queued");
+        metrics().received.inc(Source::Dsn);
         Ok(Some(spooled))
     }
 
@@ -1574,19 +1685,39 @@ impl Shared {
             o.reply.enhanced.to_string()
         });
         let outcome = match o.status {
-            Status::Delivered => "delivered",
-            Status::Deferred | Status::Pending => "deferred",
-            Status::Failed => "failed",
+            Status::Delivered => DeliveryOutcome::Delivered,
+            Status::Deferred | Status::Pending => DeliveryOutcome::Deferred,
+            Status::Failed => DeliveryOutcome::Failed,
         };
+        let m = metrics();
+        m.deliveries.inc(outcome);
+        if attempt.addr.is_some() {
+            m.attempt_duration.observe(attempt.started.elapsed());
+        }
+        if outcome == DeliveryOutcome::Delivered {
+            let waited = unix_now().saturating_sub(meta.received);
+            m.delivery_delay.observe(Duration::from_secs(waited));
+        }
+        let outcome = outcome.as_str();
+        // The reply and the addresses come from the network: as strings,
+        // both log formats escape them.
+        let reply = o.reply.to_string();
+        m.recent_delivery(crate::admin::metrics::RecentDelivery {
+            at: unix_now(),
+            queue_id: id.to_string(),
+            recipient: recipient.address.to_string(),
+            outcome,
+            reply: reply.trim_end().to_string(),
+        });
         tracing::info!(
             target: "postern::delivery",
             queue_id = %id,
-            recipient = %recipient.address,
+            recipient = recipient.address.as_str(),
             route = attempt.route,
             host = attempt.host.unwrap_or(""),
             addr = %attempt.addr.map(|a| a.to_string()).unwrap_or_default(),
             tls = attempt.tls.unwrap_or("none"),
-            reply = %o.reply,
+            reply = reply.trim_end(),
             delay_ms = attempt.started.elapsed().as_millis() as u64,
             attempt = r.attempts,
             outcome,

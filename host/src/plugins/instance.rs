@@ -768,7 +768,8 @@ async fn call_v0_1(
     })
 }
 
-fn verdict_kind(v: &Verdict) -> &'static str {
+/// The word for a verdict in counters and logs.
+pub(crate) fn verdict_kind(v: &Verdict) -> &'static str {
     match v {
         Verdict::Continue => "continue",
         Verdict::Accept => "accept",

@@ -182,6 +182,7 @@ impl Chain {
         Lease {
             chain: self.clone(),
             held: (0..self.plugins.len()).map(|_| None).collect(),
+            trail: Vec::new(),
         }
     }
 }
@@ -195,6 +196,9 @@ pub struct Lease {
     chain: Arc<Chain>,
     /// By chain position.
     held: Vec<Option<Instance>>,
+    /// Each plugin's verdict at each hook since [`Lease::take_verdicts`],
+    /// for the transaction's log record.
+    trail: Vec<(Arc<LoadedPlugin>, HookName, &'static str)>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -227,6 +231,18 @@ impl Lease {
         }
     }
 
+    /// The verdicts given since the last call (or since the lease began), as
+    /// `plugin:hook=verdict` words; a plugin failure shows as what its
+    /// `on_error` made of it.
+    pub fn take_verdicts(&mut self) -> String {
+        let words: Vec<String> = self
+            .trail
+            .drain(..)
+            .map(|(p, hook, kind)| format!("{}:{hook}={kind}", p.name()))
+            .collect();
+        words.join(" ")
+    }
+
     /// Runs a verdict hook: the first answer other than `Continue` ends it.
     /// A plugin with a shadow has the shadow run on the same call, on a copy
     /// of its inputs, once the live answer is known.
@@ -250,6 +266,8 @@ impl Lease {
                 ),
                 Err(e) => on_error(p, hook, e),
             };
+            self.trail
+                .push((p.clone(), hook, instance::verdict_kind(&v)));
             if let Some(shadow_call) = shadow_call {
                 shadow::spawn(p.clone(), shadow_call, Answer::Verdict(v.clone()));
             }

@@ -7,6 +7,7 @@ mod delivery;
 mod firstparty;
 mod kv;
 mod once;
+mod ops;
 mod platform;
 mod plugin_cli;
 mod plugins;

@@ -490,6 +490,17 @@ async fn a_spool_written_before_metadata_delivers() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, queue.join(path.file_name().unwrap())).unwrap();
     }
+    // The fixture's next attempt was an hour after it was written: move it
+    // an hour past now, so the message is still deferred when it is shown.
+    let state_path = queue.join("661908E366D030000.state");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    state["next_attempt"] = (now + 3600).into();
+    std::fs::write(&state_path, state.to_string()).unwrap();
     let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
     let port = free_port();
     // The fixture is dated: a long max_age keeps it from expiring.

@@ -82,7 +82,9 @@ impl Relay {
         let handle = Arc::new(ChainHandle::new(runtime.load_chain(&config).await?));
         let server = Server::bind(config, handle).await?;
         let addr = server.local_addrs()[0];
+        let admin = postern::admin::Admin::bind(server.context()).await?;
         let delivery = Delivery::start(server.context(), server.local_addrs()).await?;
+        admin.serve(delivery.clone()).set_listening();
         let (stop, stopped) = oneshot::channel();
         tokio::spawn(server.listen()?.run(async move {
             let _ = stopped.await;
