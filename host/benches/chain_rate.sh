@@ -1,16 +1,25 @@
 #!/bin/sh
-# End-to-end rate of the relay with no plugins and with a chain of five (each
-# handling every hook): Postfix's smtp-source -> Postern -> smtp-sink on
-# 127.0.0.1:2628, 20 sessions, 4 KiB messages, fsync on. A run ends when the
-# sink has every message. Prints messages per second for each round (one run
-# without plugins, one with five) and the median cost over the rounds.
+# End-to-end rate of the relay with no plugins and with a chain of testkit
+# plugins (each handling every hook, helo and delivered included):
+# Postfix's smtp-source -> Postern -> smtp-sink on 127.0.0.1:2628, 20
+# sessions, 4 KiB messages, fsync on. A run ends when the sink has every
+# message. Prints messages per second for each round (one run without
+# plugins, one with the chain) and the median cost over the rounds.
 #   host/benches/chain_rate.sh [MESSAGES] [ROUNDS]
-# INSTANCES=per-call (or fresh) sets the plugins' `instances`; default warm.
+# CHAIN says which chain:
+#   five      five plugins (the default)
+#   quiet     five plugins, `delivered` not called (hooks narrowed), so
+#             `five` against `quiet` is what the delivered hook costs
+#   twice     the same plugin listed twice
+#   shadow    one plugin with the same plugin as its shadow
+# INSTANCES=transaction (or fresh) sets the plugins' `instances`; unset, the
+# relay's default (per-call).
 # Needs target/release/postern and the testkit plugin built for wasm32-wasip2.
 set -eu
 N=${1:-20000}
 ROUNDS=${2:-5}
-INSTANCES=${INSTANCES:-warm}
+CHAIN=${CHAIN:-five}
+INSTANCES=${INSTANCES:-}
 TARGET=${CARGO_TARGET_DIR:-$(dirname "$0")/../../target}
 BIN=$TARGET/release/postern
 WASM=$TARGET/wasm32-wasip2/release/testkit.wasm
@@ -23,15 +32,30 @@ smtp-sink -c -u nobody -m 1000 127.0.0.1:2628 1024 > "$WORK/sink.cnt" & SINK=$!
 sunk() { tail -c 200 "$WORK/sink.cnt" | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1 | sed 's/mesg=//;s/^$/0/'; }
 mkdir -p "$WORK/plugins"
 cp "$WASM" "$WORK/plugins/"
-run() { # $1 = number of plugins
+run() { # $1 = none or chain
     rm -rf "$WORK/spool"
     {
         printf '[[listener]]\naddress = "127.0.0.1:2598"\n[relay]\nnetworks = ["127.0.0.0/8"]\n'
         printf '[delivery]\nsmarthost = "smtp://127.0.0.1:2628"\n'
         printf '[plugins]\nwatch = false\ncache_dir = "cache"\n[log]\nlevel = "warn"\n'
+        count=0
+        extra=
+        [ -n "$INSTANCES" ] && extra="instances = \"$INSTANCES\""
+        if [ "$1" = chain ]; then
+            case $CHAIN in
+                five) count=5 ;;
+                quiet) count=5
+                    extra="$extra
+hooks = [\"connect\", \"helo\", \"mail_from\", \"rcpt\", \"data\", \"route\"]" ;;
+                twice) count=2 ;;
+                shadow) count=1; extra="$extra
+shadow = \"testkit.wasm\"" ;;
+                *) echo "unknown CHAIN $CHAIN" >&2; exit 2 ;;
+            esac
+        fi
         i=0
-        while [ $i -lt "$1" ]; do
-            printf '[[plugin]]\nname = "p%s"\npath = "testkit.wasm"\ngrants = ["kv"]\ninstances = "%s"\n' $i "$INSTANCES"
+        while [ $i -lt $count ]; do
+            printf '[[plugin]]\nname = "p%s"\npath = "testkit.wasm"\ngrants = ["kv"]\n%s\n' $i "$extra"
             i=$((i + 1))
         done
     } > "$WORK/postern.toml"
@@ -53,11 +77,11 @@ run() { # $1 = number of plugins
 : > "$WORK/rates"
 round=1
 while [ $round -le "$ROUNDS" ]; do
-    base=$(run 0)
-    chain=$(run 5)
+    base=$(run none)
+    chain=$(run chain)
     echo "$base $chain" >> "$WORK/rates"
-    echo "round $round: no plugins $base msg/s, five plugins $chain msg/s, cost $(echo "100 * (1 - $chain / $base)" | bc -l | cut -c1-5)%"
+    echo "round $round: no plugins $base msg/s, chain $CHAIN $chain msg/s, cost $(echo "100 * (1 - $chain / $base)" | bc -l | cut -c1-5)%"
     round=$((round + 1))
 done
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-echo "median: no plugins $(cut -d' ' -f1 "$WORK/rates" | median) msg/s, five plugins $(cut -d' ' -f2 "$WORK/rates" | median) msg/s, cost $(awk '{ print 100 * (1 - $2 / $1) }' "$WORK/rates" | median)% (median of the rounds' costs)"
+echo "median: no plugins $(cut -d' ' -f1 "$WORK/rates" | median) msg/s, chain $CHAIN $(cut -d' ' -f2 "$WORK/rates" | median) msg/s, cost $(awk '{ print 100 * (1 - $2 / $1) }' "$WORK/rates" | median)% (median of the rounds' costs)"

@@ -69,12 +69,7 @@ async fn one_message(hooks: &mut Lease, f: &Fixture) {
         .lets_through());
     let mut envelope = f.envelope.clone();
     envelope.recipients.push(f.rcpt.clone());
-    let mut tx = DataTransaction {
-        envelope,
-        message: f.message.clone(),
-        quarantine: None,
-        authentication: Default::default(),
-    };
+    let mut tx = DataTransaction::new(envelope, f.message.clone());
     let id = QueueId::generate();
     assert!(hooks
         .data(&f.session, &mut tx, &scopes, &id)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs first what the tests use: Debian's swaks
 # and postfix (for smtp-source/smtp-sink) as real peers, redis-server for the
-# shared kv store, Python for smtplib clients, openssl, the wasm32-wasip2
-# target for the plugins, and pyspf and dkimpy from PyPI.
+# shared kv store, Python for smtplib clients, openssl, curl for the admin
+# API, prometheus for promtool (which checks the /metrics page), haproxy in
+# front of the relay for the PROXY protocol, chromium (headless) to load the
+# status page, the wasm32-wasip2 target for the plugins, and pyspf and dkimpy
+# from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -14,6 +17,10 @@ command -v smtp-source >/dev/null || missing+=(postfix)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v python3 >/dev/null || missing+=(python3)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v haproxy >/dev/null || missing+=(haproxy)
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}" >&2
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
@@ -34,7 +41,8 @@ fi
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test -p postern -p postern-sdk "$@" 2>&1 | tee "$log"
+# The relay, the SDK and every first-party plugin's own tests.
+cargo test --workspace "$@" 2>&1 | tee "$log"
 # One closing line for the whole run (cargo prints one per test binary, and the
 # last of them is the doc tests').
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -89,6 +89,9 @@ pub struct Config {
     /// Outbound DKIM signing.
     #[serde(default)]
     pub dkim: crate::authn::DkimConfig,
+    /// The admin HTTP listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// The folder the config file is in: relative paths in the config are
     /// relative to it.
     #[serde(skip)]
@@ -191,6 +194,21 @@ pub struct ListenerConfig {
     /// The oldest TLS version clients may use: `"1.2"` (default) or `"1.3"`.
     #[serde(default)]
     pub tls_min_version: TlsVersion,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from
+    /// a load balancer, naming the real client.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The load balancers allowed to send one; a connection from anywhere
+    /// else is refused.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Time allowed for the PROXY header to arrive.
+    #[serde(default = "default_proxy_timeout")]
+    pub proxy_timeout: HumanDuration,
+}
+
+fn default_proxy_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 fn default_mode() -> ListenerMode {
@@ -381,6 +399,39 @@ pub struct DeliveryConfig {
     /// A recipient that asked for NOTIFY=DELAY and is still deferred after this
     /// long gets one delay notice (RFC 3464 `Action: delayed`).
     pub delay_warning: HumanDuration,
+    /// Smart-host pools by name (`pool:NAME` in a route).
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+/// `[delivery.pools.NAME]`: smart hosts that share the mail routed to the
+/// pool by smooth weighted round robin. A host that cannot be reached (or
+/// answers 4xx to the greeting) is skipped for a backoff period, and its
+/// waiting messages go to the next host at once.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// `smtp://[user:pass@]host:port` or `smtps://...`, as `smarthost`.
+    pub hosts: Vec<String>,
+    /// One positive weight per host (all 1 when absent).
+    #[serde(default)]
+    pub weights: Option<Vec<u32>>,
+    /// Refuse to send without verified TLS (default: `delivery.require_tls`).
+    #[serde(default)]
+    pub require_tls: Option<bool>,
+    /// The hosts' certificates pinned (`sha256:HEX`, as
+    /// `delivery.tls_fingerprint`): TLS is then mandatory for every host.
+    #[serde(default)]
+    pub tls_fingerprint: Vec<String>,
+}
+
+impl PoolConfig {
+    /// Each host's weight.
+    pub fn weight(&self, i: usize) -> u32 {
+        self.weights
+            .as_ref()
+            .and_then(|w| w.get(i).copied())
+            .unwrap_or(1)
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -406,6 +457,7 @@ impl Default for DeliveryConfig {
             connect_timeout: HumanDuration(Duration::from_secs(30)),
             local_folder: PathBuf::from("local"),
             delay_warning: HumanDuration(Duration::from_secs(4 * 3600)),
+            pools: BTreeMap::new(),
         }
     }
 }
@@ -414,7 +466,7 @@ impl Default for DeliveryConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum RouteEntry {
-    /// `"mx"`, `"mx:domain"`, `"smtp://..."` or `"smtps://..."`.
+    /// `"mx"`, `"mx:domain"`, `"smtp://..."`, `"smtps://..."` or `"pool:NAME"`.
     NextHop(String),
     /// `{ next_hop = "...", require_tls = true }`.
     Table(RouteTable),
@@ -665,6 +717,10 @@ pub enum Grant {
     Dns,
     /// The plugin's archive folder, preopened as `/archive`.
     Archive,
+    /// Recipients the plugin adds or replaces at data need not pass the
+    /// relay access rules (they are the administrator's own aliases and
+    /// journal addresses).
+    Recipients,
 }
 
 impl Grant {
@@ -675,6 +731,7 @@ impl Grant {
             Grant::Kv => "kv",
             Grant::Dns => "dns",
             Grant::Archive => "archive",
+            Grant::Recipients => "recipients",
         }
     }
 }
@@ -812,12 +869,70 @@ impl PluginConfig {
 pub struct LogConfig {
     /// tracing filter, e.g. `info` or `postern=debug`; `RUST_LOG` wins.
     pub level: String,
+    /// `text` (default) or `json`.
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// How log records are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line a record for a person, coloured only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line, its fields at the top level.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("{s:?} is not a log format (text or json)")),
+        }
+    }
+}
+
+/// `[admin]`: the HTTP listener for metrics, the JSON API, injection and the
+/// status page. Off unless `address` is set; the same API is always served on
+/// the control socket in the spool folder.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `ip:port`. A non-loopback address needs `token`, `tls_cert` and `tls_key`.
+    pub address: Option<SocketAddr>,
+    /// Bearer token required by every request but `/health` (a browser logs
+    /// in with it once and gets a session cookie). Without it the listener
+    /// answers only reads, and injection only with a `[[user]]` login.
+    pub token: Option<String>,
+    /// PEM certificate chain: the listener speaks HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    pub tls_key: Option<PathBuf>,
+    /// How long an injection's `Idempotency-Key` is remembered.
+    pub idempotency_window: HumanDuration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: None,
+            token: None,
+            tls_cert: None,
+            tls_key: None,
+            idempotency_window: HumanDuration(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -877,6 +992,13 @@ impl<'de> Deserialize<'de> for HumanDuration {
             Raw::Secs(n) => Ok(HumanDuration(Duration::from_secs(n))),
             Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
         }
+    }
+}
+
+/// Written as whole seconds (what the admin API sends).
+impl serde::Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0.as_secs())
     }
 }
 
@@ -952,6 +1074,21 @@ impl Config {
                     return Err(self.invalid(&key("tls_key"), "a private key is required for TLS"))
                 }
             }
+            if l.proxy_protocol && l.trusted_proxies.is_empty() {
+                return Err(self.invalid(
+                    &key("trusted_proxies"),
+                    "proxy_protocol needs the load balancers' CIDRs: anyone else could claim any address",
+                ));
+            }
+            if !l.proxy_protocol && !l.trusted_proxies.is_empty() {
+                return Err(self.invalid(
+                    &key("proxy_protocol"),
+                    "trusted_proxies is set but proxy_protocol is not true",
+                ));
+            }
+            if l.proxy_timeout.0.is_zero() {
+                return Err(self.invalid(&key("proxy_timeout"), "must be more than 0"));
+            }
             if l.mode == ListenerMode::Submission && l.tls_mode() == TlsMode::None {
                 return Err(self.invalid(
                     &key("tls"),
@@ -997,13 +1134,40 @@ impl Config {
                 );
             }
         }
-        if let Some(url) = &self.delivery.smarthost {
-            crate::delivery::NextHop::parse(url)
-                .map_err(|e| self.invalid("delivery.smarthost", e))?;
+        for (name, pool) in &self.delivery.pools {
+            let key = |k: &str| format!("delivery.pools.{name}.{k}");
+            if pool.hosts.is_empty() {
+                return Err(self.invalid(&key("hosts"), "needs at least one host"));
+            }
+            for h in &pool.hosts {
+                crate::delivery::SmartHost::parse(h).map_err(|e| self.invalid(&key("hosts"), e))?;
+            }
+            if let Some(w) = &pool.weights {
+                if w.len() != pool.hosts.len() || w.contains(&0) {
+                    return Err(self.invalid(&key("weights"), "one weight above 0 per host"));
+                }
+            }
+        }
+        let hops = self
+            .delivery
+            .smarthost
+            .iter()
+            .map(|s| ("delivery.smarthost".to_string(), s.as_str()))
+            .chain(
+                self.delivery
+                    .routes
+                    .iter()
+                    .map(|(d, r)| (format!("delivery.routes.{d}"), r.next_hop())),
+            );
+        for (key, hop) in hops {
+            let hop = crate::delivery::NextHop::parse(hop).map_err(|e| self.invalid(&key, e))?;
+            if let crate::delivery::NextHop::Pool(name) = hop {
+                if !self.delivery.pools.contains_key(&name) {
+                    return Err(self.invalid(&key, format!("no [delivery.pools.{name}]")));
+                }
+            }
         }
         for (domain, route) in &self.delivery.routes {
-            crate::delivery::NextHop::parse(route.next_hop())
-                .map_err(|e| self.invalid(&format!("delivery.routes.{domain}"), e))?;
             for fp in route.tls_fingerprint() {
                 crate::delivery::tls::parse_fingerprint(fp).map_err(|e| {
                     self.invalid(&format!("delivery.routes.{domain}.tls_fingerprint"), e)
@@ -1013,6 +1177,13 @@ impl Config {
         for fp in &self.delivery.tls_fingerprint {
             crate::delivery::tls::parse_fingerprint(fp)
                 .map_err(|e| self.invalid("delivery.tls_fingerprint", e))?;
+        }
+        for (name, pool) in &self.delivery.pools {
+            for fp in &pool.tls_fingerprint {
+                crate::delivery::tls::parse_fingerprint(fp).map_err(|e| {
+                    self.invalid(&format!("delivery.pools.{name}.tls_fingerprint"), e)
+                })?;
+            }
         }
         for (key, n) in [
             ("delivery.max_connections", self.delivery.max_connections),
@@ -1035,7 +1206,8 @@ impl Config {
         }
         self.check_plugins()?;
         self.check_kv()?;
-        self.check_authentication()
+        self.check_authentication()?;
+        self.check_admin()
     }
 
     fn check_authentication(&self) -> Result<(), Error> {
@@ -1084,6 +1256,35 @@ impl Config {
             .all(|h| !h.eq_ignore_ascii_case("from"))
         {
             return Err(self.invalid("dkim.headers", "must include From (RFC 6376 5.4)"));
+        }
+        Ok(())
+    }
+
+    fn check_admin(&self) -> Result<(), Error> {
+        let a = &self.admin;
+        if a.idempotency_window.0.is_zero() {
+            return Err(self.invalid("admin.idempotency_window", "must be more than 0"));
+        }
+        if a.token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(self.invalid("admin.token", "must be at least 16 characters"));
+        }
+        match (&a.tls_cert, &a.tls_key) {
+            (Some(_), None) => {
+                return Err(self.invalid("admin.tls_key", "needed with admin.tls_cert"))
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid("admin.tls_cert", "needed with admin.tls_key"))
+            }
+            _ => {}
+        }
+        if let Some(addr) = a.address {
+            let protected = a.token.is_some() && a.tls_cert.is_some();
+            if !addr.ip().is_loopback() && !protected {
+                return Err(self.invalid(
+                    "admin.address",
+                    format!("{addr} is not a loopback address: set admin.token, admin.tls_cert and admin.tls_key to serve it"),
+                ));
+            }
         }
         Ok(())
     }
@@ -1170,6 +1371,50 @@ impl Config {
         Ok(())
     }
 
+    /// The keys whose value in `new` a running relay started with `self`
+    /// does not take up until it restarts: everything but the plugin chain
+    /// (`[[plugin]]` tables), which a reload swaps in. A listener's address
+    /// is named as such, other changes by their table.
+    pub fn restart_needed(&self, new: &Config) -> Vec<String> {
+        fn differ<T: fmt::Debug>(a: &T, b: &T) -> bool {
+            format!("{a:?}") != format!("{b:?}")
+        }
+        let mut keys = Vec::new();
+        if self.hostname != new.hostname {
+            keys.push("hostname".to_string());
+        }
+        if self.listeners.len() != new.listeners.len() {
+            keys.push("listener".to_string());
+        } else {
+            for (i, (a, b)) in self.listeners.iter().zip(&new.listeners).enumerate() {
+                if a.address != b.address {
+                    keys.push(format!("listener[{i}].address"));
+                } else if differ(a, b) {
+                    keys.push(format!("listener[{i}]"));
+                }
+            }
+        }
+        let tables: [(&str, bool); 10] = [
+            ("spool", differ(&self.spool, &new.spool)),
+            ("relay", differ(&self.relay, &new.relay)),
+            ("user", differ(&self.users, &new.users)),
+            ("limits", differ(&self.limits, &new.limits)),
+            ("smtp", differ(&self.smtp, &new.smtp)),
+            ("delivery", differ(&self.delivery, &new.delivery)),
+            ("kv", differ(&self.kv, &new.kv)),
+            ("log", differ(&self.log, &new.log)),
+            ("admin", differ(&self.admin, &new.admin)),
+            ("plugins", differ(&self.plugins, &new.plugins)),
+        ];
+        keys.extend(
+            tables
+                .iter()
+                .filter(|(_, d)| *d)
+                .map(|(k, _)| k.to_string()),
+        );
+        keys
+    }
+
     /// The plugins folder, absolute.
     pub fn plugins_dir(&self) -> PathBuf {
         self.resolve(&self.plugins.dir)
@@ -1229,6 +1474,9 @@ mod tests {
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\nsmarthost = \"ftp://x\"\n", "delivery.smarthost"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery.routes]\n\"a.test\" = \"smtp://\"\n", "delivery.routes.a.test"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\nmax_per_destination = 0\n", "max_per_destination"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\nproxy_protocol = true\n", "listener[0].trusted_proxies"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n", "listener[0].proxy_protocol"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\nproxy_timeout = \"0s\"\n", "listener[0].proxy_timeout"),
         ] {
             let err = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
@@ -1460,6 +1708,49 @@ mod tests {
         let text =
             format!("{MINIMAL}[[plugin]]\nname = \"a:b\"\npath = \"a.wasm\"\ngrants = [\"kv\"]\n");
         assert!(Config::parse(&text, Path::new("t.toml")).is_ok());
+    }
+
+    #[test]
+    fn admin_errors_name_the_key() {
+        for (body, needle) in [
+            ("[admin]\nadress = \"127.0.0.1:8025\"", "adress"),
+            ("[admin]\naddress = \"localhost\"", "address"),
+            ("[admin]\ntoken = \"short\"", "admin.token"),
+            ("[admin]\ntls_cert = \"c.pem\"", "admin.tls_key"),
+            ("[admin]\naddress = \"0.0.0.0:8025\"", "admin.address"),
+            (
+                "[admin]\naddress = \"[::]:8025\"\ntoken = \"0123456789abcdef\"",
+                "admin.address",
+            ),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}{body}\n"), Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{body:?}: {err}");
+        }
+        let c = Config::parse(MINIMAL, Path::new("t.toml")).unwrap();
+        assert_eq!(c.admin.address, None, "no HTTP listener unless asked for");
+        let text = format!("{MINIMAL}[admin]\naddress = \"[::1]:8025\"\n");
+        assert!(Config::parse(&text, Path::new("t.toml")).is_ok());
+    }
+
+    #[test]
+    fn a_reload_names_what_needs_a_restart() {
+        let parse = |t: &str| Config::parse(t, Path::new("t.toml")).unwrap();
+        let old = parse(&format!(
+            "{MINIMAL}[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\n"
+        ));
+        let same_but_plugins = parse(&format!(
+            "{MINIMAL}[[plugin]]\nname = \"b\"\npath = \"b.wasm\"\n"
+        ));
+        assert!(old.restart_needed(&same_but_plugins).is_empty());
+        let moved = parse(
+            "[[listener]]\naddress = \"127.0.0.1:2626\"\n[limits]\nmax_errors = 3\n[relay]\ndomains = [\"x.test\"]\n",
+        );
+        assert_eq!(
+            old.restart_needed(&moved),
+            ["listener[0].address", "relay", "limits"]
+        );
     }
 
     #[test]

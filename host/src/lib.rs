@@ -6,6 +6,7 @@
 //!
 //! - [`config`]: the TOML config, checked on load.
 //! - [`server`]: listeners, connection limits, shutdown; hands each connection to a session.
+//! - [`proxy`]: the PROXY protocol header a load balancer may put first.
 //! - [`smtp`]: the inbound protocol. [`smtp::codec`] and [`smtp::command`] do no I/O
 //!   (line framing, DATA/BDAT receivers closed to smuggling, command parsing);
 //!   [`smtp::session`] runs the dialogue, one file per verb; [`smtp::reply`] is
@@ -23,7 +24,10 @@
 //!   shown by `postern queue show --json` and replayed by `postern plugin test`.
 //! - [`delivery`]: the queue manager and SMTP client that take spooled mail to
 //!   the next hop, retry it, bounce it, and the `postern queue` commands.
+//! - [`admin`]: beside the flow: metrics, the HTTP listener and the control
+//!   socket with the JSON API that operators and the command line use.
 
+pub mod admin;
 pub mod auth;
 pub mod authn;
 pub mod config;
@@ -32,6 +36,7 @@ pub mod envelope;
 pub mod metadata;
 pub mod plugins;
 pub mod policy;
+pub mod proxy;
 pub mod queue;
 pub mod record;
 pub mod relay;

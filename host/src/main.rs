@@ -8,7 +8,6 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
 use postern::config::Config;
-use postern::delivery::control::{self, Entry, Request};
 use postern::delivery::Delivery;
 use postern::server::Server;
 
@@ -32,7 +31,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the relay in the foreground; logs go to stderr.
-    Serve,
+    Serve {
+        /// `text` or `json` (overrides `[log] format`).
+        #[arg(long)]
+        log_format: Option<postern::config::LogFormat>,
+    },
     /// Read a password on stdin and print its hash for `[[user]] password_hash`.
     Passwd,
     /// Check the config file and print what it would run.
@@ -40,7 +43,7 @@ enum Command {
     /// Inspect and control the queue (of a running or a stopped relay).
     Queue {
         #[command(subcommand)]
-        command: QueueCommand,
+        command: queue_cli::QueueCommand,
     },
     /// Plugin tools: new, check, test, list.
     #[command(subcommand)]
@@ -76,46 +79,8 @@ enum DkimCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum QueueCommand {
-    /// Every message: id, age, size, sender, recipients with state, attempts,
-    /// next attempt, last reply.
-    List {
-        /// Print a JSON array.
-        #[arg(long)]
-        json: bool,
-    },
-    /// One message.
-    Show {
-        /// Queue id.
-        id: String,
-        /// Print a JSON object.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Retry now: one message, or every one.
-    Flush {
-        /// Queue id (all when absent).
-        id: Option<String>,
-    },
-    /// Remove a message without a bounce.
-    Delete {
-        /// Queue id.
-        id: String,
-    },
-    /// Keep a message from being delivered until released.
-    Hold {
-        /// Queue id.
-        id: String,
-    },
-    /// Release a held (or quarantined) message and try it now.
-    Release {
-        /// Queue id.
-        id: String,
-    },
-}
-
 mod plugin_cli;
+mod queue_cli;
 
 fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
@@ -124,9 +89,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
         Command::Plugin(command) => plugin_cli::run(command, &cli.config, config_given),
-        Command::Serve => serve(&cli.config),
+        Command::Serve { log_format } => serve(&cli.config, log_format),
         Command::Passwd => passwd(),
-        Command::Queue { command } => queue(&cli.config, command),
+        Command::Queue { command } => queue_cli::run(&cli.config, command),
         Command::Dkim {
             command:
                 DkimCommand::Keygen {
@@ -153,18 +118,32 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: postern::config::LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        // Escape codes only for a person at a terminal, not in a log file.
+        postern::config::LogFormat::Text => {
+            builder.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+        postern::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
-fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+fn serve(
+    path: &std::path::Path,
+    log_format: Option<postern::config::LogFormat>,
+) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    init_logging(&config.log.level);
+    init_logging(&config.log.level, log_format.unwrap_or(config.log.format));
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -184,9 +163,11 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         )?;
         let control = postern::plugins::reload::control_socket(&config);
         let server = Server::bind(config, handle.clone()).await?;
+        let admin = postern::admin::Admin::bind(server.context()).await?;
         let delivery = Delivery::start(server.context(), server.local_addrs())
             .await
             .context("starting delivery")?;
+        let admin = admin.serve(delivery.clone());
         let grace = server.context().config.limits.shutdown_grace.0;
         let control = tokio::spawn(async move {
             if let Err(e) = postern::plugins::reload::serve_control(control.clone(), handle).await {
@@ -195,6 +176,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         });
         // Last, so that `postern queue` works from the first connection on.
         let server = server.listen()?;
+        admin.set_listening();
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         server
@@ -246,86 +228,4 @@ fn passwd() -> anyhow::Result<()> {
     anyhow::ensure!(!password.is_empty(), "empty password on stdin");
     println!("{}", postern::auth::hash_password(password));
     Ok(())
-}
-
-fn queue(path: &std::path::Path, command: QueueCommand) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
-    let spool = config.resolve(&config.spool.path);
-    let (req, json, single) = match command {
-        QueueCommand::List { json } => (Request::List, json, false),
-        QueueCommand::Show { id, json } => (Request::Show { id }, json, true),
-        QueueCommand::Flush { id } => (Request::Flush { id }, false, false),
-        QueueCommand::Delete { id } => (Request::Delete { id }, false, false),
-        QueueCommand::Hold { id } => (Request::Hold { id }, false, false),
-        QueueCommand::Release { id } => (Request::Release { id }, false, false),
-    };
-    let listing = matches!(req, Request::List | Request::Show { .. });
-    let entries = control::run(&spool, req).map_err(anyhow::Error::msg)?;
-    if !listing {
-        return Ok(());
-    }
-    if json {
-        let text = if single {
-            serde_json::to_string_pretty(&entries.first())?
-        } else {
-            serde_json::to_string_pretty(&entries)?
-        };
-        println!("{text}");
-        return Ok(());
-    }
-    for e in &entries {
-        print_entry(e);
-    }
-    if !single {
-        println!("-- {} message(s)", entries.len());
-    }
-    Ok(())
-}
-
-fn print_entry(e: &Entry) {
-    let sender = if e.sender.is_empty() { "<>" } else { &e.sender };
-    let next = match e.next_attempt {
-        Some(t) => format!("next in {}s", t.saturating_sub(e.received + e.age)),
-        None => String::new(),
-    };
-    println!(
-        "{}  {:>6}s {:>8}B  {:<8} attempts={} {}  {}",
-        e.id, e.age, e.size, e.state, e.attempts, next, sender
-    );
-    if let Some(reason) = &e.hold_reason {
-        println!("    held: {reason}");
-    }
-    for r in &e.recipients {
-        println!(
-            "    {} ({}, {} attempt(s)){}",
-            r.address,
-            serde_json::to_value(r.state)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
-            r.attempts,
-            r.last_reply
-                .as_deref()
-                .map(|s| format!(": {s}"))
-                .unwrap_or_default()
-        );
-    }
-    if let Some(record) = &e.record {
-        if let Some(client) = &record.client {
-            println!(
-                "    from {} (helo {}) on {}{}",
-                client.peer,
-                client.helo.as_deref().unwrap_or("?"),
-                client.local,
-                client
-                    .auth_user
-                    .as_deref()
-                    .map(|u| format!(", authenticated as {u}"))
-                    .unwrap_or_default()
-            );
-        }
-        for (plugin, key, value) in record.metadata.iter() {
-            println!("    metadata {plugin}.{key} = {}", value.escape_debug());
-        }
-    }
 }

@@ -39,7 +39,8 @@ pub enum PluginCommand {
     /// OLD.wasm both versions run and only the transactions where they answer
     /// differently are printed (exit status 1 if there are any). With
     /// --config, the `[[plugin]]` entry whose path has this file's name
-    /// supplies its config, grants and limits.
+    /// supplies its config, grants and limits (for OLD, its own entry if the
+    /// config has one, else the same).
     Test {
         /// The component.
         file: PathBuf,

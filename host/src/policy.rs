@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::envelope::{Envelope, Recipient, SessionInfo};
+use crate::envelope::{Address, Envelope, Recipient, SessionInfo};
 use crate::metadata::Metadata;
 use crate::queue::{QueueId, QueuedMeta};
 use crate::smtp::reply::Reply;
@@ -43,6 +43,22 @@ pub struct DataTransaction {
     /// SPF, DKIM, DMARC and ARC results of the transaction (empty when the
     /// client was not checked).
     pub authentication: crate::authn::Results,
+    /// Recipients added or replaced by plugins granted `recipients`: they
+    /// need not pass the relay access rules.
+    pub trusted: Vec<Address>,
+}
+
+impl DataTransaction {
+    /// A transaction's message and envelope before the data hook.
+    pub fn new(envelope: Envelope, message: Vec<u8>) -> DataTransaction {
+        DataTransaction {
+            envelope,
+            message,
+            quarantine: None,
+            trusted: Vec::new(),
+            authentication: Default::default(),
+        }
+    }
 }
 
 /// Where one recipient goes, as the route hook decides.
@@ -61,6 +77,26 @@ pub enum Route {
     Discard,
     /// Fail the recipient permanently: it bounces with this reply.
     Reject(Reply),
+    /// A smart-host pool (`[delivery.pools.NAME]`).
+    Pool(String),
+}
+
+/// The route hook's whole answer for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routing {
+    /// Where it goes.
+    pub route: Route,
+    /// The envelope sender for its delivery; the message's own when none.
+    pub sender: Option<Address>,
+}
+
+impl From<Route> for Routing {
+    fn from(route: Route) -> Routing {
+        Routing {
+            route,
+            sender: None,
+        }
+    }
 }
 
 /// A queued message, as the delivery hooks (route, delivered) see it.
@@ -97,4 +133,42 @@ pub struct RouteQuery<'a> {
     pub recipient: &'a Recipient,
     /// The message's header section (up to the empty line).
     pub headers: &'a [u8],
+}
+
+impl std::fmt::Display for Verdict {
+    /// As logs and tools show it: `continue`, `reject 550 5.7.1 text`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Continue => f.write_str("continue"),
+            Verdict::Accept => f.write_str("accept"),
+            Verdict::Reject(r) => write!(f, "reject {r}"),
+            Verdict::Tempfail(r) => write!(f, "tempfail {r}"),
+            Verdict::Disconnect(r) => write!(f, "disconnect {r}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Route {
+    /// As logs and tools show it: `mx example.org`, `pool outbound`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Default => f.write_str("default"),
+            Route::Mx(d) => write!(f, "mx {d}"),
+            Route::Smarthost(u) => write!(f, "smarthost {u}"),
+            Route::LocalFolder(d) => write!(f, "local-folder {d}"),
+            Route::Discard => f.write_str("discard"),
+            Route::Reject(r) => write!(f, "reject {r}"),
+            Route::Pool(p) => write!(f, "pool {p}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Routing {
+    /// The route, and the sender when it has its own.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.sender {
+            Some(s) => write!(f, "{} (sender <{s}>)", self.route),
+            None => write!(f, "{}", self.route),
+        }
+    }
 }

@@ -12,12 +12,14 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::metrics::{metrics, ConnOutcome, Direction};
 use crate::auth::Authenticator;
 use crate::authn::{Signer, Verifier};
 use crate::config::{Config, ListenerConfig, TlsMode};
 use crate::delivery::dns::Dns;
 use crate::envelope::SessionInfo;
 use crate::plugins::{Chain, ChainHandle};
+use crate::proxy;
 use crate::queue::{Spool, Spooled};
 use crate::relay::AccessRules;
 use crate::smtp::reply::Reply;
@@ -174,6 +176,21 @@ impl Drop for ConnectionSlot {
 impl ConnectionLimits {
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
         let permit = self.total.clone().try_acquire_owned().ok()?;
+        self.admit_client(permit, ip)
+    }
+
+    /// A place in the total, for a connection whose client is not known
+    /// yet (behind a PROXY header).
+    fn admit_total(&self) -> Option<OwnedSemaphorePermit> {
+        self.total.clone().try_acquire_owned().ok()
+    }
+
+    /// The per-client check, for a connection that holds its place in the total.
+    fn admit_client(
+        self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
+        ip: IpAddr,
+    ) -> Option<ConnectionSlot> {
         let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.max_per_client {
@@ -339,6 +356,7 @@ async fn accept_loop(
     sessions: TaskTracker,
 ) {
     let mut shutdown = ctx.shutdown.clone();
+    let counters = metrics().listener(listener.config.address);
     loop {
         let accepted = tokio::select! {
             accepted = socket.accept() => accepted,
@@ -354,30 +372,97 @@ async fn accept_loop(
             }
         };
         let _ = conn.set_nodelay(true);
-        let Some(slot) = limits.admit(peer.ip()) else {
-            tracing::info!(%peer, "connection limit reached");
+        if listener.config.proxy_protocol {
+            let Some(place) = limits.admit_total() else {
+                tracing::info!(%peer, "connection limit reached");
+                counters.connections.inc(ConnOutcome::Limit);
+                continue;
+            };
+            let (ctx, listener, limits) = (ctx.clone(), listener.clone(), limits.clone());
+            let counters = counters.clone();
             sessions.spawn(async move {
                 let mut conn = conn;
-                let mut out = Vec::new();
-                Reply::TOO_MANY_CONNECTIONS.write_to(&mut out);
-                let _ = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&out)).await;
+                let Some((client, local)) = proxied(&mut conn, peer, &listener.config).await else {
+                    counters.connections.inc(ConnOutcome::Proxy);
+                    return;
+                };
+                let Some(slot) = limits.admit_client(place, client.ip()) else {
+                    tracing::info!(peer = %client, "connection limit reached");
+                    counters.connections.inc(ConnOutcome::Limit);
+                    refuse(conn).await;
+                    return;
+                };
+                let _open = counters.session();
+                connection(conn, client, local, listener, ctx).await;
+                drop(slot);
             });
+            continue;
+        }
+        let Some(slot) = limits.admit(peer.ip()) else {
+            tracing::info!(%peer, "connection limit reached");
+            counters.connections.inc(ConnOutcome::Limit);
+            sessions.spawn(refuse(conn));
             continue;
         };
         let ctx = ctx.clone();
         let listener = listener.clone();
+        let open = counters.session();
         sessions.spawn(async move {
-            connection(conn, peer, listener, ctx).await;
+            let _open = open;
+            let local = conn.local_addr().unwrap_or(peer);
+            connection(conn, peer, local, listener, ctx).await;
             drop(slot);
         });
+    }
+}
+
+/// Answers a connection over the limits and closes it.
+async fn refuse(mut conn: TcpStream) {
+    let mut out = Vec::new();
+    Reply::TOO_MANY_CONNECTIONS.write_to(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&out)).await;
+}
+
+/// On a `proxy_protocol` listener: the client and local addresses a
+/// trusted load balancer's header gives (its own for a v2 `LOCAL` health
+/// check); `None`, and the connection is to be closed, for anyone else.
+async fn proxied(
+    conn: &mut TcpStream,
+    peer: SocketAddr,
+    config: &ListenerConfig,
+) -> Option<(SocketAddr, SocketAddr)> {
+    if !config
+        .trusted_proxies
+        .iter()
+        .any(|n| n.contains(&peer.ip()))
+    {
+        tracing::info!(%peer, "connection refused: not from a trusted proxy (listener.trusted_proxies)");
+        return None;
+    }
+    let local = conn.local_addr().unwrap_or(peer);
+    match proxy::read_header(conn, config.proxy_timeout.0).await {
+        Ok(proxy::Header::Proxied {
+            source,
+            destination,
+        }) => Some((source, destination)),
+        Ok(proxy::Header::Local) => Some((peer, local)),
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "connection refused: no valid PROXY header");
+            None
+        }
     }
 }
 
 /// How long a client may take for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn connection(conn: TcpStream, peer: SocketAddr, listener: Arc<Listener>, ctx: Arc<Context>) {
-    let local = conn.local_addr().unwrap_or(peer);
+async fn connection(
+    conn: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    listener: Arc<Listener>,
+    ctx: Arc<Context>,
+) {
     let info = SessionInfo {
         peer,
         local,
@@ -393,6 +478,7 @@ async fn connection(conn: TcpStream, peer: SocketAddr, listener: Arc<Listener>, 
             };
             let mut session = Session::new(stream, ctx, listener, info);
             let tls_info = tls::info(session_tls(&session));
+            metrics().tls_session(Direction::Inbound, &tls_info.version);
             session.info_mut().tls = Some(tls_info);
             if session.greet().await {
                 session.run().await;
@@ -412,6 +498,7 @@ async fn connection(conn: TcpStream, peer: SocketAddr, listener: Arc<Listener>, 
                 return;
             };
             let tls_info = tls::info(stream.get_ref().1);
+            metrics().tls_session(Direction::Inbound, &tls_info.version);
             let mut session = Session::resume(stream, carry);
             session.info_mut().tls = Some(tls_info);
             // A second STARTTLS is refused inside the session, so this ends it.

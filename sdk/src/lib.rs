@@ -68,6 +68,7 @@ pub mod bindings {
         export_macro_name: "__export_world",
         default_bindings_module: "::postern_sdk::bindings",
         runtime_path: "::postern_sdk::__private::wit_bindgen::rt",
+        additional_derives: [PartialEq],
     });
 }
 
@@ -75,7 +76,7 @@ use bindings::postern::relay::context;
 pub use bindings::postern::relay::message::{EditError, Message, Part};
 pub use bindings::postern::relay::types::{
     Address, BodyType, DeliveryOutcome, DeliveryReport, Envelope as EnvelopeInfo, Header, Hook,
-    IpAddress, MailParams, Reply, Route, Session as SessionInfo, TlsInfo, Verdict,
+    IpAddress, MailParams, Reply, Route, Routing, Session as SessionInfo, TlsInfo, Verdict,
 };
 pub use postern_sdk_macros::plugin;
 
@@ -86,7 +87,7 @@ pub mod prelude {
     pub use crate::metadata::{self, Scope};
     pub use crate::{
         Address, Config, ConfigError, DeliveryOutcome, DeliveryReport, Envelope, Header, Headers,
-        Hook, Message, Plugin, Recipient, Reply, Route, Session, Verdict,
+        Hook, Message, Plugin, Recipient, Reply, Route, Routing, Session, Verdict,
     };
 }
 
@@ -126,11 +127,13 @@ pub trait Plugin: Sized + 'static {
         Verdict::Continue
     }
 
-    /// At delivery, per recipient: where it goes. `headers` reads the
+    /// At delivery, per recipient: where it goes, and the envelope sender
+    /// for it when the plugin changes it (a [`Route`] converts with `.into()`,
+    /// a sender is added with [`Route::with_sender`]). `headers` reads the
     /// message's header fields; [`metadata`] has what the transaction's
     /// hooks left (read only here).
-    fn route(&self, _envelope: &Envelope, _rcpt: &Recipient, _headers: &Headers) -> Route {
-        Route::Default
+    fn route(&self, _envelope: &Envelope, _rcpt: &Recipient, _headers: &Headers) -> Routing {
+        Route::Default.into()
     }
 
     /// After each delivery attempt of each recipient, for audit trails,
@@ -204,6 +207,19 @@ impl Session {
     pub fn of_hook() -> Session {
         FromHook::fetched_by(context::get_session)
     }
+}
+
+/// The running hook's session, read from the relay when first used; at
+/// `route` and `delivered` the session that handed the message over. The
+/// relay's own bounces have none: use [`find_session`] where that matters.
+pub fn session() -> Session {
+    Session::of_hook()
+}
+
+/// The running hook's session, or none where it has none (at `route` and
+/// `delivered`, a bounce the relay made itself).
+pub fn find_session() -> Option<SessionInfo> {
+    context::find_session()
 }
 
 /// The running hook's queue id: during `data` (the id the message will
@@ -506,6 +522,43 @@ impl Route {
     pub fn reject(code: u16, enhanced: &str, text: &str) -> Route {
         Route::Reject(Reply::new(code, enhanced, text))
     }
+
+    /// Deliver through the relay's smart-host pool `name`
+    /// (`[delivery.pools.NAME]`; [`pools`] lists them).
+    pub fn pool(name: impl Into<String>) -> Route {
+        Route::Pool(name.into())
+    }
+
+    /// This route with `sender` as the envelope sender of the delivery (an
+    /// SRS address for a forward, say).
+    ///
+    /// ```
+    /// # use postern_sdk::{Address, Route};
+    /// let r = Route::smarthost("smtp://out.example:25")
+    ///     .with_sender(Address::new("SRS0=x=YY=example.org=jo", "fwd.example"));
+    /// assert_eq!(r.sender.unwrap().domain(), "fwd.example");
+    /// ```
+    pub fn with_sender(self, sender: Address) -> Routing {
+        Routing {
+            route: self,
+            sender: Some(sender),
+        }
+    }
+}
+
+impl From<Route> for Routing {
+    fn from(route: Route) -> Routing {
+        Routing {
+            route,
+            sender: None,
+        }
+    }
+}
+
+/// The names of the relay's smart-host pools, so [`Plugin::init`] can
+/// refuse a config that names one the relay does not have.
+pub fn pools() -> Vec<String> {
+    context::get_pools()
 }
 
 impl Message {
@@ -660,10 +713,10 @@ pub mod kv {
 ///         Verdict::Continue
 ///     }
 ///
-///     fn route(&self, _e: &Envelope, _r: &Recipient, _h: &Headers) -> Route {
+///     fn route(&self, _e: &Envelope, _r: &Recipient, _h: &Headers) -> Routing {
 ///         match metadata::get(Scope::Transaction, "class").as_deref() {
-///             Some("bulk") => Route::smarthost("smtp://bulk.example.net:25"),
-///             _ => Route::Default,
+///             Some("bulk") => Route::smarthost("smtp://bulk.example.net:25").into(),
+///             _ => Route::Default.into(),
 ///         }
 ///     }
 /// }
@@ -706,7 +759,7 @@ pub mod metadata {
 /// DNS lookups through the relay's resolver (grant `dns`).
 pub mod dns {
     use crate::bindings::postern::relay::dns as host;
-    pub use host::{Error, MxRecord};
+    pub use host::{Answer, Error, MxRecord, RecordType};
 
     /// IPv4 addresses of `name`.
     pub fn a(name: &str) -> Result<Vec<String>, Error> {
@@ -723,6 +776,12 @@ pub mod dns {
     /// TXT records of `name`.
     pub fn txt(name: &str) -> Result<Vec<String>, Error> {
         host::txt(name)
+    }
+
+    /// Records of `kind` with the seconds they may be kept; none for a name
+    /// without them or that does not exist.
+    pub fn query(name: &str, kind: RecordType) -> Result<Answer, Error> {
+        host::query(name, kind)
     }
 }
 
@@ -788,24 +847,37 @@ macro_rules! export {
                 // Session, envelope and headers are fetched from the
                 // relay only if the hook reads them.
                 fn connect() -> $crate::Verdict {
-                    with(|p| p.connect(&$crate::Session::of_hook()))
+                    with(|p| <$plugin as $crate::Plugin>::connect(p, &$crate::Session::of_hook()))
                 }
 
                 fn helo() -> $crate::Verdict {
-                    with(|p| p.helo(&$crate::Session::of_hook()))
+                    with(|p| <$plugin as $crate::Plugin>::helo(p, &$crate::Session::of_hook()))
                 }
 
                 fn mail_from() -> $crate::Verdict {
-                    with(|p| p.mail_from(&$crate::Session::of_hook(), &$crate::Envelope::of_hook()))
+                    with(|p| {
+                        <$plugin as $crate::Plugin>::mail_from(
+                            p,
+                            &$crate::Session::of_hook(),
+                            &$crate::Envelope::of_hook(),
+                        )
+                    })
                 }
 
                 fn rcpt() -> $crate::Verdict {
-                    with(|p| p.rcpt(&$crate::Session::of_hook(), &$crate::Recipient::of_hook()))
+                    with(|p| {
+                        <$plugin as $crate::Plugin>::rcpt(
+                            p,
+                            &$crate::Session::of_hook(),
+                            &$crate::Recipient::of_hook(),
+                        )
+                    })
                 }
 
                 fn data(message: &$crate::Message) -> $crate::Verdict {
                     with(|p| {
-                        p.data(
+                        <$plugin as $crate::Plugin>::data(
+                            p,
                             &$crate::Session::of_hook(),
                             &$crate::Envelope::of_hook(),
                             message,
@@ -813,9 +885,10 @@ macro_rules! export {
                     })
                 }
 
-                fn route() -> $crate::Route {
+                fn route() -> $crate::Routing {
                     with(|p| {
-                        p.route(
+                        <$plugin as $crate::Plugin>::route(
+                            p,
                             &$crate::Envelope::of_hook(),
                             &$crate::Recipient::of_hook(),
                             &$crate::Headers::of_hook(),
@@ -824,7 +897,13 @@ macro_rules! export {
                 }
 
                 fn delivered(report: $crate::DeliveryReport) {
-                    with(|p| p.delivered(&$crate::Envelope::of_hook(), &report))
+                    with(|p| {
+                        <$plugin as $crate::Plugin>::delivered(
+                            p,
+                            &$crate::Envelope::of_hook(),
+                            &report,
+                        )
+                    })
                 }
             }
 

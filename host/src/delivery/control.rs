@@ -4,84 +4,243 @@
 //! race a delivery in flight. When no relay runs, the command locks the spool
 //! itself and works on the files.
 //!
-//! The protocol is one JSON request line and one JSON response line.
+//! The socket speaks the admin HTTP API (`crate::admin::api`); this module
+//! holds the commands themselves, which both that API and the files of a
+//! stopped relay answer.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixListener;
 
 use super::state::{self, unix_now, Status};
-use super::{Delivery, Error};
+use super::suspend::{Suspension, Suspensions};
+use super::Delivery;
 use crate::queue::{self, QueueId, Spool};
 use crate::record::Record;
 
 /// The socket's name inside the spool folder.
 pub const SOCKET: &str = "control.sock";
 
+/// Which messages a command acts on: every field given must match. A
+/// message matches `domain` when a recipient still to be delivered is in it,
+/// `sender` when its envelope sender is that address (`<>` for the null
+/// sender) or, written `@domain`, in that domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    /// One queue id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// A recipient domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// A sender address, `<>`, or `@domain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// Only messages that arrived at least this many seconds ago.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub older_than: Option<u64>,
+    /// `queued`, `deferred` or `held`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Every message: what a command that changes the queue needs when no
+    /// other field is given.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+/// The states a message can be listed in.
+pub const STATES: [&str; 3] = ["queued", "deferred", "held"];
+
+impl Selector {
+    /// True when no field narrows the choice.
+    pub fn is_empty(&self) -> bool {
+        self.id.is_none()
+            && self.domain.is_none()
+            && self.sender.is_none()
+            && self.older_than.is_none()
+            && self.state.is_none()
+    }
+
+    /// Checks the fields' values; the error names the field.
+    pub fn check(&self) -> Result<(), Failure> {
+        let field = |field, message: String| Err(Failure::Field { field, message });
+        if let Some(id) = &self.id {
+            if QueueId::parse(id).is_none() {
+                return field("id", format!("{id:?} is not a queue id"));
+            }
+        }
+        if let Some(state) = &self.state {
+            if !STATES.contains(&state.as_str()) {
+                let states = STATES.join(", ");
+                return field("state", format!("{state:?} is not one of {states}"));
+            }
+        }
+        if let Some(d) = &self.domain {
+            if d.is_empty() || d.contains('@') {
+                return field("domain", format!("{d:?} is not a domain"));
+            }
+        }
+        if self.sender.as_deref() == Some("") {
+            return field("sender", "empty (the null sender is written <>)".into());
+        }
+        Ok(())
+    }
+
+    /// Whether a message matches.
+    pub fn matches(&self, e: &Entry) -> bool {
+        if self.id.as_deref().is_some_and(|id| id != e.id) {
+            return false;
+        }
+        if self.state.as_deref().is_some_and(|s| s != e.state) {
+            return false;
+        }
+        if self.older_than.is_some_and(|secs| e.age < secs) {
+            return false;
+        }
+        if let Some(sender) = &self.sender {
+            let ok = if sender == "<>" {
+                e.sender.is_empty()
+            } else if let Some(domain) = sender.strip_prefix('@') {
+                e.sender
+                    .rsplit_once('@')
+                    .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain))
+            } else {
+                e.sender.eq_ignore_ascii_case(sender)
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(domain) = &self.domain {
+            if !e
+                .open_domains()
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain))
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// What a command does to the messages it selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Retry now.
+    Flush,
+    /// Keep from delivery until released.
+    Hold,
+    /// Undo hold (and a quarantine hold) and retry now.
+    Release,
+    /// Remove without a bounce.
+    Delete,
+}
+
+impl Action {
+    /// The name used in the API's paths and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Flush => "flush",
+            Action::Hold => "hold",
+            Action::Release => "release",
+            Action::Delete => "delete",
+        }
+    }
+
+    /// The action named `name`.
+    pub fn parse(name: &str) -> Option<Action> {
+        [Action::Flush, Action::Hold, Action::Release, Action::Delete]
+            .into_iter()
+            .find(|a| a.as_str() == name)
+    }
+}
+
 /// A queue command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// Every message.
-    List,
+    /// The messages a selector picks (all with an empty one).
+    List(Selector),
     /// One message.
     Show {
         /// Queue id.
         id: String,
     },
-    /// Retry now: one message, or all.
-    Flush {
-        /// Queue id; all when absent.
-        id: Option<String>,
+    /// Flush, hold, release or delete what a selector picks. `flush` with
+    /// an empty selector makes every message due.
+    Act {
+        /// What to do.
+        action: Action,
+        /// To which messages.
+        selector: Selector,
     },
-    /// Remove without a bounce.
-    Delete {
-        /// Queue id.
-        id: String,
+    /// Destinations by message count and age, of what a selector picks.
+    Summary(Selector),
+    /// Stop delivery to a recipient domain, for a while or until resumed.
+    Suspend {
+        /// The domain.
+        domain: String,
+        /// Seconds; none: until resumed.
+        for_secs: Option<u64>,
     },
-    /// Stop delivering until released.
-    Hold {
-        /// Queue id.
-        id: String,
+    /// Lift a suspension and try the domain's mail now.
+    Resume {
+        /// The domain.
+        domain: String,
     },
-    /// Undo hold (and a quarantine hold).
-    Release {
-        /// Queue id.
-        id: String,
-    },
+    /// The suspended domains.
+    Suspended,
 }
 
 /// The answer to a [`Request`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    /// The command succeeded.
-    pub ok: bool,
-    /// Why not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Messages (list: all; show: one).
-    #[serde(default)]
-    pub entries: Vec<Entry>,
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// List and show.
+    Entries {
+        /// The messages.
+        messages: Vec<Entry>,
+    },
+    /// Act: the ids acted on (empty for a flush of everything).
+    Acted {
+        /// Queue ids.
+        ids: Vec<String>,
+    },
+    /// Summary.
+    Summary(Summary),
+    /// Suspend, resume, suspended: the suspensions in force afterwards.
+    Suspensions {
+        /// The list.
+        suspended: Vec<Suspension>,
+    },
 }
 
-impl Response {
-    fn ok(entries: Vec<Entry>) -> Response {
-        Response {
-            ok: true,
-            error: None,
-            entries,
-        }
-    }
+/// A command that could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// A field of the request is wrong (HTTP 400, naming the field).
+    #[error("{field}: {message}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// No such message (HTTP 404).
+    #[error(transparent)]
+    NotFound(queue::Error),
+    /// The spool (HTTP 500).
+    #[error(transparent)]
+    Spool(queue::Error),
+}
 
-    fn err(e: impl std::fmt::Display) -> Response {
-        Response {
-            ok: false,
-            error: Some(e.to_string()),
-            entries: Vec::new(),
+impl From<queue::Error> for Failure {
+    fn from(e: queue::Error) -> Failure {
+        match e {
+            queue::Error::NotFound(_) => Failure::NotFound(e),
+            e => Failure::Spool(e),
         }
     }
 }
@@ -225,7 +384,8 @@ pub fn set_hold(queue_dir: &Path, id: &QueueId, hold: bool) -> Result<(), queue:
     state::store(queue_dir, id, &st)
 }
 
-fn flush_file(queue_dir: &Path, id: &QueueId) -> Result<(), queue::Error> {
+/// Makes a message due now (its retry time passed).
+pub(super) fn flush_file(queue_dir: &Path, id: &QueueId) -> Result<(), queue::Error> {
     let stored = queue::spool_load(&queue_dir.join(id.as_str()), id)?;
     let Ok(mut st) = state::load(queue_dir, &stored.meta, id) else {
         return Ok(());
@@ -237,98 +397,346 @@ fn flush_file(queue_dir: &Path, id: &QueueId) -> Result<(), queue::Error> {
     Ok(())
 }
 
-/// Runs a request against a running relay's scheduler.
-async fn handle(d: &Delivery, req: Request) -> Response {
-    let dir = d.queue_dir().to_path_buf();
-    let result = async {
-        match req {
-            // Reading every record of a large queue takes a while: off the
-            // runtime, so deliveries and sessions go on meanwhile.
-            Request::List => queue::off_runtime(move || list(&dir)).await,
-            Request::Show { id } => {
-                let id = parse_id(&id)?;
-                queue::off_runtime(move || entry(&dir, &id).map(|e| vec![e])).await
+impl Entry {
+    /// The domains of the recipients still to be delivered, lowercase, each once.
+    pub fn open_domains(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in &self.recipients {
+            if !matches!(r.state, Status::Pending | Status::Deferred) {
+                continue;
             }
-            Request::Flush { id } => {
-                let id = id.as_deref().map(parse_id).transpose()?;
-                d.flush(id.as_ref()).await.map(|_| Vec::new())
+            let d = r
+                .address
+                .rsplit_once('@')
+                .map(|(_, d)| d.to_ascii_lowercase())
+                .unwrap_or_default();
+            if !out.contains(&d) {
+                out.push(d);
             }
-            Request::Delete { id } => d.delete(&parse_id(&id)?).await.map(|_| Vec::new()),
-            Request::Hold { id } => d.hold(&parse_id(&id)?).await.map(|_| Vec::new()),
-            Request::Release { id } => d.release(&parse_id(&id)?).await.map(|_| Vec::new()),
+        }
+        out
+    }
+}
+
+/// Upper bounds of the age columns of a summary, in minutes (Postfix's
+/// qshape uses the same doubling); the last column holds everything older.
+pub const AGE_BUCKETS_MIN: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
+
+/// Destinations by count and age, like Postfix's `qshape`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Column names: `5m` holds messages up to 5 minutes old, ..., and the
+    /// last one those older than the last bound.
+    pub buckets: Vec<String>,
+    /// Every message selected, counted once.
+    pub total: SummaryRow,
+    /// One row per recipient domain with mail still to deliver, most
+    /// messages first; a message with recipients in two domains counts in both.
+    pub destinations: Vec<SummaryRow>,
+}
+
+/// One row of a [`Summary`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SummaryRow {
+    /// The recipient domain (`TOTAL` for the total row).
+    pub domain: String,
+    /// Messages.
+    pub messages: u64,
+    /// Messages per age column.
+    pub counts: Vec<u64>,
+    /// Messages deferred at least once.
+    pub deferred: u64,
+    /// Messages held.
+    pub held: u64,
+    /// The last reply about one of its recipients (the newest message's).
+    pub last_error: Option<String>,
+}
+
+impl SummaryRow {
+    fn new(domain: String) -> SummaryRow {
+        SummaryRow {
+            domain,
+            messages: 0,
+            counts: vec![0; AGE_BUCKETS_MIN.len() + 1],
+            deferred: 0,
+            held: 0,
+            last_error: None,
         }
     }
-    .await;
-    match result {
-        Ok(entries) => Response::ok(entries),
-        Err(e) => Response::err(e),
+
+    fn add(&mut self, e: &Entry, column: usize, last_error: Option<&String>) {
+        self.messages += 1;
+        self.counts[column] += 1;
+        self.deferred += u64::from(e.state == "deferred");
+        self.held += u64::from(e.state == "held");
+        if let Some(err) = last_error {
+            self.last_error = Some(err.clone());
+        }
     }
+}
+
+impl Summary {
+    /// The summary of `entries` (oldest first, as [`list`] gives them).
+    pub fn of(entries: &[Entry]) -> Summary {
+        let mut total = SummaryRow::new("TOTAL".into());
+        let mut rows: std::collections::HashMap<String, SummaryRow> = Default::default();
+        for e in entries {
+            let column = AGE_BUCKETS_MIN
+                .iter()
+                .position(|m| e.age <= m * 60)
+                .unwrap_or(AGE_BUCKETS_MIN.len());
+            total.add(e, column, e.last_reply.as_ref());
+            for domain in e.open_domains() {
+                let last = e
+                    .recipients
+                    .iter()
+                    .filter(|r| {
+                        r.address
+                            .to_ascii_lowercase()
+                            .ends_with(&format!("@{domain}"))
+                    })
+                    .find_map(|r| r.last_reply.as_ref());
+                rows.entry(domain.clone())
+                    .or_insert_with(|| SummaryRow::new(domain))
+                    .add(e, column, last);
+            }
+        }
+        let mut destinations: Vec<SummaryRow> = rows.into_values().collect();
+        destinations.sort_by(|a, b| b.messages.cmp(&a.messages).then(a.domain.cmp(&b.domain)));
+        let mut buckets: Vec<String> = AGE_BUCKETS_MIN.iter().map(|m| format!("{m}m")).collect();
+        buckets.push(format!("{}m+", AGE_BUCKETS_MIN[AGE_BUCKETS_MIN.len() - 1]));
+        Summary {
+            buckets,
+            total,
+            destinations,
+        }
+    }
+}
+
+/// The messages a selector picks, read off the runtime.
+async fn select(dir: &Path, selector: &Selector) -> Result<Vec<Entry>, queue::Error> {
+    let dir = dir.to_path_buf();
+    let selector = selector.clone();
+    queue::off_runtime(move || {
+        let mut all = list(&dir)?;
+        all.retain(|e| selector.matches(e));
+        Ok(all)
+    })
+    .await
+}
+
+/// A command that changes the queue names what it acts on.
+fn check_act(action: Action, selector: &Selector) -> Result<(), Failure> {
+    selector.check()?;
+    if selector.is_empty() && !selector.all && action != Action::Flush {
+        return Err(Failure::Field {
+            field: "selector",
+            message: format!(
+                "{} needs an id, a selector (domain, sender, older_than, state) or all",
+                action.as_str()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn check_domain(domain: &str) -> Result<(), Failure> {
+    if domain.is_empty() || domain.contains(['@', ' ', '/']) {
+        return Err(Failure::Field {
+            field: "domain",
+            message: format!("{domain:?} is not a domain"),
+        });
+    }
+    Ok(())
+}
+
+/// Runs a request against a running relay's scheduler. Every change goes
+/// through [`Delivery`], which keeps it off messages a delivery has in hand.
+pub async fn handle(d: &Delivery, req: Request) -> Result<Answer, Failure> {
+    let dir = d.queue_dir().to_path_buf();
+    match req {
+        // Reading every record of a large queue takes a while: off the
+        // runtime, so deliveries and sessions go on meanwhile.
+        Request::List(selector) => {
+            selector.check()?;
+            let messages = select(&dir, &selector).await?;
+            Ok(Answer::Entries { messages })
+        }
+        Request::Show { id } => {
+            let id = parse_id(&id)?;
+            let e = queue::off_runtime(move || entry(&dir, &id)).await?;
+            Ok(Answer::Entries { messages: vec![e] })
+        }
+        Request::Summary(selector) => {
+            selector.check()?;
+            Ok(Answer::Summary(Summary::of(
+                &select(&dir, &selector).await?,
+            )))
+        }
+        Request::Act { action, selector } => {
+            check_act(action, &selector)?;
+            if let (Some(id), true) = (&selector.id, only_id(&selector)) {
+                let id = parse_id(id)?;
+                match action {
+                    Action::Flush => d.flush(Some(&id)).await?,
+                    Action::Hold => d.hold(&id).await?,
+                    Action::Release => d.release(&id).await?,
+                    Action::Delete => d.delete(&id).await?,
+                }
+                return Ok(Answer::Acted {
+                    ids: vec![id.to_string()],
+                });
+            }
+            if action == Action::Flush && selector.is_empty() {
+                d.flush(None).await?;
+                return Ok(Answer::Acted { ids: Vec::new() });
+            }
+            let ids: Vec<QueueId> = select(&dir, &selector)
+                .await?
+                .iter()
+                .filter_map(|e| QueueId::parse(&e.id))
+                .collect();
+            if action == Action::Flush {
+                d.flush_many(&ids).await?;
+            }
+            for id in &ids {
+                let done = match action {
+                    Action::Flush => Ok(()),
+                    Action::Hold => d.hold(id).await,
+                    Action::Release => d.release(id).await,
+                    Action::Delete => d.delete(id).await,
+                };
+                // Delivered or deleted meanwhile: nothing left to act on.
+                match done {
+                    Ok(()) | Err(queue::Error::NotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(Answer::Acted {
+                ids: ids.iter().map(|i| i.to_string()).collect(),
+            })
+        }
+        Request::Suspend { domain, for_secs } => {
+            check_domain(&domain)?;
+            let until = for_secs.map(|s| unix_now().saturating_add(s));
+            d.set_suspension(&domain, Some(until)).await?;
+            tracing::info!(domain, until, "delivery suspended by the operator");
+            Ok(Answer::Suspensions {
+                suspended: d.suspensions(),
+            })
+        }
+        Request::Resume { domain } => {
+            check_domain(&domain)?;
+            if !d.set_suspension(&domain, None).await? {
+                return Err(Failure::Field {
+                    field: "domain",
+                    message: format!("{domain} is not suspended"),
+                });
+            }
+            tracing::info!(domain, "delivery resumed by the operator");
+            let waiting = Selector {
+                domain: Some(domain),
+                ..Selector::default()
+            };
+            let ids: Vec<QueueId> = select(&dir, &waiting)
+                .await?
+                .iter()
+                .filter_map(|e| QueueId::parse(&e.id))
+                .collect();
+            d.flush_many(&ids).await?;
+            Ok(Answer::Suspensions {
+                suspended: d.suspensions(),
+            })
+        }
+        Request::Suspended => Ok(Answer::Suspensions {
+            suspended: d.suspensions(),
+        }),
+    }
+}
+
+/// The selector names one message and nothing else.
+fn only_id(selector: &Selector) -> bool {
+    selector.domain.is_none()
+        && selector.sender.is_none()
+        && selector.older_than.is_none()
+        && selector.state.is_none()
 }
 
 /// Runs a request on the spool files of a stopped relay (the caller holds the lock).
-fn handle_direct(spool: &Spool, req: Request) -> Result<Vec<Entry>, queue::Error> {
+fn handle_direct(spool: &Spool, req: Request) -> Result<Answer, Failure> {
     let dir = spool.root().join("queue");
-    match req {
-        Request::List => list(&dir),
-        Request::Show { id } => entry(&dir, &parse_id(&id)?).map(|e| vec![e]),
-        Request::Flush { id: Some(id) } => flush_file(&dir, &parse_id(&id)?).map(|_| Vec::new()),
-        Request::Flush { id: None } => {
-            for id in spool.list()? {
-                flush_file(&dir, &id)?;
-            }
-            Ok(Vec::new())
-        }
-        Request::Delete { id } => {
-            let id = parse_id(&id)?;
-            if !dir.join(id.as_str()).exists() {
-                return Err(queue::Error::NotFound(id));
-            }
-            state::remove_message(spool, &id).map(|_| Vec::new())
-        }
-        Request::Hold { id } => set_hold(&dir, &parse_id(&id)?, true).map(|_| Vec::new()),
-        Request::Release { id } => set_hold(&dir, &parse_id(&id)?, false).map(|_| Vec::new()),
-    }
-}
-
-/// Binds the control socket and answers requests until the process ends.
-pub(super) fn serve(d: Delivery) -> Result<(), Error> {
-    let path = d.spool_root().join(SOCKET);
-    // We hold the spool lock, so a socket file left here is from a dead relay.
-    let _ = std::fs::remove_file(&path);
-    let io = |source| {
-        Error::Spool(queue::Error::Io {
-            path: path.clone(),
-            source,
-        })
+    let selected = |selector: &Selector| -> Result<Vec<Entry>, Failure> {
+        selector.check()?;
+        let mut all = list(&dir)?;
+        all.retain(|e| selector.matches(e));
+        Ok(all)
     };
-    let listener = UnixListener::bind(&path).map_err(io)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((conn, _)) = listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            };
-            let d = d.clone();
-            tokio::spawn(async move {
-                let (r, mut w) = conn.into_split();
-                let mut line = String::new();
-                // One bounded line: a stuck or hostile client cannot hold memory.
-                let mut r = tokio::io::BufReader::new(r.take(64 * 1024));
-                if r.read_line(&mut line).await.is_err() {
-                    return;
+    match req {
+        Request::List(selector) => Ok(Answer::Entries {
+            messages: selected(&selector)?,
+        }),
+        Request::Show { id } => Ok(Answer::Entries {
+            messages: vec![entry(&dir, &parse_id(&id)?)?],
+        }),
+        Request::Summary(selector) => Ok(Answer::Summary(Summary::of(&selected(&selector)?))),
+        Request::Act { action, selector } => {
+            check_act(action, &selector)?;
+            let ids: Vec<QueueId> = match (&selector.id, only_id(&selector)) {
+                (Some(id), true) => {
+                    let id = parse_id(id)?;
+                    if !dir.join(id.as_str()).exists() {
+                        return Err(queue::Error::NotFound(id).into());
+                    }
+                    vec![id]
                 }
-                let resp = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => handle(&d, req).await,
-                    Err(e) => Response::err(format!("bad request: {e}")),
+                _ => selected(&selector)?
+                    .iter()
+                    .filter_map(|e| QueueId::parse(&e.id))
+                    .collect(),
+            };
+            for id in &ids {
+                let done = match action {
+                    Action::Flush => flush_file(&dir, id),
+                    Action::Hold => set_hold(&dir, id, true),
+                    Action::Release => set_hold(&dir, id, false),
+                    Action::Delete => state::remove_message(spool, id),
                 };
-                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-                out.push(b'\n');
-                let _ = w.write_all(&out).await;
-            });
+                match done {
+                    Ok(()) | Err(queue::Error::NotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(Answer::Acted {
+                ids: ids.iter().map(|i| i.to_string()).collect(),
+            })
         }
-    });
-    Ok(())
+        Request::Suspend { domain, for_secs } => {
+            check_domain(&domain)?;
+            let mut s = Suspensions::load(spool.root())?;
+            s.suspend(&domain, for_secs.map(|f| unix_now().saturating_add(f)));
+            s.save(spool.root())?;
+            Ok(Answer::Suspensions {
+                suspended: s.list(unix_now()),
+            })
+        }
+        Request::Resume { domain } => {
+            check_domain(&domain)?;
+            let mut s = Suspensions::load(spool.root())?;
+            if !s.resume(&domain) {
+                return Err(Failure::Field {
+                    field: "domain",
+                    message: format!("{domain} is not suspended"),
+                });
+            }
+            s.save(spool.root())?;
+            Ok(Answer::Suspensions {
+                suspended: s.list(unix_now()),
+            })
+        }
+        Request::Suspended => Ok(Answer::Suspensions {
+            suspended: Suspensions::load(spool.root())?.list(unix_now()),
+        }),
+    }
 }
 
 /// How long a queue command waits for the control socket of a relay that
@@ -337,13 +745,13 @@ const SOCKET_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs a queue command: through the control socket when a relay is running
 /// on this spool, else directly on the files (with the spool locked).
-pub fn run(spool_root: &Path, req: Request) -> Result<Vec<Entry>, String> {
+pub fn run(spool_root: &Path, req: Request) -> Result<Answer, String> {
     let sock = spool_root.join(SOCKET);
     let deadline = std::time::Instant::now() + SOCKET_WAIT;
     let mut said = false;
     loop {
         match run_once(spool_root, &sock, &req) {
-            Ok(entries) => return Ok(entries),
+            Ok(answer) => return Ok(answer),
             Err(Attempt::Failed(e)) => return Err(e),
             Err(Attempt::Locked) if std::time::Instant::now() >= deadline => {
                 let (spool, sock) = (spool_root.display(), sock.display());
@@ -374,24 +782,20 @@ enum Attempt {
     Failed(String),
 }
 
-fn run_once(spool_root: &Path, sock: &Path, req: &Request) -> Result<Vec<Entry>, Attempt> {
-    if let Ok(mut conn) = std::os::unix::net::UnixStream::connect(sock) {
-        let fail = |e: String| Attempt::Failed(e);
-        let mut line = serde_json::to_vec(req).map_err(|e| fail(e.to_string()))?;
-        line.push(b'\n');
-        conn.write_all(&line)
-            .map_err(|e| fail(format!("{}: {e}", sock.display())))?;
-        let mut answer = String::new();
-        BufReader::new(conn)
-            .read_line(&mut answer)
-            .map_err(|e| fail(format!("{}: {e}", sock.display())))?;
-        let resp: Response = serde_json::from_str(&answer)
-            .map_err(|e| fail(format!("{}: bad answer: {e}", sock.display())))?;
-        return if resp.ok {
-            Ok(resp.entries)
-        } else {
-            Err(fail(resp.error.unwrap_or_else(|| "failed".into())))
-        };
+fn run_once(spool_root: &Path, sock: &Path, req: &Request) -> Result<Answer, Attempt> {
+    if let Ok(conn) = std::os::unix::net::UnixStream::connect(sock) {
+        let (method, path, body) = crate::admin::api::to_http(req);
+        let (status, answer) = crate::admin::client::call(conn, method, &path, body)
+            .map_err(|e| Attempt::Failed(format!("{}: {e}", sock.display())))?;
+        if !(200..300).contains(&status) {
+            let message = serde_json::from_slice::<serde_json::Value>(&answer)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            return Err(Attempt::Failed(message));
+        }
+        return crate::admin::api::answer_from_http(req, &answer)
+            .map_err(|e| Attempt::Failed(format!("{}: bad answer: {e}", sock.display())));
     }
     if !spool_root.join("queue").is_dir() {
         return Err(Attempt::Failed(format!(

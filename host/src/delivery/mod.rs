@@ -10,11 +10,13 @@
 //!   the smart host, or MX).
 //! - [`dns`]: MX and address lookups with hickory-resolver, classified into
 //!   permanent and temporary failures.
+//! - [`pools`]: which host of a smart-host pool takes the next message.
 //! - [`client`]: the SMTP client: pipelining, STARTTLS, AUTH, capability checks,
 //!   dot-stuffing and line folding, RFC 5321 timeouts.
 //! - [`tls`]: the rustls client configs (verified and opportunistic).
 //! - [`state`]: per-recipient outcomes and retry times, kept next to each spooled
 //!   message as `queue/<id>.state`.
+//! - [`suspend`]: destinations the operator suspended.
 //! - [`bounce`]: RFC 3464 delivery status notifications.
 //! - [`control`]: `postern queue` commands, over the control socket of a running
 //!   relay or directly on the spool of a stopped one.
@@ -23,9 +25,11 @@ pub mod bounce;
 pub mod client;
 pub mod control;
 pub mod dns;
+pub mod pools;
 pub mod route;
 pub mod scheduler;
 pub mod state;
+pub mod suspend;
 pub mod tls;
 
 use std::net::SocketAddr;

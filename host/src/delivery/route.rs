@@ -1,5 +1,7 @@
 //! Where one recipient goes: the plugin route hook first, then the per-domain
 //! route table, then the smart host, then MX lookup of the recipient's domain.
+//! A pool names several smart hosts; which one takes a message is the
+//! scheduler's choice (see `delivery::pools`).
 
 use std::fmt;
 
@@ -8,13 +10,15 @@ use crate::envelope::Recipient;
 use crate::policy::Route;
 use crate::smtp::reply::Reply;
 
-/// A configured next hop: MX lookup, or a smart host URL.
+/// A configured next hop: MX lookup, a smart host URL, or a pool.
 #[derive(Clone, PartialEq, Eq)]
 pub enum NextHop {
     /// MX lookup: of the recipient's domain, or of the given one.
     Mx(Option<String>),
     /// A smart host.
     Smarthost(SmartHost),
+    /// A pool of smart hosts (`[delivery.pools.NAME]`).
+    Pool(String),
 }
 
 /// `smtp://[user:password@]host[:port]` or `smtps://...`.
@@ -58,15 +62,22 @@ impl fmt::Debug for NextHop {
             NextHop::Mx(None) => f.write_str("mx"),
             NextHop::Mx(Some(d)) => write!(f, "mx:{d}"),
             NextHop::Smarthost(s) => write!(f, "{s}"),
+            NextHop::Pool(p) => write!(f, "pool:{p}"),
         }
     }
 }
 
 impl NextHop {
-    /// Parses `mx`, `mx:domain`, `smtp://...` or `smtps://...`.
+    /// Parses `mx`, `mx:domain`, `smtp://...`, `smtps://...` or `pool:NAME`.
     pub fn parse(s: &str) -> Result<NextHop, String> {
         if s == "mx" {
             return Ok(NextHop::Mx(None));
+        }
+        if let Some(name) = s.strip_prefix("pool:") {
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(format!("{s:?}: expected pool:NAME"));
+            }
+            return Ok(NextHop::Pool(name.to_string()));
         }
         if let Some(domain) = s.strip_prefix("mx:") {
             if domain.is_empty() || domain.contains(['@', '/', ' ']) {
@@ -170,6 +181,14 @@ pub enum Via {
     Mx(String),
     /// A smart host.
     Smarthost(SmartHost),
+    /// One host of a pool: a destination of its own (its own connections
+    /// and backoff), chosen per message.
+    PoolHost {
+        /// The pool's name.
+        pool: String,
+        /// The host.
+        host: SmartHost,
+    },
 }
 
 impl Target {
@@ -183,6 +202,7 @@ impl Target {
         match &self.via {
             Via::Mx(d) => format!("mx:{d}{tls}"),
             Via::Smarthost(s) => format!("{s}{tls}"),
+            Via::PoolHost { pool, host } => format!("pool:{pool} {host}{tls}"),
         }
     }
 }
@@ -192,12 +212,35 @@ impl Target {
 pub enum Decision {
     /// Send over SMTP to this destination.
     Deliver(Target),
+    /// Send over SMTP to a host of this pool, which the scheduler picks.
+    Pool {
+        /// The pool's name.
+        name: String,
+        /// Refuse to send without verified TLS.
+        require_tls: bool,
+    },
     /// Write into this folder (below `delivery.local_folder`).
     LocalFolder(String),
     /// Drop silently; counts as delivered.
     Discard,
     /// Fail permanently with this reply.
     Reject(Reply),
+}
+
+/// A pool route: refused when the config has no such pool (a plugin's
+/// route names it; the config's own routes are checked at load).
+fn pool(config: &DeliveryConfig, name: String, require_tls: Option<bool>) -> Decision {
+    match config.pools.get(&name) {
+        Some(p) => Decision::Pool {
+            require_tls: require_tls.or(p.require_tls).unwrap_or(config.require_tls),
+            name,
+        },
+        None => Decision::Reject(Reply::new(
+            554,
+            "5.3.5",
+            format!("route to pool {name:?}, which the relay does not have"),
+        )),
+    }
 }
 
 /// Turns the route hook's answer and the config into a decision.
@@ -237,6 +280,7 @@ pub fn decide(config: &DeliveryConfig, route: Route, rcpt: &Recipient) -> Decisi
             let (hop, pinned) = match hop {
                 Some(NextHop::Mx(Some(d))) => (Via::Mx(d), pinned),
                 Some(NextHop::Smarthost(s)) => (Via::Smarthost(s), pinned),
+                Some(NextHop::Pool(name)) => return pool(config, name, tls),
                 // The smart host's pins are for the smart host only.
                 Some(NextHop::Mx(None)) | None => (Via::Mx(domain), Vec::new()),
             };
@@ -245,6 +289,7 @@ pub fn decide(config: &DeliveryConfig, route: Route, rcpt: &Recipient) -> Decisi
                 ..target(hop, tls)
             })
         }
+        Route::Pool(name) => pool(config, name, None),
         Route::Mx(d) => Decision::Deliver(target(
             Via::Mx(d.trim_end_matches('.').to_ascii_lowercase()),
             None,

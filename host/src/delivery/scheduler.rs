@@ -23,11 +23,15 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::bounce;
 use super::client::{Client, Hop, Outgoing, Timeouts, TlsUse};
 use super::dns::Dns;
+use super::pools::Pools;
 use super::route::{decide, Decision, Target, Via};
 use super::state::{self, unix_now, DeliveryState, Status};
+use super::suspend::{Suspension, Suspensions};
 use super::tls::ClientTls;
 use super::Error;
+use crate::admin::metrics::{metrics, DeliveryOutcome, Direction, Label, Result_, Source};
 use crate::config::Config;
+use crate::envelope::Address;
 use crate::plugins::delivered::{self, Reporter};
 use crate::plugins::ChainHandle;
 use crate::policy::{Queued, RouteQuery};
@@ -75,8 +79,22 @@ struct Shared {
     admit_tx: mpsc::UnboundedSender<Spooled>,
     /// Removes finished messages off the async workers.
     remover: Remover,
+    /// Destinations the operator suspended (read at each admission).
+    suspended: std::sync::RwLock<Suspensions>,
+    /// Held while the suspensions are changed and saved, so two changes
+    /// never write the file out of order.
+    suspend_writer: std::sync::Mutex<()>,
     /// Reports each attempt to the `delivered` hook.
     reports: Reporter,
+    /// Which pool host takes the next message.
+    pools: Pools,
+}
+
+/// Where a group of a message's recipients goes: a destination, or a pool
+/// whose host is picked as the job is queued.
+enum Destination {
+    Fixed(Target),
+    Pool { name: String, require_tls: bool },
 }
 
 /// Where the bytes of a message being admitted are.
@@ -225,6 +243,9 @@ struct Dest {
 struct Job {
     id: QueueId,
     rcpts: Vec<usize>,
+    /// The envelope sender for these recipients, when a route gave one
+    /// (else the message's).
+    sender: Option<Address>,
 }
 
 /// One recipient's result of one attempt.
@@ -283,6 +304,7 @@ impl Delivery {
         )
         .map_err(Error::Setup)?;
         let queue_dir = ctx.spool.root().join("queue");
+        let suspended = Suspensions::load(ctx.spool.root())?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Spooled>();
         let sched = Arc::new(Mutex::new(Sched {
             scan_needed: true,
@@ -292,6 +314,7 @@ impl Delivery {
             admit_tx: tx.clone(),
             remover: Remover::start(ctx.spool.clone(), sched.clone()),
             reports: Reporter::start(ctx.chain.clone(), config.plugins.delivered_queue),
+            pools: Pools::new(&config.delivery),
             timeouts: Timeouts::rfc5321(d.connect_timeout.0),
             config: config.clone(),
             spool: ctx.spool.clone(),
@@ -303,12 +326,13 @@ impl Delivery {
             own,
             sched,
             timer: Notify::new(),
+            suspended: std::sync::RwLock::new(suspended),
+            suspend_writer: std::sync::Mutex::default(),
         });
         let _ = ctx.on_queued.set(tx);
         let delivery = Delivery { shared };
-        // The control socket first: `postern queue` answers from the moment
-        // the listeners open, however long the clean-up below takes.
-        super::control::serve(delivery.clone())?;
+        // The control socket is bound already (`crate::admin::Admin::bind`),
+        // so `postern queue` waits on it while the clean-up below runs.
         let removed = state::remove_orphans(&delivery.shared.queue_dir)?;
         if removed > 0 {
             tracing::info!(removed, "removed delivery states of messages already gone");
@@ -351,6 +375,12 @@ impl Delivery {
     /// The spool folder.
     pub fn spool_root(&self) -> PathBuf {
         self.shared.spool.root().to_path_buf()
+    }
+
+    /// Outbound connections open now, and messages in the active set.
+    pub(crate) fn load(&self) -> (usize, usize) {
+        let s = self.shared.lock();
+        (s.connections, s.active.len())
     }
 
     /// The spool's `queue/` folder.
@@ -437,6 +467,62 @@ impl Delivery {
         edited
     }
 
+    /// Destinations suspended now.
+    pub(crate) fn suspensions(&self) -> Vec<Suspension> {
+        self.shared.suspended().list(unix_now())
+    }
+
+    /// Suspends (`Some(until)`, `until` none: until resumed) or resumes
+    /// (`None`) delivery to a recipient domain, and saves the list. Returns
+    /// false for a resume of a domain that was not suspended.
+    pub(crate) async fn set_suspension(
+        &self,
+        domain: &str,
+        suspend: Option<Option<u64>>,
+    ) -> Result<bool, crate::queue::Error> {
+        let shared = self.shared.clone();
+        let domain = domain.to_string();
+        let root = self.shared.spool.root().to_path_buf();
+        off_runtime(move || {
+            let _writer = shared
+                .suspend_writer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let mut next = shared.suspended().clone();
+            let changed = match suspend {
+                Some(until) => {
+                    next.suspend(&domain, until);
+                    true
+                }
+                None => next.resume(&domain),
+            };
+            next.save(&root)?;
+            *shared.suspended.write().unwrap_or_else(|e| e.into_inner()) = next;
+            Ok(changed)
+        })
+        .await
+    }
+
+    /// Makes each message due now and lets it in as the active set has room,
+    /// the way a backlog is taken in (destination backoffs are lifted). A
+    /// message being delivered is left to that delivery.
+    pub(crate) async fn flush_many(&self, ids: &[QueueId]) -> Result<(), crate::queue::Error> {
+        {
+            let mut s = self.shared.lock();
+            for d in s.dests.values_mut() {
+                d.backoff_until = None;
+            }
+        }
+        for id in ids {
+            match self.edit(id, |_| {}, super::control::flush_file).await {
+                Ok(()) | Err(crate::queue::Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            self.shared.clone().admit(id.clone(), false).await;
+        }
+        Ok(())
+    }
+
     /// Tries one message, or all deferred ones, now (destination backoffs are lifted).
     ///
     /// Flushing everything does not admit the whole spool at once: it makes
@@ -471,6 +557,10 @@ impl Delivery {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Sched> {
         lock(&self.sched)
+    }
+
+    fn suspended(&self) -> std::sync::RwLockReadGuard<'_, Suspensions> {
+        self.suspended.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn max_deferred(&self) -> usize {
@@ -590,7 +680,14 @@ impl Shared {
         // One lease for the message: its recipients share the instances.
         let mut hooks = self.chain.current().lease();
         let headers = &body[..header_end(&body)];
-        let mut groups: HashMap<String, (Target, Vec<usize>)> = HashMap::new();
+        // One job per destination and envelope sender.
+        let mut groups: HashMap<(String, Option<Address>), (Destination, Vec<usize>)> =
+            HashMap::new();
+        // Recipients left alone because their domain is suspended: when they
+        // are all there is, the message waits without an attempt counted,
+        // until the earliest suspension ends (`None`: until a resume).
+        let mut held_back: Option<Option<u64>> = None;
+        let mut decided = false;
         for (i, rcpt) in meta.envelope.recipients.iter().enumerate() {
             if !dstate.recipients[i].is_open() {
                 continue;
@@ -599,6 +696,14 @@ impl Shared {
                 // finalize() turns open recipients of an expired message into failures.
                 continue;
             }
+            if let Some(until) = self.suspended().blocks(rcpt.address.domain(), now) {
+                held_back = Some(match (held_back.flatten(), until) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                });
+                continue;
+            }
+            decided = true;
             let route = hooks
                 .route(RouteQuery {
                     queued: Queued::of(&meta, id),
@@ -613,11 +718,19 @@ impl Shared {
                 tls: None,
                 started: Instant::now(),
             };
-            match decide(&self.config.delivery, route, rcpt) {
+            let sender = route.sender;
+            match decide(&self.config.delivery, route.route, rcpt) {
                 Decision::Deliver(target) => {
                     groups
-                        .entry(target.key())
-                        .or_insert_with(|| (target, Vec::new()))
+                        .entry((target.key(), sender))
+                        .or_insert_with(|| (Destination::Fixed(target), Vec::new()))
+                        .1
+                        .push(i);
+                }
+                Decision::Pool { name, require_tls } => {
+                    groups
+                        .entry((format!("pool:{name}"), sender))
+                        .or_insert_with(|| (Destination::Pool { name, require_tls }, Vec::new()))
                         .1
                         .push(i);
                 }
@@ -662,6 +775,13 @@ impl Shared {
                 }
             }
         }
+        if let (true, false, Some(until)) = (groups.is_empty(), decided, held_back) {
+            if let Some(at) = until {
+                let mut s = self.lock();
+                self.push_deferred(&mut s, at, id.clone());
+            }
+            return Ok(());
+        }
         let body = (meta.size <= CACHE_BODY_MAX).then_some(body);
         let active = Active {
             meta: meta.clone(),
@@ -677,21 +797,29 @@ impl Shared {
         }
         let mut s = self.lock();
         s.active.insert(id.clone(), active);
-        for (key, (target, rcpts)) in groups {
-            let dest = s.dests.entry(key.clone()).or_insert_with(|| Dest {
-                target,
-                queue: VecDeque::new(),
-                connections: 0,
-                backoff_until: None,
-                backoff: Duration::ZERO,
-                last_error: None,
-                idle: VecDeque::new(),
-            });
-            dest.queue.push_back(Job {
+        for ((_, sender), (destination, rcpts)) in groups {
+            let target = match destination {
+                Destination::Fixed(target) => target,
+                Destination::Pool { name, require_tls } => {
+                    let suspended = |k: &str| s.dests.get(k).and_then(|d| d.backoff_until);
+                    match self.pools.pick(&name, require_tls, None, suspended) {
+                        Some(target) => target,
+                        // A pool the config had when the route was decided,
+                        // gone since: cannot happen while the config is fixed
+                        // for the process; deferred rather than lost if it did.
+                        None => {
+                            tracing::warn!(queue_id = %id, pool = name, "no such pool");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let job = Job {
                 id: id.clone(),
                 rcpts,
-            });
-            self.kick(&mut s, &key);
+                sender,
+            };
+            self.enqueue(&mut s, target, job);
         }
         Ok(())
     }
@@ -868,33 +996,24 @@ impl Shared {
                 },
             };
             let started = Instant::now();
+            // A connection kept from an earlier job may have been closed by
+            // the other side meanwhile; a new one is not.
+            let mut kept = true;
             if !client.as_ref().is_some_and(Client::is_usable) {
+                kept = false;
                 match self.open(&target, 0).await {
                     Ok((c, n)) => {
                         client = Some(c);
                         used = n;
                     }
                     Err(e) => {
-                        let results = job
-                            .rcpts
-                            .iter()
-                            .map(|&i| (i, Outcome::from_error(&e, None)))
-                            .collect();
-                        let attempt = Attempt {
-                            route: &key,
-                            host: None,
-                            addr: None,
-                            tls: None,
-                            started,
-                        };
-                        self.complete_job(&job.id, results, &attempt).await;
-                        self.destination_failed(&key, &e).await;
+                        self.destination_failed(&key, &e, Some(job)).await;
                         break;
                     }
                 }
             }
             let outgoing = Outgoing {
-                sender: &meta.envelope.sender,
+                sender: job.sender.as_ref().unwrap_or(&meta.envelope.sender),
                 params: &meta.envelope.params,
                 recipients: job
                     .rcpts
@@ -904,7 +1023,7 @@ impl Shared {
                 message: &body,
             };
             let mut fell_back = false;
-            let (results, host, addr, tls) = loop {
+            let sent = loop {
                 let Some(c) = client.as_mut() else {
                     unreachable!("a usable client was just ensured")
                 };
@@ -927,6 +1046,22 @@ impl Shared {
                         continue;
                     }
                 }
+                // A kept connection lost before the transaction began (the
+                // other side closed it while idle, or went down): nothing
+                // was sent, so a new connection tries again at once, and if
+                // none opens the destination is down.
+                if kept && matches!(&sent, Err(Error::Io { stage: "MAIL", .. })) {
+                    kept = false;
+                    client = None;
+                    match self.open(&target, 0).await {
+                        Ok((c, n)) => {
+                            client = Some(c);
+                            used = n;
+                            continue;
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
                 let results: Vec<(usize, Outcome)> = match sent {
                     Ok(per_rcpt) => job
                         .rcpts
@@ -946,7 +1081,14 @@ impl Shared {
                         .map(|&i| (i, Outcome::from_error(&e, remote.clone())))
                         .collect(),
                 };
-                break (results, c.host.clone(), c.peer, c.tls);
+                break Ok((results, c.host.clone(), c.peer, c.tls));
+            };
+            let (results, host, addr, tls) = match sent {
+                Ok(sent) => sent,
+                Err(e) => {
+                    self.destination_failed(&key, &e, Some(job)).await;
+                    break;
+                }
             };
             let attempt = Attempt {
                 route: &key,
@@ -991,8 +1133,10 @@ impl Shared {
 
     /// The destination could not be reached: suspend it for a while (doubling,
     /// from the first retry interval up to the last), and defer or fail its
-    /// queued jobs with the same reason.
-    async fn destination_failed(self: &Arc<Self>, key: &str, e: &Error) {
+    /// queued jobs (and `failed`, the one that found it down) with the same
+    /// reason. A pool host's jobs go to the pool's next host at once instead,
+    /// when one is up.
+    async fn destination_failed(self: &Arc<Self>, key: &str, e: &Error, failed: Option<Job>) {
         let jobs: Vec<Job> = {
             let mut s = self.lock();
             let retry = &self.config.delivery.retry;
@@ -1014,7 +1158,19 @@ impl Shared {
                 d.last_error = Some(e.reply());
                 tracing::info!(destination = key, backoff = ?d.backoff, reason = %e, "destination suspended");
             }
-            d.queue.drain(..).collect()
+            let pool = match &d.target.via {
+                Via::PoolHost { pool, .. } if e.is_transient() => {
+                    Some((pool.clone(), d.target.require_tls))
+                }
+                _ => None,
+            };
+            let jobs: Vec<Job> = failed.into_iter().chain(d.queue.drain(..)).collect();
+            match pool {
+                Some((pool, require_tls)) => {
+                    self.to_next_pool_host(&mut s, &pool, require_tls, key, jobs)
+                }
+                None => jobs,
+            }
         };
         for job in jobs {
             let results = job
@@ -1025,6 +1181,46 @@ impl Shared {
             self.complete_job(&job.id, results, &attempt_for(key)).await;
         }
         self.timer.notify_one();
+    }
+
+    /// Moves jobs from pool host `failed` to the pool's next host that is up;
+    /// returns those that found none.
+    fn to_next_pool_host(
+        self: &Arc<Self>,
+        s: &mut Sched,
+        pool: &str,
+        require_tls: bool,
+        failed: &str,
+        jobs: Vec<Job>,
+    ) -> Vec<Job> {
+        let mut stranded = Vec::new();
+        for job in jobs {
+            let suspended = |k: &str| s.dests.get(k).and_then(|d| d.backoff_until);
+            match self.pools.pick(pool, require_tls, Some(failed), suspended) {
+                Some(target) => {
+                    tracing::info!(queue_id = %job.id, from = failed, to = %target.key(), "pool host down; sent to the next");
+                    self.enqueue(s, target, job);
+                }
+                None => stranded.push(job),
+            }
+        }
+        stranded
+    }
+
+    /// Queues a job on its destination (made if new) and starts connections.
+    fn enqueue(self: &Arc<Self>, s: &mut Sched, target: Target, job: Job) {
+        let key = target.key();
+        let dest = s.dests.entry(key.clone()).or_insert_with(|| Dest {
+            target,
+            queue: VecDeque::new(),
+            connections: 0,
+            backoff_until: None,
+            backoff: Duration::ZERO,
+            last_error: None,
+            idle: VecDeque::new(),
+        });
+        dest.queue.push_back(job);
+        self.kick(s, &key);
     }
 
     /// Opens a connection to a destination: MX hosts in order (or the smart
@@ -1048,7 +1244,7 @@ impl Shared {
                     None,
                 )
             }
-            Via::Smarthost(sh) => {
+            Via::Smarthost(sh) | Via::PoolHost { host: sh, .. } => {
                 let tls = if sh.implicit_tls {
                     TlsUse::Implicit
                 } else if target.require_tls {
@@ -1120,8 +1316,15 @@ impl Shared {
                             .await;
                 }
                 match connected {
-                    Ok(c) => return Ok((c, tried)),
+                    Ok(c) => {
+                        metrics().outbound.inc(Result_::Ok);
+                        if let Some(v) = c.tls {
+                            metrics().tls_session(Direction::Outbound, v);
+                        }
+                        return Ok((c, tried));
+                    }
                     Err(e) => {
+                        metrics().outbound.inc(Result_::Failed);
                         tracing::debug!(host = %host, %addr, error = %e, "next hop failed; trying the next");
                         last_error = Some(e);
                     }
@@ -1219,8 +1422,16 @@ impl Shared {
                     "554 4.4.7 message expired after {}; last reply: {last}",
                     self.config.delivery.max_age
                 ));
-                tracing::info!(queue_id = %id, recipient = %meta.envelope.recipients[i].address,
+                tracing::info!(queue_id = %id, recipient = meta.envelope.recipients[i].address.as_str(),
                     outcome = "expired", "delivery attempt");
+                metrics().deliveries.inc(DeliveryOutcome::Expired);
+                metrics().recent_delivery(crate::admin::metrics::RecentDelivery {
+                    at: now,
+                    queue_id: id.to_string(),
+                    recipient: meta.envelope.recipients[i].address.to_string(),
+                    outcome: "expired",
+                    reply: r.last_reply.clone().unwrap_or_default(),
+                });
             }
         }
         // DSNs for what is final and not yet reported.
@@ -1388,6 +1599,7 @@ impl Shared {
             )
             .await?;
         tracing::info!(queue_id = %id, dsn_id = %dsn_id, to = %to, recipients = notice.len(), "delivery status notification queued");
+        metrics().received.inc(Source::Dsn);
         Ok(Some(spooled))
     }
 
@@ -1506,19 +1718,39 @@ impl Shared {
             o.reply.enhanced.to_string()
         });
         let outcome = match o.status {
-            Status::Delivered => "delivered",
-            Status::Deferred | Status::Pending => "deferred",
-            Status::Failed => "failed",
+            Status::Delivered => DeliveryOutcome::Delivered,
+            Status::Deferred | Status::Pending => DeliveryOutcome::Deferred,
+            Status::Failed => DeliveryOutcome::Failed,
         };
+        let m = metrics();
+        m.deliveries.inc(outcome);
+        if attempt.addr.is_some() {
+            m.attempt_duration.observe(attempt.started.elapsed());
+        }
+        if outcome == DeliveryOutcome::Delivered {
+            let waited = unix_now().saturating_sub(meta.received);
+            m.delivery_delay.observe(Duration::from_secs(waited));
+        }
+        let outcome = outcome.as_str();
+        // The reply and the addresses come from the network: as strings,
+        // both log formats escape them.
+        let reply = o.reply.to_string();
+        m.recent_delivery(crate::admin::metrics::RecentDelivery {
+            at: unix_now(),
+            queue_id: id.to_string(),
+            recipient: recipient.address.to_string(),
+            outcome,
+            reply: reply.trim_end().to_string(),
+        });
         tracing::info!(
             target: "postern::delivery",
             queue_id = %id,
-            recipient = %recipient.address,
+            recipient = recipient.address.as_str(),
             route = attempt.route,
             host = attempt.host.unwrap_or(""),
             addr = %attempt.addr.map(|a| a.to_string()).unwrap_or_default(),
             tls = attempt.tls.unwrap_or("none"),
-            reply = %o.reply,
+            reply = reply.trim_end(),
             delay_ms = attempt.started.elapsed().as_millis() as u64,
             attempt = r.attempts,
             outcome,

@@ -15,7 +15,7 @@ use postern::config::{Config, Grant, HookName};
 use postern::envelope::{Address, Envelope, MailParams, Recipient, SessionInfo};
 use postern::metadata::SharedMetadata;
 use postern::plugins::{ChainHandle, Lease, Runtime, Scopes};
-use postern::policy::{DataTransaction, Queued, Route, RouteQuery, Verdict};
+use postern::policy::{DataTransaction, Queued, RouteQuery};
 use postern::queue::QueueId;
 use postern::record::{Record, RECORD_VERSION};
 
@@ -183,27 +183,6 @@ fn strip_recipient(call: &str) -> &str {
     }
 }
 
-fn verdict(v: &Verdict) -> String {
-    match v {
-        Verdict::Continue => "continue".into(),
-        Verdict::Accept => "accept".into(),
-        Verdict::Reject(r) => format!("reject {r}"),
-        Verdict::Tempfail(r) => format!("tempfail {r}"),
-        Verdict::Disconnect(r) => format!("disconnect {r}"),
-    }
-}
-
-fn route(r: &Route) -> String {
-    match r {
-        Route::Default => "default".into(),
-        Route::Mx(d) => format!("mx {d}"),
-        Route::Smarthost(u) => format!("smarthost {u}"),
-        Route::LocalFolder(f) => format!("local-folder {f}"),
-        Route::Discard => "discard".into(),
-        Route::Reject(r) => format!("reject {r}"),
-    }
-}
-
 /// Runs one transaction through a chain, hook by hook, as a relay would:
 /// a refusal ends the transaction where a relay would end it.
 async fn replay(lease: &mut Lease, t: &Transaction, limit: usize) -> Answers {
@@ -221,7 +200,7 @@ async fn replay(lease: &mut Lease, t: &Transaction, limit: usize) -> Answers {
         metadata,
     };
     let v = lease.connect(&session, &scopes).await;
-    note(HookName::Connect, verdict(&v));
+    note(HookName::Connect, v.to_string());
     if !v.lets_through() {
         return done(calls, Default::default());
     }
@@ -229,7 +208,7 @@ async fn replay(lease: &mut Lease, t: &Transaction, limit: usize) -> Answers {
         session.helo = default_client().helo;
     }
     let v = lease.helo(&session, &scopes).await;
-    note(HookName::Helo, verdict(&v));
+    note(HookName::Helo, v.to_string());
     if !v.lets_through() {
         return done(calls, Default::default());
     }
@@ -247,17 +226,14 @@ async fn replay(lease: &mut Lease, t: &Transaction, limit: usize) -> Answers {
         record.envelope.params.clone(),
     );
     let v = lease.mail_from(&session, &envelope, &scopes).await;
-    note(HookName::MailFrom, verdict(&v));
+    note(HookName::MailFrom, v.to_string());
     if !v.lets_through() {
         lease.end();
         return done(calls, Default::default());
     }
     for rcpt in &record.envelope.recipients {
         let v = lease.rcpt(&session, &envelope, rcpt, &scopes).await;
-        note(
-            HookName::Rcpt,
-            format!("<{}> {}", rcpt.address, verdict(&v)),
-        );
+        note(HookName::Rcpt, format!("<{}> {v}", rcpt.address));
         if v.lets_through() {
             envelope.recipients.push(rcpt.clone());
         }
@@ -266,16 +242,11 @@ async fn replay(lease: &mut Lease, t: &Transaction, limit: usize) -> Answers {
         lease.end();
         return done(calls, Default::default());
     }
-    let mut tx = DataTransaction {
-        envelope,
-        message: t.message.clone(),
-        quarantine: None,
-        authentication: Default::default(),
-    };
+    let mut tx = DataTransaction::new(envelope, t.message.clone());
     let id = QueueId::generate();
     let v = lease.data(&session, &mut tx, &scopes, &id).await;
     lease.end();
-    note(HookName::Data, verdict(&v));
+    note(HookName::Data, v.to_string());
     let metadata = scopes
         .transaction
         .as_ref()
@@ -304,7 +275,7 @@ async fn replay(lease: &mut Lease, t: &Transaction, limit: usize) -> Answers {
                 headers: &tx.message[..end],
             })
             .await;
-        note(HookName::Route, format!("<{}> {}", rcpt.address, route(&r)));
+        note(HookName::Route, format!("<{}> {r}", rcpt.address));
     }
     lease.end();
     Answers {

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use crate::envelope::{self, Body, Envelope, SessionInfo};
 use crate::plugins::bindings::types as wit;
 use crate::plugins::check;
-use crate::policy::{Route, Verdict};
+use crate::policy::{Route, Routing, Verdict};
 
 /// An envelope address, split at the last `@`.
 pub fn address(a: &envelope::Address) -> wit::Address {
@@ -84,8 +84,32 @@ pub fn verdict(v: wit::Verdict) -> Result<Verdict, String> {
     })
 }
 
+/// A plugin's route and sender, checked.
+pub fn routing(r: wit::Routing) -> Result<Routing, String> {
+    let sender = match r.sender {
+        None => None,
+        // The null sender is allowed: a forward that must not bounce back.
+        Some(a) if a.local_part.is_empty() && a.domain.is_empty() => {
+            Some(envelope::Address::null())
+        }
+        Some(a) if check::address(&a.local_part, &a.domain) => {
+            Some(envelope::Address(format!("{}@{}", a.local_part, a.domain)))
+        }
+        Some(a) => {
+            return Err(format!(
+                "route sender {:?}@{:?}: not an address",
+                a.local_part, a.domain
+            ))
+        }
+    };
+    Ok(Routing {
+        route: route(r.route)?,
+        sender,
+    })
+}
+
 /// A plugin's route, checked.
-pub fn route(r: wit::Route) -> Result<Route, String> {
+fn route(r: wit::Route) -> Result<Route, String> {
     Ok(match r {
         wit::Route::Default => Route::Default,
         wit::Route::Mx(domain) => {
@@ -114,6 +138,12 @@ pub fn route(r: wit::Route) -> Result<Route, String> {
         }
         wit::Route::Discard => Route::Discard,
         wit::Route::Reject(r) => Route::Reject(check::reply(&r, &[5])?),
+        wit::Route::Pool(name) => {
+            if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(format!("pool route {name:?}: not a pool name"));
+            }
+            Route::Pool(name)
+        }
     })
 }
 
@@ -154,15 +184,19 @@ pub mod v0_1 {
         }
     }
 
-    /// A route.
-    pub fn route(r: old::Route) -> wit::Route {
-        match r {
+    /// A route (with the message's own sender, which 0.1.0 cannot change).
+    pub fn route(r: old::Route) -> wit::Routing {
+        let route = match r {
             old::Route::Default => wit::Route::Default,
             old::Route::Mx(d) => wit::Route::Mx(d),
             old::Route::Smarthost(u) => wit::Route::Smarthost(u),
             old::Route::LocalFolder(f) => wit::Route::LocalFolder(f),
             old::Route::Discard => wit::Route::Discard,
             old::Route::Reject(r) => wit::Route::Reject(reply(r)),
+        };
+        wit::Routing {
+            route,
+            sender: None,
         }
     }
 }

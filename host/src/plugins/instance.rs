@@ -10,7 +10,7 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
-use crate::config::{HookName, Instances, PluginConfig};
+use crate::config::{Grant, HookName, Instances, PluginConfig};
 use crate::plugins::bindings::types as wit;
 use crate::plugins::bindings::{v0_1, Plugin, PluginPre};
 use crate::plugins::host::context::HookContext;
@@ -20,7 +20,7 @@ use crate::plugins::host::message::MessageRef;
 use crate::plugins::stats::Stats;
 use crate::plugins::ticker::{Busy, Ticker};
 use crate::plugins::{convert, TICK};
-use crate::policy::{Route, Verdict};
+use crate::policy::{Route, Routing, Verdict};
 
 /// An instance is retired after this many calls, so slow leaks in a guest
 /// cannot grow without end.
@@ -39,6 +39,9 @@ pub struct Services {
     pub kv: KvStore,
     /// The relay's resolver.
     pub dns: Resolver,
+    /// The names of the smart-host pools delivery has (`context.get-pools`):
+    /// those of the config the relay started with, as delivery's are.
+    pub pools: Vec<String>,
 }
 
 impl Default for Resolver {
@@ -85,6 +88,10 @@ pub struct HostState {
     pub(crate) plugin: String,
     /// The name its metadata is kept under (a shadow's is the live plugin's).
     pub(crate) metadata_name: String,
+    /// Granted `recipients`: its added and replaced recipients skip the
+    /// relay access rules.
+    pub(crate) may_add_recipients: bool,
+
     pub(crate) services: Arc<Services>,
     pub(crate) table: ResourceTable,
     /// What the hook in progress is about (`postern:relay/context`); none
@@ -283,7 +290,7 @@ pub enum Answer {
     /// From connect, helo, mail-from, rcpt, data.
     Verdict(Verdict),
     /// From route.
-    Route(Route),
+    Route(Routing),
     /// From delivered, which answers nothing.
     Done,
 }
@@ -483,6 +490,7 @@ impl LoadedPlugin {
         let state = HostState {
             plugin: self.config.name.clone(),
             metadata_name: self.config.metadata_name().to_string(),
+            may_add_recipients: self.config.grants.contains(&Grant::Recipients),
             services: self.services.clone(),
             table: ResourceTable::new(),
             context: None,
@@ -667,7 +675,7 @@ impl LoadedPlugin {
         instance.uses += 1;
         let answer = match raw {
             Raw::Verdict(v) => convert::verdict(v).map(Answer::Verdict),
-            Raw::Route(r) => convert::route(r).map(Answer::Route),
+            Raw::Route(r) => convert::routing(r).map(Answer::Route),
             Raw::Done => Ok(Answer::Done),
         };
         *held = Some(instance);
@@ -677,7 +685,7 @@ impl LoadedPlugin {
 
 enum Raw {
     Verdict(wit::Verdict),
-    Route(wit::Route),
+    Route(wit::Routing),
     Done,
 }
 
@@ -760,7 +768,8 @@ async fn call_v0_1(
     })
 }
 
-fn verdict_kind(v: &Verdict) -> &'static str {
+/// The word for a verdict in counters and logs.
+pub(crate) fn verdict_kind(v: &Verdict) -> &'static str {
     match v {
         Verdict::Continue => "continue",
         Verdict::Accept => "accept",
@@ -778,13 +787,14 @@ fn route_kind(r: &Route) -> &'static str {
         Route::LocalFolder(_) => "local-folder",
         Route::Discard => "discard",
         Route::Reject(_) => "reject",
+        Route::Pool(_) => "pool",
     }
 }
 
 fn answer_kind(a: &Answer) -> &'static str {
     match a {
         Answer::Verdict(v) => verdict_kind(v),
-        Answer::Route(r) => route_kind(r),
+        Answer::Route(r) => route_kind(&r.route),
         Answer::Done => "done",
     }
 }

@@ -39,7 +39,7 @@ use crate::plugins::bindings::types as wit;
 use crate::plugins::host::context::HookContext;
 use crate::plugins::host::message::{MessageRef, MessageState};
 use crate::plugins::instance::{Answer, Args, Call, CallError, Instance, LoadedPlugin, Pass};
-use crate::policy::{DataTransaction, Queued, Route, RouteQuery, Verdict};
+use crate::policy::{DataTransaction, Queued, Route, RouteQuery, Routing, Verdict};
 use crate::queue::QueueId;
 use crate::smtp::reply::Reply;
 
@@ -182,6 +182,7 @@ impl Chain {
         Lease {
             chain: self.clone(),
             held: (0..self.plugins.len()).map(|_| None).collect(),
+            trail: Vec::new(),
         }
     }
 }
@@ -195,6 +196,9 @@ pub struct Lease {
     chain: Arc<Chain>,
     /// By chain position.
     held: Vec<Option<Instance>>,
+    /// Each plugin's verdict at each hook since [`Lease::take_verdicts`],
+    /// for the transaction's log record.
+    trail: Vec<(Arc<LoadedPlugin>, HookName, &'static str)>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -227,6 +231,18 @@ impl Lease {
         }
     }
 
+    /// The verdicts given since the last call (or since the lease began), as
+    /// `plugin:hook=verdict` words; a plugin failure shows as what its
+    /// `on_error` made of it.
+    pub fn take_verdicts(&mut self) -> String {
+        let words: Vec<String> = self
+            .trail
+            .drain(..)
+            .map(|(p, hook, kind)| format!("{}:{hook}={kind}", p.name()))
+            .collect();
+        words.join(" ")
+    }
+
     /// Runs a verdict hook: the first answer other than `Continue` ends it.
     /// A plugin with a shadow has the shadow run on the same call, on a copy
     /// of its inputs, once the live answer is known.
@@ -250,6 +266,8 @@ impl Lease {
                 ),
                 Err(e) => on_error(p, hook, e),
             };
+            self.trail
+                .push((p.clone(), hook, instance::verdict_kind(&v)));
             if let Some(shadow_call) = shadow_call {
                 shadow::spawn(p.clone(), shadow_call, Answer::Verdict(v.clone()));
             }
@@ -360,12 +378,15 @@ impl Lease {
         verdict
     }
 
-    /// route hook, per recipient at delivery. A plugin failure with
-    /// `on_error = "tempfail"` answers `Reject` with a 4xx reply, which delivery
-    /// should treat as "try again later".
-    pub async fn route(&mut self, query: RouteQuery<'_>) -> Route {
+    /// route hook, per recipient at delivery. The first route other than
+    /// `Default` ends the hook; the sender is the first one a plugin gave, so
+    /// a forwarder early in the chain can rewrite the sender of a recipient
+    /// a router after it sends on. A plugin failure with `on_error =
+    /// "tempfail"` answers `Reject` with a 4xx reply, which delivery should
+    /// treat as "try again later".
+    pub async fn route(&mut self, query: RouteQuery<'_>) -> Routing {
         if !self.chain.handles(HookName::Route) {
-            return Route::Default;
+            return Route::Default.into();
         }
         // The section without the empty line that ends it.
         let section = query
@@ -380,29 +401,38 @@ impl Lease {
         });
         let call = Call::new(context, Args::Route);
         let Some(mut pass) = self.chain.pass() else {
-            return Route::Default;
+            return Route::Default.into();
         };
+        let mut sender = None;
         for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
             if !p.handles(HookName::Route) {
                 continue;
             }
             let shadow_call = p.shadow.as_ref().map(|_| call.fork());
-            let route = match p.call(held, &call, &mut pass).await {
+            let routing = match p.call(held, &call, &mut pass).await {
                 Ok(Answer::Route(r)) => r,
                 Ok(_) => route_error(
                     p,
                     CallError::Invalid("a verdict from the route hook".into()),
-                ),
-                Err(e) => route_error(p, e),
+                )
+                .into(),
+                Err(e) => route_error(p, e).into(),
             };
             if let Some(shadow_call) = shadow_call {
-                shadow::spawn(p.clone(), shadow_call, Answer::Route(route.clone()));
+                shadow::spawn(p.clone(), shadow_call, Answer::Route(routing.clone()));
             }
-            if route != Route::Default {
-                return route;
+            sender = sender.or(routing.sender);
+            if routing.route != Route::Default {
+                return Routing {
+                    route: routing.route,
+                    sender,
+                };
             }
         }
-        Route::Default
+        Routing {
+            route: Route::Default,
+            sender,
+        }
     }
 
     /// delivered hook: every plugin that handles it hears of the attempt;

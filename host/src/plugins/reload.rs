@@ -61,6 +61,7 @@ impl Reloader {
         handle: Arc<ChainHandle>,
     ) -> Result<Reloader, Error> {
         let (tx, rx) = mpsc::unbounded_channel::<Change>();
+        let started = config.clone();
         let watcher = if config.plugins.watch {
             Some(watch(&config_path, &config.plugins_dir(), tx.clone())?)
         } else {
@@ -79,12 +80,12 @@ impl Reloader {
             let forward = async move {
                 if let Some(s) = signals.as_mut() {
                     while s.recv().await.is_some() {
-                        tracing::info!("SIGHUP: reloading the plugin chain");
+                        tracing::info!("SIGHUP: reloading the config and the plugin chain");
                         let _ = hup.send(Change::Signal);
                     }
                 }
             };
-            tokio::join!(forward, run(rx, config_path, runtime, handle));
+            tokio::join!(forward, run(rx, config_path, started, runtime, handle));
         });
         Ok(Reloader {
             _watcher: watcher,
@@ -146,6 +147,7 @@ fn watch(
 async fn run(
     mut rx: mpsc::UnboundedReceiver<Change>,
     config_path: PathBuf,
+    started: Config,
     runtime: Arc<Runtime>,
     handle: Arc<ChainHandle>,
 ) {
@@ -173,13 +175,32 @@ async fn run(
         // done; a file still incomplete fails validation and leaves the chain
         // as it is until its next event.
         open.clear();
-        let started = std::time::Instant::now();
-        match reload(&config_path, &runtime, &handle).await {
-            Ok(n) => tracing::info!(
-                plugins = n,
-                took_ms = started.elapsed().as_millis() as u64,
-                "plugin chain reloaded"
-            ),
+        let began = std::time::Instant::now();
+        let reloaded = reload(&config_path, &runtime, &handle).await;
+        let m = crate::admin::metrics::metrics();
+        m.reload_duration.observe(began.elapsed());
+        m.reloads.inc(match reloaded {
+            Ok(_) => crate::admin::metrics::Result_::Ok,
+            Err(_) => crate::admin::metrics::Result_::Failed,
+        });
+        match reloaded {
+            Ok(n) => {
+                tracing::info!(
+                    plugins = n,
+                    took_ms = began.elapsed().as_millis() as u64,
+                    "plugin chain reloaded"
+                );
+                // What else changed stays as the relay started until a restart.
+                if let Ok(new) = Config::load(&config_path) {
+                    let keys = started.restart_needed(&new);
+                    if !keys.is_empty() {
+                        tracing::warn!(
+                            keys = keys.join(", ").as_str(),
+                            "config keys changed that need a restart; the running relay keeps their old values"
+                        );
+                    }
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "plugin chain not reloaded; the previous chain stays in place")
             }

@@ -84,6 +84,7 @@ impl Runtime {
             services: Arc::new(Services {
                 kv,
                 dns: Resolver::new(&config.delivery.nameservers),
+                pools: config.delivery.pools.keys().cloned().collect(),
             }),
             components: Mutex::new(HashMap::new()),
             max_memory_mb: config.plugins.max_memory_mb,
@@ -405,7 +406,8 @@ fn link(engine: &Engine, component: &Component, grants: &[Grant]) -> Result<Pre,
             Grant::Log => link!(log),
             Grant::Kv => link!(kv),
             Grant::Dns => link!(dns),
-            Grant::Archive => {}
+            // Capabilities rather than interfaces.
+            Grant::Archive | Grant::Recipients => {}
         }
     }
     let pre = linker.instantiate_pre(component).map_err(e)?;

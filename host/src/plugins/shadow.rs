@@ -36,7 +36,7 @@ async fn compare(live: &LoadedPlugin, call: &Call, live_answer: &Answer) {
             Ok(answer) => answer,
             // The shadow's failure stands for what its on_error would do.
             Err(e) => match hook {
-                HookName::Route => Answer::Route(route_error(shadow, e)),
+                HookName::Route => Answer::Route(route_error(shadow, e).into()),
                 HookName::Delivered => Answer::Done,
                 _ => Answer::Verdict(on_error(shadow, hook, e)),
             },
@@ -71,7 +71,7 @@ async fn compare(live: &LoadedPlugin, call: &Call, live_answer: &Answer) {
 /// What a plugin that does not handle `hook` answers.
 fn unanswered(hook: HookName) -> Answer {
     match hook {
-        HookName::Route => Answer::Route(Route::Default),
+        HookName::Route => Answer::Route(Route::Default.into()),
         HookName::Delivered => Answer::Done,
         _ => Answer::Verdict(Verdict::Continue),
     }
@@ -89,8 +89,13 @@ fn same(a: &Answer, b: &Answer) -> bool {
             | (Verdict::Disconnect(r), Verdict::Disconnect(s)) => codes(r, s),
             _ => x == y,
         },
-        (Answer::Route(Route::Reject(r)), Answer::Route(Route::Reject(s))) => codes(r, s),
-        (Answer::Route(x), Answer::Route(y)) => x == y,
+        (Answer::Route(x), Answer::Route(y)) => {
+            x.sender == y.sender
+                && match (&x.route, &y.route) {
+                    (Route::Reject(r), Route::Reject(s)) => codes(r, s),
+                    (a, b) => a == b,
+                }
+        }
         (Answer::Done, Answer::Done) => true,
         _ => false,
     }
@@ -99,17 +104,8 @@ fn same(a: &Answer, b: &Answer) -> bool {
 /// An answer in a log line.
 fn describe(a: &Answer) -> String {
     match a {
-        Answer::Verdict(Verdict::Continue) => "continue".into(),
-        Answer::Verdict(Verdict::Accept) => "accept".into(),
-        Answer::Verdict(Verdict::Reject(r)) => format!("reject {r}"),
-        Answer::Verdict(Verdict::Tempfail(r)) => format!("tempfail {r}"),
-        Answer::Verdict(Verdict::Disconnect(r)) => format!("disconnect {r}"),
-        Answer::Route(Route::Default) => "default".into(),
-        Answer::Route(Route::Mx(d)) => format!("mx {d}"),
-        Answer::Route(Route::Smarthost(u)) => format!("smarthost {u}"),
-        Answer::Route(Route::LocalFolder(f)) => format!("local-folder {f}"),
-        Answer::Route(Route::Discard) => "discard".into(),
-        Answer::Route(Route::Reject(r)) => format!("reject {r}"),
+        Answer::Verdict(v) => v.to_string(),
+        Answer::Route(r) => r.to_string(),
         Answer::Done => "done".into(),
     }
 }
@@ -161,15 +157,15 @@ mod tests {
         ));
         assert!(!same(&reject("x"), &Answer::Verdict(Verdict::Continue)));
         assert!(same(
-            &Answer::Route(Route::Mx("a.test".into())),
-            &Answer::Route(Route::Mx("a.test".into()))
+            &Answer::Route(Route::Mx("a.test".into()).into()),
+            &Answer::Route(Route::Mx("a.test".into()).into())
         ));
         assert!(!same(
-            &Answer::Route(Route::Mx("a.test".into())),
-            &Answer::Route(Route::Mx("b.test".into()))
+            &Answer::Route(Route::Mx("a.test".into()).into()),
+            &Answer::Route(Route::Mx("b.test".into()).into())
         ));
         assert!(!same(
-            &Answer::Route(Route::Default),
+            &Answer::Route(Route::Default.into()),
             &Answer::Verdict(Verdict::Continue)
         ));
     }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::HookName;
 
 /// Answer kinds counted per hook (`done`: a `delivered` call).
-pub const ANSWERS: [&str; 11] = [
+pub const ANSWERS: [&str; 12] = [
     "continue",
     "accept",
     "reject",
@@ -21,6 +21,7 @@ pub const ANSWERS: [&str; 11] = [
     "discard",
     "default",
     "done",
+    "pool",
 ];
 
 /// Error kinds counted per hook.
@@ -34,6 +35,8 @@ struct HookStats {
     answers: [AtomicU64; ANSWERS.len()],
     errors: [AtomicU64; ERRORS.len()],
     latency: [AtomicU64; BUCKETS],
+    /// Time of all calls, in µs (the metrics page's histogram sum).
+    sum_us: AtomicU64,
     /// Calls where the shadow answered as this plugin did, and where not.
     shadow_agreed: AtomicU64,
     shadow_disagreed: AtomicU64,
@@ -58,6 +61,35 @@ impl Stats {
         let h = &self.hooks[hook.index()];
         let bucket = (64 - micros.leading_zeros() as usize).min(BUCKETS - 1);
         h.latency[bucket].fetch_add(1, Relaxed);
+        h.sum_us.fetch_add(micros, Relaxed);
+    }
+
+    /// Raw counts of every hook that was called, for the metrics page:
+    /// latency buckets (bucket `i`: under 2^i µs), their sum, answers and
+    /// errors of every kind.
+    pub fn export(&self) -> Vec<HookExport> {
+        HookName::ALL
+            .iter()
+            .zip(&self.hooks)
+            .filter_map(|(hook, h)| {
+                let latency: Vec<u64> = h.latency.iter().map(|b| b.load(Relaxed)).collect();
+                (latency.iter().sum::<u64>() > 0).then(|| HookExport {
+                    hook: *hook,
+                    latency,
+                    sum_us: h.sum_us.load(Relaxed),
+                    answers: ANSWERS
+                        .iter()
+                        .zip(&h.answers)
+                        .map(|(n, c)| (*n, c.load(Relaxed)))
+                        .collect(),
+                    errors: ERRORS
+                        .iter()
+                        .zip(&h.errors)
+                        .map(|(n, c)| (*n, c.load(Relaxed)))
+                        .collect(),
+                })
+            })
+            .collect()
     }
 
     /// Records an answer by kind (one of [`ANSWERS`]).
@@ -136,6 +168,21 @@ fn percentile(buckets: &[u64], p: f64) -> u64 {
         }
     }
     1u64 << (buckets.len() - 1)
+}
+
+/// One hook's raw counters (see [`Stats::export`]).
+#[derive(Debug, Clone)]
+pub struct HookExport {
+    /// The hook.
+    pub hook: HookName,
+    /// Calls per latency bucket: bucket `i` holds calls under 2^i µs.
+    pub latency: Vec<u64>,
+    /// Time of all calls, µs.
+    pub sum_us: u64,
+    /// Every answer kind with its count.
+    pub answers: Vec<(&'static str, u64)>,
+    /// Every error kind with its count.
+    pub errors: Vec<(&'static str, u64)>,
 }
 
 /// One hook's counters, as `postern plugin list` shows them.

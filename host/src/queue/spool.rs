@@ -379,6 +379,7 @@ impl Spool {
         let inner = self.inner.clone();
         let path = final_path.clone();
         let bytes = message.clone();
+        let started = std::time::Instant::now();
         // One trip to the blocking pool for the whole write. The folder fsync
         // makes the name durable; one fsync covers every message renamed before
         // it started (group commit).
@@ -395,6 +396,9 @@ impl Spool {
             path,
             source: io::Error::other(e),
         })??;
+        crate::admin::metrics::metrics()
+            .spool_fsync
+            .observe(started.elapsed());
         Ok(Spooled {
             id: id.clone(),
             meta,

@@ -67,17 +67,7 @@ async fn serve(config: &Path, addr: SocketAddr, log: &Path) -> Binary {
 
 /// Queues `n` messages of 2 KiB with Postfix's smtp-source over 20 sessions.
 fn queue_backlog(addr: SocketAddr, n: usize) {
-    let out = Command::new("smtp-source")
-        .args(["-s", "20", "-m", &n.to_string(), "-l", "2048"])
-        .args(["-f", "a@origin.test", "-t", "b@dest.test"])
-        .arg(addr.to_string())
-        .output()
-        .expect("smtp-source (Debian package postfix) is installed");
-    assert!(
-        out.status.success(),
-        "smtp-source: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::smtp::smtp_source(addr, n, 20, 2048);
 }
 
 /// The queue ids in the spool, checked to be `n`.

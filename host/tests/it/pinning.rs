@@ -161,3 +161,33 @@ async fn tls_ca_with_a_self_signed_certificate_says_to_pin_it() {
     );
     assert!(sink.messages().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_pins_its_hosts_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (acceptor, _, fp) = self_signed(dir.path());
+    let pinned = tls_sink(acceptor.clone()).await;
+    let relay_dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(
+        relay_dir.path(),
+        &format!(
+            "smarthost = \"pool:out\"\nretry = [\"1h\"]\n\
+             [delivery.pools.out]\nhosts = [\"smtp://{}\"]\ntls_fingerprint = [\"{fp}\"]",
+            pinned.addr
+        ),
+    )
+    .await;
+    send(
+        relay.addr,
+        "a@sender.test",
+        &["b@dest.test"],
+        "",
+        "",
+        "Subject: pooled\r\n\r\nHi.\r\n",
+    )
+    .await
+    .unwrap();
+    let got = pinned.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1);
+    assert!(got[0].tls, "the pinned pool host got the mail in clear text");
+}

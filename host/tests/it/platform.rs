@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use kit::{queue_id, Relay as Chain, MESSAGE};
 
-use crate::support::eventually;
 use crate::support::redis::RedisServer;
 use crate::support::relay::{base_config, free_port, Relay, NO_DELIVERY};
 use crate::support::sink::{Behavior, Options, Sink};
 use crate::support::tls::make_cert;
+use crate::support::{eventually, plain};
 
 /// A testkit entry named `name` with `config` as its `[plugin.config]` body.
 /// The testkit imports kv (its counters), so it is granted kv unless `extra`
@@ -30,25 +30,6 @@ fn testkit(name: &str, extra: &str, config: &str) -> String {
         "grants = [\"kv\"]"
     };
     format!("[[plugin]]\nname = \"{name}\"\npath = \"testkit.wasm\"\n{grants}\n{extra}\n[plugin.config]\n{config}\n")
-}
-
-/// A log without its colours.
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // An escape sequence runs to its final letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `[plugins]` for a relay started as the binary in `dir`, with the
@@ -486,7 +467,7 @@ async fn a_plugin_built_for_0_1_0_still_works() -> anyhow::Result<()> {
             headers: b"Subject: x\r\n\r\n",
         })
         .await;
-    assert_eq!(route, Route::Mx("mx.old.test".into()));
+    assert_eq!(route, Route::Mx("mx.old.test".into()).into());
     // `plugin check` says which world it fits.
     let out = postern(
         relay.dir.path(),
@@ -509,6 +490,17 @@ async fn a_spool_written_before_metadata_delivers() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, queue.join(path.file_name().unwrap())).unwrap();
     }
+    // The fixture's next attempt was an hour after it was written: move it
+    // an hour past now, so the message is still deferred when it is shown.
+    let state_path = queue.join("661908E366D030000.state");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    state["next_attempt"] = (now + 3600).into();
+    std::fs::write(&state_path, state.to_string()).unwrap();
     let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
     let port = free_port();
     // The fixture is dated: a long max_age keeps it from expiring.
@@ -532,7 +524,14 @@ async fn a_spool_written_before_metadata_delivers() {
         ],
     );
     let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("JSON");
-    assert_eq!(shown["state"], "deferred", "{shown}");
+    // Deferred once by the relay that wrote it.
+    assert_eq!(shown["attempts"], 1, "{shown}");
+    assert!(
+        shown["last_reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("451 4.4.1 connect to 127.0.0.1:9")),
+        "{shown}"
+    );
     assert_eq!(shown["record"]["envelope"]["sender"], "old@origin.test");
     assert_eq!(shown["record"]["metadata"], serde_json::json!({}));
     let out = postern(dir.path(), &["queue", "flush", "--config", "postern.toml"]);

@@ -124,7 +124,7 @@ fn check_runs_init_with_the_entry_config_when_given() {
     assert!(alone.contains("fits postern:relay/plugin@0.2.0"), "{alone}");
     assert!(
         alone.contains(
-            "hooks:  unknown: init refused to run without its config (missing field `routes`"
+            "hooks:  unknown: init refused to run without its config (give `rules` (or `routes`)"
         ),
         "{alone}"
     );
@@ -149,7 +149,9 @@ fn check_runs_init_with_the_entry_config_when_given() {
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "{}", text(&out.stdout));
     assert!(
-        stderr.contains("plugin router: init refused its config: unknown route \"teleport\""),
+        stderr.contains(
+            "plugin router: init refused its config: routes.b.test: unknown target \"teleport\""
+        ),
         "{stderr}"
     );
 }

@@ -556,7 +556,7 @@ async fn every_route_verdict() -> anyhow::Result<()> {
                 headers,
             })
             .await;
-        assert_eq!(route, expected, "{config}");
+        assert_eq!(route, expected.into(), "{config}");
     }
     // The first-party router, by recipient domain.
     relay
@@ -572,12 +572,12 @@ async fn every_route_verdict() -> anyhow::Result<()> {
     };
     assert_eq!(
         hooks.route(q(&rcpt)).await,
-        Route::LocalFolder("archive".into())
+        Route::LocalFolder("archive".into()).into()
     );
     let other = Recipient::new("x@Other.Test");
     assert_eq!(
         hooks.route(q(&other)).await,
-        Route::Smarthost("smtp://gw.test:587".into())
+        Route::Smarthost("smtp://gw.test:587".into()).into()
     );
     Ok(())
 }
@@ -598,7 +598,7 @@ async fn replaced_wasm_is_picked_up_by_the_watcher() -> anyhow::Result<()> {
         support::wasm_dir().join("router.wasm"),
         plugins.join("gate.wasm"),
     )?;
-    let first = "[[plugin]]\nname = \"gate\"\npath = \"gate.wasm\"\n[plugin.config.routes]\n";
+    let first = "[[plugin]]\nname = \"gate\"\npath = \"gate.wasm\"\n[plugin.config.routes]\n\"x.test\" = \"mx\"\n";
     let cache = dir.path().join("cache");
     let config_text = |chain: &str| {
         format!(

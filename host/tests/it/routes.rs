@@ -82,7 +82,9 @@ impl Relay {
         let handle = Arc::new(ChainHandle::new(runtime.load_chain(&config).await?));
         let server = Server::bind(config, handle).await?;
         let addr = server.local_addrs()[0];
+        let admin = postern::admin::Admin::bind(server.context()).await?;
         let delivery = Delivery::start(server.context(), server.local_addrs()).await?;
+        admin.serve(delivery.clone()).set_listening();
         let (stop, stopped) = oneshot::channel();
         tokio::spawn(server.listen()?.run(async move {
             let _ = stopped.await;
@@ -330,7 +332,7 @@ async fn route_reject_bounces_to_the_sender() -> anyhow::Result<()> {
     );
     assert!(status.contains("Action: failed"), "{status}");
     assert!(status.contains("Status: 5.1.2"), "{status}");
-    assert!(status.contains("no route to this domain"), "{status}");
+    assert!(status.contains("no route to this recipient"), "{status}");
     assert!(
         String::from_utf8_lossy(&got[0].data).contains("Subject: refused"),
         "the report returns the message"

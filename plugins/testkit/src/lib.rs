@@ -5,7 +5,8 @@
 //! [plugin.config]
 //! rcpt = { verdict = "reject", code = 550, enhanced = "5.7.1", text = "no" }
 //! data = { verdict = "continue", add_header = ["X-Test", "1"], remove_rcpt = "b@x.test" }
-//! route = { route = "local-folder", arg = "inbox" }   # or "folder-from-header" with arg = a header name
+//! route = { route = "local-folder", arg = "inbox" }   # or "folder-from-header" with arg = a header name,
+//!                                                # "pool", ...; sender = "x@y" sets the delivery's sender
 //! misbehave = { hook = "rcpt", how = "trap" }   # or "loop", "alloc"
 //! count = true                                   # kv counter per hook (needs the kv grant)
 //! count_ttl_ms = 60000                           # the counters' TTL, set when one is created
@@ -57,6 +58,9 @@ struct Answer {
     route: Option<String>,
     #[serde(default)]
     arg: String,
+    /// With `route`: the envelope sender for the delivery.
+    #[serde(default)]
+    sender: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -399,12 +403,12 @@ impl Plugin for Testkit {
         }
     }
 
-    fn route(&self, _envelope: &Envelope, _rcpt: &Recipient, headers: &Headers) -> Route {
+    fn route(&self, _envelope: &Envelope, _rcpt: &Recipient, headers: &Headers) -> Routing {
         let _ = self.enter("route");
         let Some(a) = self.hooks.get("route") else {
-            return Route::Default;
+            return Route::Default.into();
         };
-        match a.route.as_deref() {
+        let route = match a.route.as_deref() {
             Some("mx") => Route::mx(a.arg.as_str()),
             Some("smarthost") => Route::smarthost(a.arg.as_str()),
             Some("local-folder") => Route::local_folder(a.arg.as_str()),
@@ -419,7 +423,12 @@ impl Plugin for Testkit {
                 None => Route::Default,
             },
             Some("reject") => Route::reject(a.code, &a.enhanced, &a.text),
+            Some("pool") => Route::pool(a.arg.as_str()),
             _ => Route::Default,
+        };
+        match a.sender.as_deref().and_then(Address::parse) {
+            Some(sender) => route.with_sender(sender),
+            None => route.into(),
         }
     }
 }

@@ -64,6 +64,11 @@ impl Host for HostState {
         )
     }
 
+    fn find_session(&mut self) -> wasmtime::Result<Option<wit::Session>> {
+        self.host_call_done();
+        Ok(self.hook_context().and_then(|c| c.session.clone()))
+    }
+
     fn get_envelope(&mut self) -> wasmtime::Result<wit::Envelope> {
         self.host_call_done();
         present(
@@ -91,5 +96,10 @@ impl Host for HostState {
     fn get_queue_id(&mut self) -> wasmtime::Result<Option<String>> {
         self.host_call_done();
         Ok(self.hook_context().and_then(|c| c.queue_id.clone()))
+    }
+
+    fn get_pools(&mut self) -> wasmtime::Result<Vec<String>> {
+        self.host_call_done();
+        Ok(self.services.pools.clone())
     }
 }

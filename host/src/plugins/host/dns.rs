@@ -3,15 +3,16 @@
 //! timeout so a slow server cannot hold a plugin past what the relay allows.
 
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::config::ResolverOpts;
+use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::TokioResolver;
 
-use crate::plugins::bindings::dns::{Error, Host, MxRecord};
+use crate::plugins::bindings::dns::{Answer, Error, Host, MxRecord, RecordType as Kind};
 use crate::plugins::instance::HostState;
 
 /// How long one lookup may take, all retries included. It does not count
@@ -49,7 +50,8 @@ impl Resolver {
             .map_err(|e| Error::Temporary(e.clone()))
     }
 
-    async fn lookup(&self, name: &str, kind: RecordType) -> Result<Vec<RData>, Error> {
+    /// The resolver's answer, within the lookup timeout.
+    async fn ask(&self, name: &str, kind: RecordType) -> Result<Result<Lookup, NetError>, Error> {
         let name = name.trim_end_matches('.');
         if name.is_empty()
             || name.len() > 253
@@ -59,12 +61,68 @@ impl Resolver {
         }
         let fqdn = format!("{name}.");
         let resolver = self.get()?;
-        match tokio::time::timeout(LOOKUP_TIMEOUT, resolver.lookup(fqdn.as_str(), kind)).await {
-            Err(_) => Err(Error::Temporary("timed out".into())),
-            Ok(Ok(lookup)) => Ok(lookup.answers().iter().map(|r| r.data.clone()).collect()),
-            Ok(Err(e)) => classify(e),
+        tokio::time::timeout(LOOKUP_TIMEOUT, resolver.lookup(fqdn.as_str(), kind))
+            .await
+            .map_err(|_| Error::Temporary("timed out".into()))
+    }
+
+    async fn lookup(&self, name: &str, kind: RecordType) -> Result<Vec<RData>, Error> {
+        match self.ask(name, kind).await? {
+            Ok(lookup) => Ok(data(&lookup)),
+            Err(e) => classify(e),
         }
     }
+
+    /// Records with the seconds they may be kept. A name without such
+    /// records, or without any, answers none, for its zone's negative-cache
+    /// time.
+    async fn lookup_ttl(&self, name: &str, kind: RecordType) -> Result<(Vec<RData>, u32), Error> {
+        match self.ask(name, kind).await? {
+            Ok(lookup) => {
+                let left = lookup
+                    .valid_until()
+                    .saturating_duration_since(Instant::now());
+                Ok((
+                    data(&lookup),
+                    u32::try_from(left.as_secs()).unwrap_or(u32::MAX),
+                ))
+            }
+            Err(NetError::Dns(DnsError::NoRecordsFound(nr)))
+                if matches!(
+                    nr.response_code,
+                    ResponseCode::NXDomain | ResponseCode::NoError
+                ) =>
+            {
+                Ok((Vec::new(), nr.negative_ttl.unwrap_or(0)))
+            }
+            Err(e) => classify(e).map(|records| (records, 0)),
+        }
+    }
+}
+
+fn data(lookup: &Lookup) -> Vec<RData> {
+    lookup.answers().iter().map(|r| r.data.clone()).collect()
+}
+
+/// A record as `query` gives it: addresses, `preference exchange`, joined
+/// TXT strings, names without the final dot.
+fn text(r: &RData) -> Option<String> {
+    Some(match r {
+        RData::A(a) => a.0.to_string(),
+        RData::AAAA(a) => a.0.to_string(),
+        RData::MX(mx) => format!(
+            "{} {}",
+            mx.preference,
+            mx.exchange.to_ascii().trim_end_matches('.')
+        ),
+        RData::TXT(txt) => txt
+            .txt_data
+            .iter()
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect(),
+        RData::PTR(ptr) => ptr.0.to_ascii().trim_end_matches('.').to_string(),
+        _ => return None,
+    })
 }
 
 fn build(nameservers: &[String]) -> Result<TokioResolver, String> {
@@ -148,6 +206,22 @@ impl Host for HostState {
                     _ => None,
                 })
                 .collect()
+        }))
+    }
+
+    async fn query(&mut self, name: String, kind: Kind) -> wasmtime::Result<Result<Answer, Error>> {
+        let kind = match kind {
+            Kind::A => RecordType::A,
+            Kind::Aaaa => RecordType::AAAA,
+            Kind::Mx => RecordType::MX,
+            Kind::Txt => RecordType::TXT,
+            Kind::Ptr => RecordType::PTR,
+        };
+        let r = self.services.dns.lookup_ttl(&name, kind).await;
+        self.host_call_done();
+        Ok(r.map(|(records, ttl)| Answer {
+            records: records.iter().filter_map(text).collect(),
+            ttl,
         }))
     }
 }

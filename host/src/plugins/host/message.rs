@@ -14,8 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use wasmtime::component::Resource;
 
+use super::body::{self, BodyEdits, Footer, Refusal};
 use crate::envelope::{Address, Recipient};
-use crate::plugins::bindings::message::{EditError, Host, HostMessage, Part};
+use crate::plugins::bindings::message::{
+    BodyEdits as WitBodyEdits, BodyError, EditError, Host, HostMessage, Part,
+};
 use crate::plugins::bindings::types::{Address as WitAddress, Header};
 use crate::plugins::check;
 use crate::plugins::instance::HostState;
@@ -45,6 +48,8 @@ impl MessageRef {
             removed: s.removed.clone(),
             recipients: s.recipients.clone(),
             quarantine: s.quarantine.clone(),
+            trusted: s.trusted.clone(),
+            body: s.body.clone(),
         })))
     }
 }
@@ -142,6 +147,10 @@ pub struct MessageState {
     removed: Vec<String>,
     recipients: Vec<Recipient>,
     quarantine: Option<String>,
+    /// Recipients that plugins granted `recipients` added or put in place.
+    trusted: Vec<Address>,
+    /// Footers and removed parts, applied in [`MessageState::finish`].
+    body: BodyEdits,
 }
 
 impl MessageState {
@@ -155,6 +164,8 @@ impl MessageState {
             removed: Vec::new(),
             recipients,
             quarantine: None,
+            trusted: Vec::new(),
+            body: BodyEdits::default(),
         }
     }
 
@@ -199,10 +210,15 @@ impl MessageState {
     /// right after the leading trace fields, which stay first).
     pub fn finish(self, tx: &mut DataTransaction) {
         tx.envelope.recipients = self.recipients;
+        tx.trusted = self.trusted;
         if self.quarantine.is_some() {
             tx.quarantine = self.quarantine;
         }
-        let raw = Arc::try_unwrap(self.raw).unwrap_or_else(|arc| (*arc).clone());
+        let raw = if self.body.is_empty() {
+            Arc::try_unwrap(self.raw).unwrap_or_else(|arc| (*arc).clone())
+        } else {
+            body::apply(&self.raw, &self.body)
+        };
         if self.added.is_empty() && self.removed.is_empty() {
             tx.message = raw;
             return;
@@ -226,7 +242,7 @@ fn header_end(raw: &[u8]) -> usize {
 /// The header section as logical fields: (name, raw lines including CRLF).
 /// Lines without a colon keep their bytes with no name, so the pieces add up to
 /// the section and nothing is lost in a rewrite.
-fn fields(raw: &[u8]) -> Vec<(Option<&str>, &[u8])> {
+pub(super) fn fields(raw: &[u8]) -> Vec<(Option<&str>, &[u8])> {
     let section = &raw[..header_end(raw)];
     let mut out = Vec::new();
     let mut start = 0;
@@ -299,6 +315,26 @@ fn rewrite(raw: &[u8], added: &[(String, String)], removed: &[String]) -> Vec<u8
     }
     // The empty line and the body, untouched.
     out.extend_from_slice(&raw[consumed..]);
+    out
+}
+
+fn refusal(r: Refusal) -> BodyError {
+    match r {
+        Refusal::Signed => BodyError::Signed,
+        Refusal::NotRemovable => BodyError::NotRemovable,
+    }
+}
+
+/// RFC 3461 xtext: `+`, `=` and characters outside `!`..`~` as `+HH`.
+fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
     out
 }
 
@@ -458,11 +494,61 @@ impl HostMessage for HostState {
             Ok(a) => a,
             Err(e) => return Ok(Err(e)),
         };
+        let trusted = self.may_add_recipients;
         let mut state = self.table.get(&m)?.lock();
         if !state.recipients.iter().any(|r| r.address == address) {
+            if trusted {
+                state.trusted.push(address.clone());
+            }
             state.recipients.push(Recipient::new(address.0));
         }
         Ok(Ok(()))
+    }
+
+    async fn replace_recipient(
+        &mut self,
+        m: Resource<MessageRef>,
+        recipient: WitAddress,
+        by: Vec<WitAddress>,
+    ) -> wasmtime::Result<Result<bool, EditError>> {
+        self.host_call_done();
+        let by = match by.iter().map(to_address).collect::<Result<Vec<_>, _>>() {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        };
+        let old = format!("{}@{}", recipient.local_part, recipient.domain);
+        let trusted = self.may_add_recipients;
+        let mut state = self.table.get(&m)?.lock();
+        let Some(i) = state
+            .recipients
+            .iter()
+            .position(|r| r.address.as_str().eq_ignore_ascii_case(&old))
+        else {
+            return Ok(Ok(false));
+        };
+        let mut original = state.recipients.remove(i);
+        // The address the sender wrote, for bounces (RFC 3461 4.2), unless
+        // the client gave one.
+        if original.orcpt.is_none() {
+            original.orcpt = Some(format!("rfc822;{}", xtext(original.address.as_str())));
+        }
+        let mut at = i;
+        for address in by {
+            // Already a recipient (two aliases to one target): one copy.
+            if state.recipients.iter().any(|r| r.address == address) {
+                continue;
+            }
+            if trusted {
+                state.trusted.push(address.clone());
+            }
+            let r = Recipient {
+                address,
+                ..original.clone()
+            };
+            state.recipients.insert(at, r);
+            at += 1;
+        }
+        Ok(Ok(true))
     }
 
     async fn remove_recipient(
@@ -489,6 +575,53 @@ impl HostMessage for HostState {
         let reason = reason.replace(['\r', '\n', '\0'], " ");
         self.table.get(&m)?.lock().quarantine = Some(reason);
         Ok(())
+    }
+
+    async fn add_footer(
+        &mut self,
+        m: Resource<MessageRef>,
+        text: String,
+        html: String,
+    ) -> wasmtime::Result<Result<(), BodyError>> {
+        self.host_call_done();
+        let mut state = self.table.get(&m)?.lock();
+        if let Err(r) = body::check_footer(&state.raw) {
+            return Ok(Err(refusal(r)));
+        }
+        // A footer's text goes into the message as is: no NULs, and line
+        // ends the relay makes CRLF.
+        let clean = |s: String| s.replace('\0', "");
+        state.body.footers.push(Footer {
+            text: clean(text),
+            html: clean(html),
+        });
+        Ok(Ok(()))
+    }
+
+    async fn remove_part(
+        &mut self,
+        m: Resource<MessageRef>,
+        index: u32,
+        reason: String,
+    ) -> wasmtime::Result<Result<(), BodyError>> {
+        self.host_call_done();
+        let mut state = self.table.get(&m)?.lock();
+        if let Err(r) = body::check_removal(&state.raw, index) {
+            return Ok(Err(refusal(r)));
+        }
+        if !state.body.removed.iter().any(|(i, _)| *i == index) {
+            state.body.removed.push((index, reason));
+        }
+        Ok(Ok(()))
+    }
+
+    async fn body_edits(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<WitBodyEdits> {
+        self.host_call_done();
+        let state = self.table.get(&m)?.lock();
+        Ok(WitBodyEdits {
+            removed: state.body.removed.iter().map(|(i, _)| *i).collect(),
+            footers: u32::try_from(state.body.footers.len()).unwrap_or(u32::MAX),
+        })
     }
 
     async fn drop(&mut self, m: Resource<MessageRef>) -> wasmtime::Result<()> {

@@ -3,6 +3,7 @@
 //! `grants` name them, so a plugin that imports one it was not granted fails
 //! to load.
 
+pub mod body;
 pub mod context;
 pub mod dns;
 pub mod kv;

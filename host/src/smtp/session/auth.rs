@@ -4,6 +4,7 @@ use base64::Engine;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Flow, Session};
+use crate::admin::metrics::{metrics, Result_};
 use crate::smtp::reply::Reply;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -45,11 +46,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if self.ctx.auth.verify(ip, &user, &password).await {
             tracing::info!(peer = %self.info.peer, user, "authenticated");
+            metrics().auth.inc(Result_::Ok);
             self.info.auth_user = Some(user);
             self.info.may_relay = true;
             self.reply(Reply::AUTH_OK)
         } else {
             tracing::info!(peer = %self.info.peer, user, "authentication failed");
+            metrics().auth.inc(Result_::Failed);
             self.error_reply(Reply::AUTH_FAILED)
         }
     }

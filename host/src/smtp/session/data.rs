@@ -10,11 +10,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::authn::sign_outbound;
 use super::ehlo::printable;
 use super::{Flow, Session};
+use crate::admin::metrics::{metrics, Label, Source, TxOutcome};
 use crate::config::BareNewline;
 use crate::envelope::{Address, Envelope, SessionInfo};
 use crate::plugins::Scopes;
 use crate::policy::{DataTransaction, Verdict};
 use crate::queue::QueueId;
+use crate::server::Context;
 use crate::smtp::codec::{self, BdatReceiver, ContentFlags, ContentLimits, DataReceiver};
 use crate::smtp::reply::Reply;
 
@@ -110,45 +112,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.end_of_message(message, flags).await
     }
 
-    /// Recipients a data-hook plugin added face the access rules that RCPT
-    /// does, and the recipient limit: a plugin that takes addresses from the
-    /// message must not make the relay open. Those refused are dropped and
-    /// logged; the message goes on to the others.
-    fn check_added_recipients(&self, id: &QueueId, given: &[Address], envelope: &mut Envelope) {
-        let access = &self.ctx.access;
-        let mut room = self
-            .ctx
-            .config
-            .limits
-            .max_recipients
-            .saturating_sub(given.len());
-        envelope.recipients.retain_mut(|r| {
-            if given.contains(&r.address) {
-                return true;
-            }
-            if room == 0 {
-                tracing::warn!(queue_id = %id, rcpt = %r.address, "recipient added by a plugin dropped: limits.max_recipients reached");
-                return false;
-            }
-            match access.check_recipient(self.info.may_relay, &r.address) {
-                Ok(address) => {
-                    r.address = address;
-                    room -= 1;
-                    true
-                }
-                Err(reply) => {
-                    tracing::warn!(queue_id = %id, peer = %self.info.peer, rcpt = %r.address, reply = %reply, "recipient added by a plugin dropped: the access rules refuse it for this client");
-                    false
-                }
-            }
-        });
-    }
-
     /// The message has ended: check it, run the data hook, spool it, reply.
     async fn end_of_message(&mut self, message: Vec<u8>, flags: ContentFlags) -> Flow {
         let Some(envelope) = self.tx.take() else {
             return self.error_reply(Reply::NEED_MAIL);
         };
+        let id = QueueId::generate();
+        let sender = envelope.sender.to_string();
+        let recipients: Vec<&str> = envelope
+            .recipients
+            .iter()
+            .map(|r| r.address.as_str())
+            .collect();
+        let recipients = recipients.join(",");
+        let size = message.len();
+        let (flow, outcome) = self.complete_message(&id, envelope, message, flags).await;
+        metrics().transactions.inc(outcome);
+        // The transaction's one record. Everything the client chose (names,
+        // addresses) is passed as a string, which both log formats escape.
+        let reply = self
+            .data_reply
+            .take()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        tracing::info!(
+            queue_id = %id,
+            peer = %self.info.peer,
+            helo = self.info.helo.as_deref().unwrap_or(""),
+            tls = self.info.tls.as_ref().map(|t| t.version.as_str()).unwrap_or("none"),
+            auth = self.info.auth_user.as_deref().unwrap_or(""),
+            sender = sender.as_str(),
+            recipients = recipients.as_str(),
+            size,
+            verdicts = self.hooks.take_verdicts().as_str(),
+            reply = reply.trim_end(),
+            outcome = outcome.as_str(),
+            "transaction"
+        );
+        flow
+    }
+
+    /// [`Session::end_of_message`] once the transaction is taken: the reply,
+    /// and how the transaction ended for the counters.
+    async fn complete_message(
+        &mut self,
+        id: &QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+        flags: ContentFlags,
+    ) -> (Flow, TxOutcome) {
+        let refused = TxOutcome::Refused;
         // The transaction ends here, whatever the outcome.
         let scopes = Scopes {
             session: self.metadata.session.clone(),
@@ -156,20 +169,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         self.bdat = None;
         if flags.bare_newline && self.ctx.config.smtp.bare_newline == BareNewline::Reject {
-            return self.error_reply(Reply::BARE_NEWLINE);
+            return (self.error_reply(Reply::BARE_NEWLINE), refused);
         }
         if flags.too_big {
-            return self.error_reply(Reply::MESSAGE_TOO_BIG);
+            return (self.error_reply(Reply::MESSAGE_TOO_BIG), refused);
         }
         if flags.no_memory {
             tracing::warn!(peer = %self.info.peer, "limits.max_message_memory exhausted; message refused for now");
-            return self.error_reply(Reply::SPOOL_ERROR);
+            return (self.error_reply(Reply::SPOOL_ERROR), TxOutcome::Failed);
         }
         if flags.line_too_long {
-            return self.error_reply(Reply::DATA_LINE_TOO_LONG);
+            return (self.error_reply(Reply::DATA_LINE_TOO_LONG), refused);
         }
         if codec::count_received_headers(&message) > self.ctx.config.limits.max_received_headers {
-            return self.error_reply(Reply::MAIL_LOOP);
+            return (self.error_reply(Reply::MAIL_LOOP), refused);
         }
         let authenticated = self.authenticate_message(message).await;
         let message = authenticated.message;
@@ -177,14 +190,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(reply) = authenticated.refuse {
             self.hooks.end();
             tracing::info!(peer = %self.info.peer, sender = %envelope.sender, reply = %reply, "message refused by DMARC policy");
-            return self.error_reply(reply);
+            return (self.error_reply(reply), refused);
         }
-        let id = QueueId::generate();
         let received = received_header(
             &self.info,
             &self.ctx.config.hostname,
             self.esmtp,
-            &id,
+            id,
             &envelope,
             self.ctx.config.smtp.received_auth_user,
         );
@@ -194,34 +206,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         full.extend_from_slice(results_header.as_bytes());
         full.extend_from_slice(&message);
 
-        let mut tx = DataTransaction {
-            envelope,
-            message: full,
-            quarantine: authenticated.quarantine,
-            authentication,
-        };
+        let mut tx = DataTransaction::new(envelope, full);
+        tx.quarantine = authenticated.quarantine;
+        tx.authentication = authentication;
         let given: Vec<Address> = tx
             .envelope
             .recipients
             .iter()
             .map(|r| r.address.clone())
             .collect();
-        let verdict = self.hooks.data(&self.info, &mut tx, &scopes, &id).await;
+        let verdict = self.hooks.data(&self.info, &mut tx, &scopes, id).await;
         // The data hook is the transaction's last.
         self.hooks.end();
         let metadata = scopes.transaction.map(|m| m.snapshot()).unwrap_or_default();
-        self.check_added_recipients(&id, &given, &mut tx.envelope);
+        let trusted = std::mem::take(&mut tx.trusted);
+        check_added_recipients(
+            &self.ctx,
+            &self.info,
+            id,
+            &given,
+            &trusted,
+            &mut tx.envelope,
+        );
         if !matches!(verdict, Verdict::Continue | Verdict::Accept) {
-            tracing::info!(queue_id = %id, peer = %self.info.peer, verdict = ?verdict, "message refused by policy");
-            return self.refused(verdict).unwrap_or(Flow::Continue);
+            return (self.refused(verdict).unwrap_or(Flow::Continue), refused);
         }
         if tx.envelope.recipients.is_empty() {
             tracing::info!(queue_id = %id, peer = %self.info.peer, "every recipient removed by policy; message dropped");
-            return self.reply(Reply::new(
+            let reply = Reply::new(
                 250,
                 "2.0.0",
                 format!("Ok: {id} accepted, no recipients left"),
-            ));
+            );
+            return (self.reply(reply), TxOutcome::Dropped);
         }
         let signer = self.ctx.signer.clone();
         let message = Arc::new(sign_outbound(signer, self.info.may_relay, tx.message).await);
@@ -230,7 +247,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .ctx
             .spool
             .store(
-                &id,
+                id,
                 &tx.envelope,
                 Some(&self.info),
                 tx.quarantine.clone(),
@@ -240,31 +257,66 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .await
         {
             Ok(spooled) => {
-                tracing::info!(
-                    queue_id = %id,
-                    peer = %self.info.peer,
-                    helo = self.info.helo.as_deref().unwrap_or(""),
-                    tls = self.info.tls.as_ref().map(|t| t.version.as_str()).unwrap_or("none"),
-                    auth = self.info.auth_user.as_deref().unwrap_or(""),
-                    sender = %tx.envelope.sender,
-                    recipients = tx.envelope.recipients.len(),
-                    size,
-                    quarantine = tx.quarantine.as_deref().unwrap_or(""),
-                    "queued"
-                );
+                if let Some(reason) = tx.quarantine.as_deref() {
+                    tracing::info!(queue_id = %id, size, reason, "quarantined");
+                }
                 self.ctx.queued(spooled);
-                self.reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")))
+                metrics().received.inc(Source::Smtp);
+                let reply = Reply::new(250, "2.0.0", format!("Ok: queued as {id}"));
+                (self.reply(reply), TxOutcome::Queued)
             }
             Err(e) => {
                 tracing::error!(queue_id = %id, peer = %self.info.peer, error = %e, "could not spool message");
-                self.error_reply(Reply::SPOOL_ERROR)
+                (self.error_reply(Reply::SPOOL_ERROR), TxOutcome::Failed)
             }
         }
     }
 }
 
+/// Recipients a data-hook plugin added face the access rules that RCPT
+/// does, and the recipient limit: a plugin that takes addresses from the
+/// message must not make the relay open. Those a plugin granted
+/// `recipients` added (`trusted`: the administrator's own aliases and
+/// journal addresses) face only the limit. Those refused are dropped and
+/// logged; the message goes on to the others.
+pub(crate) fn check_added_recipients(
+    ctx: &Context,
+    info: &SessionInfo,
+    id: &QueueId,
+    given: &[Address],
+    trusted: &[Address],
+    envelope: &mut Envelope,
+) {
+    let access = &ctx.access;
+    let mut room = ctx.config.limits.max_recipients.saturating_sub(given.len());
+    envelope.recipients.retain_mut(|r| {
+        if given.contains(&r.address) {
+            return true;
+        }
+        if room == 0 {
+            tracing::warn!(queue_id = %id, rcpt = %r.address, "recipient added by a plugin dropped: limits.max_recipients reached");
+            return false;
+        }
+        if trusted.contains(&r.address) {
+            room -= 1;
+            return true;
+        }
+        match access.check_recipient(info.may_relay, &r.address) {
+            Ok(address) => {
+                r.address = address;
+                room -= 1;
+                true
+            }
+            Err(reply) => {
+                tracing::warn!(queue_id = %id, peer = %info.peer, rcpt = %r.address, reply = %reply, "recipient added by a plugin dropped: the access rules refuse it for this client");
+                false
+            }
+        }
+    });
+}
+
 /// Our trace header (RFC 5321 4.4), with the protocol keywords of RFC 3848.
-fn received_header(
+pub(crate) fn received_header(
     info: &SessionInfo,
     hostname: &str,
     esmtp: bool,

@@ -39,6 +39,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let envelope = Envelope::new(sender, params);
         let limit = self.ctx.config.plugins.max_metadata_size;
         self.metadata.transaction = Some(SharedMetadata::new(limit));
+        // The transaction's verdicts start here.
+        self.hooks.take_verdicts();
         let verdict = self
             .hooks
             .mail_from(&self.info, &envelope, &self.metadata)

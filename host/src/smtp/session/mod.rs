@@ -9,6 +9,8 @@ mod ehlo;
 mod mail;
 mod rcpt;
 
+pub(crate) use data::{check_added_recipients, received_header};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use bytes::{Buf, BytesMut};
 use smtp_proto::Request;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::admin::metrics::{metrics, ConnOutcome, Stage};
 use crate::envelope::{Envelope, SessionInfo};
 use crate::metadata::SharedMetadata;
 use crate::plugins::{Lease, Scopes};
@@ -82,6 +85,10 @@ pub struct Session<S> {
     errors: usize,
     /// Still discarding the rest of an over-long command line.
     skipping_long_line: bool,
+    /// The command being answered, for the reply counters.
+    stage: Stage,
+    /// The last reply to DATA or BDAT, for the transaction's log record.
+    data_reply: Option<Reply>,
 }
 
 /// Everything a session carries across STARTTLS (the stream is replaced).
@@ -143,6 +150,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             bdat_memory: None,
             errors: carry.errors,
             skipping_long_line: false,
+            stage: Stage::Connect,
+            data_reply: None,
         }
     }
 
@@ -174,14 +183,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// connection is to be closed.
     pub async fn greet(&mut self) -> bool {
         let verdict = self.hooks.connect(&self.info, &self.metadata).await;
+        let counters = metrics().listener(self.listener.config.address);
         match verdict {
             Verdict::Continue | Verdict::Accept => {
+                counters.connections.inc(ConnOutcome::Accepted);
                 let banner = format!("{} ESMTP Postern", self.ctx.config.hostname);
                 self.reply(Reply::new(220, "", banner));
                 self.flush().await.is_ok()
             }
             Verdict::Reject(r) | Verdict::Tempfail(r) | Verdict::Disconnect(r) => {
                 tracing::info!(peer = %self.info.peer, reply = %r, "connection refused by policy");
+                counters.connections.inc(ConnOutcome::Policy);
+                metrics().reply(Stage::Connect, r.code);
                 self.reply(r);
                 let _ = self.flush().await;
                 false
@@ -256,7 +269,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn command(&mut self, line: &[u8]) -> Flow {
         let request = match command::parse(line) {
             Ok(r) => r,
-            Err(reply) => return self.error_reply(reply),
+            Err(reply) => {
+                self.stage = Stage::Other;
+                return self.error_reply(reply);
+            }
+        };
+        self.stage = match &request {
+            Request::Ehlo { .. } | Request::Helo { .. } => Stage::Helo,
+            Request::Mail { .. } => Stage::Mail,
+            Request::Rcpt { .. } => Stage::Rcpt,
+            Request::Data | Request::Bdat { .. } => Stage::Data,
+            Request::Auth { .. } => Stage::Auth,
+            Request::StartTls => Stage::StartTls,
+            _ => Stage::Other,
         };
         match request {
             Request::Ehlo { host } => self.ehlo(host, true).await,
@@ -322,12 +347,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if reply.code >= 400 {
             return self.error_reply(reply);
         }
+        self.note(&reply);
         reply.write_to(&mut self.output);
         Flow::Continue
     }
 
+    /// Counts a reply, and keeps it when it ends a message.
+    fn note(&mut self, reply: &Reply) {
+        metrics().reply(self.stage, reply.code);
+        if self.stage == Stage::Data {
+            self.data_reply = Some(reply.clone());
+        }
+    }
+
     /// Queues a negative reply and counts it; too many errors end the session.
     fn error_reply(&mut self, reply: Reply) -> Flow {
+        self.note(&reply);
         reply.write_to(&mut self.output);
         self.errors += 1;
         if self.errors >= self.ctx.config.limits.max_errors {
@@ -344,6 +379,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Verdict::Continue | Verdict::Accept => None,
             Verdict::Reject(r) | Verdict::Tempfail(r) => Some(self.error_reply(r)),
             Verdict::Disconnect(r) => {
+                self.note(&r);
                 r.write_to(&mut self.output);
                 Some(Flow::Close)
             }

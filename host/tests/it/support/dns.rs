@@ -32,6 +32,8 @@ pub enum Answer {
 #[derive(Default)]
 struct Zone {
     names: HashMap<String, Vec<Answer>>,
+    /// Queries received, by lowercase name.
+    asked: HashMap<String, usize>,
 }
 
 /// A running server.
@@ -57,7 +59,7 @@ impl DnsServer {
                 let Ok(query) = Message::from_vec(&buf[..n]) else {
                     continue;
                 };
-                let response = answer(&z.lock().unwrap(), &query);
+                let response = answer(&mut z.lock().unwrap(), &query);
                 if let Ok(bytes) = response.to_vec() {
                     let _ = socket.send_to(&bytes, peer).await;
                 }
@@ -115,6 +117,18 @@ impl DnsServer {
         self.add(name, Answer::ServFail)
     }
 
+    /// How many queries for `name` arrived.
+    pub fn queries(&self, name: &str) -> usize {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.zone
+            .lock()
+            .unwrap()
+            .asked
+            .get(&name)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// A/AAAA records for a host.
     pub fn a(&self, host: &str, ips: &[&str]) -> &Self {
         self.add(
@@ -124,7 +138,7 @@ impl DnsServer {
     }
 }
 
-fn answer(zone: &Zone, query: &Message) -> Message {
+fn answer(zone: &mut Zone, query: &Message) -> Message {
     let mut resp = Message::response(query.metadata.id, query.metadata.op_code);
     resp.metadata.recursion_desired = query.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
@@ -135,6 +149,7 @@ fn answer(zone: &Zone, query: &Message) -> Message {
     };
     resp.add_query(q.clone());
     let name = q.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    *zone.asked.entry(name.clone()).or_default() += 1;
     let Some(answers) = zone.names.get(&name) else {
         resp.metadata.response_code = ResponseCode::NXDomain;
         return resp;

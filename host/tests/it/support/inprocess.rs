@@ -56,9 +56,11 @@ impl Relay {
         let spool = config.resolve(&config.spool.path);
         let server = Server::bind_without_plugins(config).await.unwrap();
         let addr = server.local_addrs()[0];
-        Delivery::start(server.context(), server.local_addrs())
+        let admin = postern::admin::Admin::bind(server.context()).await.unwrap();
+        let delivery = Delivery::start(server.context(), server.local_addrs())
             .await
             .unwrap();
+        admin.serve(delivery).set_listening();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.listen().unwrap().run(async move {
             let _ = rx.await;

@@ -41,6 +41,12 @@ pub fn wasm_dir() -> &'static Path {
                 "router",
                 "-p",
                 "archive",
+                "-p",
+                "forward",
+                "-p",
+                "ratelimit",
+                "-p",
+                "access",
             ])
             .env("CARGO_TARGET_DIR", target_dir())
             .status()

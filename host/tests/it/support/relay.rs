@@ -34,6 +34,12 @@ pub struct Relay {
 /// queued (deferred) and no test looks anything up outside this machine.
 /// `extra` is appended (more listeners, other sections).
 pub fn base_config(port: u16, extra: &str) -> String {
+    config_with(port, NO_DELIVERY, extra)
+}
+
+/// [`base_config`] with another `[delivery]` table (`delivery` holds the
+/// header and its keys).
+pub fn config_with(port: u16, delivery: &str, extra: &str) -> String {
     format!(
         r#"hostname = "mx.ours.test"
 [[listener]]
@@ -43,7 +49,7 @@ path = "spool"
 [relay]
 networks = ["127.0.0.0/8"]
 domains = ["ours.test"]
-{NO_DELIVERY}
+{delivery}
 {extra}
 "#
     )
@@ -66,6 +72,12 @@ impl Relay {
         Relay::start_in_env(dir, port, config, &[])
     }
 
+    /// Like [`Relay::start_in`], without waiting for the SMTP port (a
+    /// PROXY listener refuses a connection without a header).
+    pub fn start_no_wait(dir: Arc<tempfile::TempDir>, port: u16, config: &str) -> Relay {
+        Relay::spawn(dir, port, config, &[])
+    }
+
     /// Like [`Relay::start_in`], with more environment variables.
     pub fn start_in_env(
         dir: Arc<tempfile::TempDir>,
@@ -73,6 +85,12 @@ impl Relay {
         config: &str,
         env: &[(&str, &Path)],
     ) -> Relay {
+        let relay = Relay::spawn(dir, port, config, env);
+        relay.wait_listening(port);
+        relay
+    }
+
+    fn spawn(dir: Arc<tempfile::TempDir>, port: u16, config: &str, env: &[(&str, &Path)]) -> Relay {
         std::fs::write(dir.path().join("postern.toml"), config).unwrap();
         // Run from the folder with a relative config path, as
         // host/scripts/run.sh does, so paths resolve the way they do there.
@@ -95,14 +113,12 @@ impl Relay {
                 sink.lock().unwrap().push('\n');
             }
         });
-        let relay = Relay {
+        Relay {
             child: Some(child),
             dir,
             port,
             log,
-        };
-        relay.wait_listening(port);
-        relay
+        }
     }
 
     /// Waits until something accepts on 127.0.0.1:`port`.

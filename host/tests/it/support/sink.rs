@@ -93,6 +93,8 @@ pub struct Sink {
     pub transactions: Arc<AtomicUsize>,
     /// AUTH commands seen.
     pub auth_attempts: Arc<AtomicUsize>,
+    /// The accept loop; [`Sink::stop`] ends it.
+    accepting: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Sink {
@@ -111,6 +113,7 @@ impl Sink {
             connections: Arc::default(),
             transactions: Arc::default(),
             auth_attempts: Arc::default(),
+            accepting: None,
         };
         let shared = Shared {
             opts,
@@ -120,19 +123,32 @@ impl Sink {
             rcpt_count: Arc::default(),
         };
         let conns = sink.connections.clone();
-        tokio::spawn(async move {
+        let mut sink = sink;
+        sink.accepting = Some(tokio::spawn(async move {
+            // Its sessions end with it: dropping the set aborts them.
+            let mut sessions = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 conns.fetch_add(1, Ordering::SeqCst);
                 let shared = shared.clone();
-                tokio::spawn(async move {
+                sessions.spawn(async move {
                     let _ = session(Box::new(stream), shared).await;
                 });
+                while sessions.try_join_next().is_some() {}
             }
-        });
+        }));
         sink
+    }
+
+    /// Goes down as a host does: stops listening and closes its open
+    /// connections.
+    pub async fn stop(&mut self) {
+        if let Some(task) = self.accepting.take() {
+            task.abort();
+            let _ = task.await;
+        }
     }
 
     /// The messages received so far.

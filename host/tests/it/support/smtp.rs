@@ -95,3 +95,26 @@ pub fn queue_id(reply: &str) -> String {
     assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
     reply.trim_end().rsplit(' ').next().unwrap().to_string()
 }
+
+/// Sends `n` messages of `size` bytes from a@origin.test to b@dest.test
+/// with Postfix's smtp-source over `sessions` sessions; panics if it fails.
+pub fn smtp_source(addr: SocketAddr, n: usize, sessions: usize, size: usize) {
+    let out = std::process::Command::new("smtp-source")
+        .args([
+            "-s",
+            &sessions.to_string(),
+            "-m",
+            &n.to_string(),
+            "-l",
+            &size.to_string(),
+        ])
+        .args(["-f", "a@origin.test", "-t", "b@dest.test"])
+        .arg(addr.to_string())
+        .output()
+        .expect("smtp-source (Debian package postfix) is installed");
+    assert!(
+        out.status.success(),
+        "smtp-source: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

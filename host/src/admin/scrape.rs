@@ -1,0 +1,159 @@
+//! The `/metrics` page: the counters of [`super::metrics`], and what is
+//! read at scrape time: the queue by state (from a reading of the spool at
+//! most a few seconds old), delivery's connections and active set, and the
+//! plugin chain's per-plugin, per-hook counters.
+
+use std::time::Duration;
+
+use super::metrics::{metrics, Page};
+use super::State;
+use crate::delivery::control::STATES;
+use crate::plugins::stats::HookExport;
+
+/// How old a reading of the queue a scrape may use.
+const QUEUE_READING_AGE: Duration = Duration::from_secs(5);
+
+/// Plugin call latency buckets written: 2^i µs for these `i` (16 µs to 16 s).
+const PLUGIN_BUCKETS: [usize; 11] = [4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24];
+
+/// The whole page.
+pub async fn page(state: &State) -> String {
+    let mut page = Page::new();
+    metrics().write(&mut page);
+    queue(state, &mut page).await;
+    let (connections, active) = state.delivery.load();
+    page.family(
+        "postern_outbound_connections",
+        "gauge",
+        "Outbound connections open now.",
+    );
+    page.sample("postern_outbound_connections", &[], connections as u64);
+    page.family(
+        "postern_delivery_active_messages",
+        "gauge",
+        "Messages in memory for delivery now ([delivery] max_active).",
+    );
+    page.sample("postern_delivery_active_messages", &[], active as u64);
+    plugins(state, &mut page);
+    page.family(
+        "postern_ready",
+        "gauge",
+        "1 once the SMTP listeners accept connections.",
+    );
+    page.sample("postern_ready", &[], u64::from(state.listening()));
+    page.finish()
+}
+
+async fn queue(state: &State, page: &mut Page) {
+    let entries = match state.queue(QUEUE_READING_AGE).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the queue for /metrics");
+            return;
+        }
+    };
+    let now = crate::delivery::state::unix_now();
+    let mut counts = [0u64; STATES.len()];
+    let mut oldest = [None::<u64>; STATES.len()];
+    for e in entries.iter() {
+        if let Some(i) = STATES.iter().position(|s| *s == e.state) {
+            counts[i] += 1;
+            oldest[i] = Some(oldest[i].map_or(e.received, |o| o.min(e.received)));
+        }
+    }
+    page.family(
+        "postern_queue_messages",
+        "gauge",
+        "Messages in the spool by state (read at most a few seconds ago).",
+    );
+    for (s, n) in STATES.iter().zip(counts) {
+        page.sample("postern_queue_messages", &[("state", s)], n);
+    }
+    page.family(
+        "postern_queue_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest message in the spool by state; 0 when there is none.",
+    );
+    for (s, o) in STATES.iter().zip(oldest) {
+        let age = o.map_or(0, |r| now.saturating_sub(r));
+        page.sample("postern_queue_oldest_age_seconds", &[("state", s)], age);
+    }
+}
+
+fn plugins(state: &State, page: &mut Page) {
+    let chain = state.ctx.chain.current();
+    let all: Vec<(String, Vec<HookExport>)> = chain
+        .plugins()
+        .iter()
+        .map(|p| (p.name().to_string(), p.stats.export()))
+        .collect();
+    page.family(
+        "postern_plugins",
+        "gauge",
+        "Plugins in the chain new sessions use.",
+    );
+    page.sample("postern_plugins", &[], all.len() as u64);
+    let name = "postern_plugin_call_duration_seconds";
+    page.family(
+        name,
+        "histogram",
+        "Time of one hook call, per plugin and hook (counters restart when a reload loads the plugin again).",
+    );
+    for (plugin, hooks) in &all {
+        for h in hooks {
+            let labels = [("plugin", plugin.as_str()), ("hook", h.hook.as_str())];
+            for i in PLUGIN_BUCKETS {
+                // Bucket j holds calls under 2^j µs.
+                let below: u64 = h.latency.iter().take(i + 1).sum();
+                let le = ((1u64 << i) as f64 / 1e6).to_string();
+                page.bucket(name, &labels, &le, below);
+            }
+            let calls: u64 = h.latency.iter().sum();
+            page.bucket(name, &labels, "+Inf", calls);
+            page.sample_f(&format!("{name}_sum"), &labels, h.sum_us as f64 / 1e6);
+            page.sample(&format!("{name}_count"), &labels, calls);
+        }
+    }
+    let kinds = |h: &HookExport| h.answers.clone();
+    plugin_counters(
+        page,
+        &all,
+        "postern_plugin_verdicts_total",
+        "Answers of each plugin, per hook and kind.",
+        "verdict",
+        kinds,
+    );
+    let kinds = |h: &HookExport| h.errors.clone();
+    plugin_counters(
+        page,
+        &all,
+        "postern_plugin_errors_total",
+        "Failed hook calls of each plugin, per hook and kind (trap, timeout, memory, invalid, instantiate).",
+        "kind",
+        kinds,
+    );
+}
+
+/// A counter family per plugin, hook and one kind of count.
+fn plugin_counters(
+    page: &mut Page,
+    all: &[(String, Vec<HookExport>)],
+    name: &str,
+    help: &str,
+    label: &str,
+    kinds: impl Fn(&HookExport) -> Vec<(&'static str, u64)>,
+) {
+    page.family(name, "counter", help);
+    for (plugin, hooks) in all {
+        for h in hooks {
+            for (kind, n) in kinds(h) {
+                let labels = [
+                    ("plugin", plugin.as_str()),
+                    ("hook", h.hook.as_str()),
+                    (label, kind),
+                ];
+                page.sample(name, &labels, n);
+            }
+        }
+    }
+}
