@@ -2,10 +2,12 @@
 //! The real `postern` binary or the library over real TCP, with real clients.
 
 mod authn;
+mod cluster;
 mod core;
 mod crash;
 mod delivery;
 mod dkim;
+mod examples;
 mod firstparty;
 mod kv;
 mod once;

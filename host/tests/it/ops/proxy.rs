@@ -4,113 +4,15 @@
 //! trusted is refused; a v2 `LOCAL` health check gets a session.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::sample;
+use crate::support::haproxy::{connect_from, Haproxy};
 use crate::support::http::get;
 use crate::support::relay::{free_port, Relay};
 use crate::support::sink::{Behavior, Options, Sink};
 use crate::support::smtp::Raw;
-
-/// haproxy in the foreground; killed on drop.
-struct Haproxy {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Haproxy {
-    /// Forwards each `(frontend port, option)` to `backend` with that
-    /// option (`send-proxy-v2` or `send-proxy`).
-    fn start(backend: SocketAddr, frontends: &[(u16, &str)]) -> Haproxy {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = String::from(
-            "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n",
-        );
-        for (i, (port, option)) in frontends.iter().enumerate() {
-            cfg.push_str(&format!(
-                "frontend f{i}\n  bind 127.0.0.1:{port}\n  default_backend b{i}\nbackend b{i}\n  server relay {backend} {option}\n"
-            ));
-        }
-        let path = dir.path().join("haproxy.cfg");
-        std::fs::write(&path, cfg).unwrap();
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("haproxy (Debian's haproxy; host/scripts/test.sh installs it)");
-        let proxy = Haproxy { child, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for (port, _) in frontends {
-            while !haproxy_bound(*port) {
-                assert!(
-                    Instant::now() < deadline,
-                    "haproxy did not listen on {port}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        proxy
-    }
-}
-
-/// Whether something listens on 127.0.0.1:`port`, seen in the kernel's
-/// table rather than by connecting (a connection would go to the relay).
-fn haproxy_bound(port: u16) -> bool {
-    let hex = format!(":{port:04X} ");
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(hex.trim_end()) && f[3] == "0A"
-        })
-}
-
-/// A connection to `to` from the loopback address `from`.
-fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
-    let socket = socket2_free_bind(from);
-    let stream = socket.connect(to).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    stream
-}
-
-/// A socket bound to `ip` on any port, ready to connect.
-fn socket2_free_bind(ip: &str) -> Bound {
-    Bound(format!("{ip}:0").parse().unwrap())
-}
-
-/// A local address to connect from.
-struct Bound(SocketAddr);
-
-impl Bound {
-    fn connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let stream = runtime.block_on(async {
-            let socket = tokio::net::TcpSocket::new_v4()?;
-            socket.bind(self.0)?;
-            socket.connect(to).await
-        })?;
-        let std = stream.into_std()?;
-        std.set_nonblocking(false)?;
-        Ok(std)
-    }
-}
 
 /// The relay config: one `proxy_protocol` listener trusting `trusted`,
 /// delivery to `sink`, the testkit plugin showing its session in a header.

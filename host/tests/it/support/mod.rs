@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod haproxy;
 pub mod http;
 pub mod inprocess;
 pub mod redis;
