@@ -4,7 +4,11 @@
 # shared kv store, Python for smtplib clients, openssl, curl for the admin
 # API, prometheus for promtool (which checks the /metrics page), haproxy in
 # front of the relay for the PROXY protocol, chromium (headless) to load the
-# status page, and the wasm32-wasip2 target for the plugins.
+# status page, and the wasm32-wasip2 target for the plugins. The Python and
+# JavaScript SDKs' pinned toolchains (componentize-py from PyPI,
+# componentize-js from npm) are installed once into target/sdk-tools, and
+# the example plugins in those languages are built beside the Rust build;
+# both are skipped when their inputs have not changed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -20,6 +24,9 @@ command -v curl >/dev/null || missing+=(curl)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v haproxy >/dev/null || missing+=(haproxy)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}" >&2
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
@@ -29,6 +36,24 @@ rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add was
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+# The Python and JavaScript plugins the tests load (host/tests/it/support/
+# lang.rs finds them up to date), built while cargo compiles.
+target=${CARGO_TARGET_DIR:-target}
+mkdir -p "$target/lang-plugins"
+examples/plugins/python/build.sh "$target/lang-plugins/tagger-py.wasm" > "$target/lang-plugins/python.log" 2>&1 &
+py=$!
+examples/plugins/js/build.sh "$target/lang-plugins/tagger-js.wasm" > "$target/lang-plugins/js.log" 2>&1 &
+js=$!
+node sdk/js/build.mjs host/tests/fixtures/plugins/hoard-js/hoard.js -o "$target/lang-plugins/hoard-js.wasm" > "$target/lang-plugins/hoard.log" 2>&1 &
+hoard=$!
+cargo test --workspace --no-run
+for job in "$py:python" "$js:js" "$hoard:hoard"; do
+  if ! wait "${job%%:*}"; then
+    # The tests build it again and fail with the reason; show it here too.
+    echo "building the ${job#*:} plugin failed:" >&2
+    cat "$target/lang-plugins/${job#*:}.log" >&2
+  fi
+done
 # The relay, the SDK and every first-party plugin's own tests.
 cargo test --workspace "$@" 2>&1 | tee "$log"
 # One closing line for the whole run (cargo prints one per test binary, and the

@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 mod firstparty;
 mod kv;
+mod lang;
 mod once;
 mod ops;
 mod platform;
