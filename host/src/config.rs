@@ -1404,8 +1404,8 @@ mod tests {
             Path::new("t.toml"),
         )
         .unwrap();
-        let p = &tuned.plugin_chain[0];
-        assert_eq!((p.retire_after_uses, p.retire_at_memory_percent), (0, 60));
+        let t = &tuned.plugin_chain[0];
+        assert_eq!((t.retire_after_uses, t.retire_at_memory_percent), (0, 60));
         let per_call = Config::parse(
             "[[listener]]\naddress = \"127.0.0.1:25\"\n[[plugin]]\nname = \"p\"\npath = \"p.wasm\"\ninstances = \"per-call\"\n",
             Path::new("/etc/postern/postern.toml"),
