@@ -5,7 +5,10 @@
 # API, prometheus for promtool (which checks the /metrics page), haproxy in
 # front of the relay for the PROXY protocol, chromium (headless) to load the
 # status page, the wasm32-wasip2 target for the plugins, and pyspf and dkimpy
-# from PyPI.
+# from PyPI. The Python and JavaScript SDKs' pinned toolchains
+# (componentize-py from PyPI, componentize-js from npm) are installed once
+# into target/sdk-tools, and the example plugins in those languages are built
+# beside the Rust build; both are skipped when their inputs have not changed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -21,6 +24,9 @@ command -v curl >/dev/null || missing+=(curl)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v haproxy >/dev/null || missing+=(haproxy)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}" >&2
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
@@ -35,12 +41,30 @@ if ! python3 -c "import spf, dkim, dns.resolver, authres, nacl" 2>/dev/null; the
     sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
     sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pip >/dev/null
   fi
-  python3 -m pip install -q pyspf dkimpy dnspython authres pynacl 2>/dev/null \
-    || python3 -m pip install -q --break-system-packages pyspf dkimpy dnspython authres pynacl
+  python3 -m pip install -q pyspf==2.0.14 dkimpy==1.1.8 dnspython==2.9.2 authres==1.2.0 pynacl==1.6.2 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages pyspf==2.0.14 dkimpy==1.1.8 dnspython==2.9.2 authres==1.2.0 pynacl==1.6.2
 fi
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+# The Python and JavaScript plugins the tests load (host/tests/it/support/
+# lang.rs finds them up to date), built while cargo compiles.
+target=${CARGO_TARGET_DIR:-target}
+mkdir -p "$target/lang-plugins"
+examples/plugins/python/build.sh "$target/lang-plugins/tagger-py.wasm" > "$target/lang-plugins/python.log" 2>&1 &
+py=$!
+examples/plugins/js/build.sh "$target/lang-plugins/tagger-js.wasm" > "$target/lang-plugins/js.log" 2>&1 &
+js=$!
+node sdk/js/build.mjs host/tests/fixtures/plugins/hoard-js/hoard.js -o "$target/lang-plugins/hoard-js.wasm" > "$target/lang-plugins/hoard.log" 2>&1 &
+hoard=$!
+cargo test --workspace --no-run
+for job in "$py:python" "$js:js" "$hoard:hoard"; do
+  if ! wait "${job%%:*}"; then
+    # The tests build it again and fail with the reason; show it here too.
+    echo "building the ${job#*:} plugin failed:" >&2
+    cat "$target/lang-plugins/${job#*:}.log" >&2
+  fi
+done
 # The relay, the SDK and every first-party plugin's own tests.
 cargo test --workspace "$@" 2>&1 | tee "$log"
 # One closing line for the whole run (cargo prints one per test binary, and the

@@ -798,6 +798,16 @@ pub struct PluginConfig {
     /// `per-call` (default), `transaction` or `fresh`.
     #[serde(default)]
     pub instances: Instances,
+    /// A warm instance is retired after this many calls, so a slow leak in
+    /// the guest cannot grow without end; 0 never retires one for its uses.
+    #[serde(default = "default_retire_after_uses")]
+    pub retire_after_uses: u32,
+    /// A warm instance whose memory grew past this percentage of
+    /// `memory_mb` is retired after its call: guest memory never shrinks,
+    /// and one that grows with use (a JavaScript engine's heap) would next
+    /// hit the cap and fail a call. 100 retires only at the cap.
+    #[serde(default = "default_retire_at_memory_percent")]
+    pub retire_at_memory_percent: u8,
     /// Host interfaces the plugin may use.
     #[serde(default)]
     pub grants: Vec<Grant>,
@@ -820,6 +830,14 @@ fn default_timeout_ms() -> u64 {
 
 fn default_memory_mb() -> u64 {
     64
+}
+
+fn default_retire_after_uses() -> u32 {
+    10_000
+}
+
+fn default_retire_at_memory_percent() -> u8 {
+    75
 }
 
 impl PluginConfig {
@@ -1367,6 +1385,12 @@ impl Config {
                     ),
                 ));
             }
+            if !(1..=100).contains(&p.retire_at_memory_percent) {
+                return Err(self.invalid(
+                    &key("retire_at_memory_percent"),
+                    "must be between 1 and 100",
+                ));
+            }
         }
         Ok(())
     }
@@ -1502,6 +1526,17 @@ mod tests {
         assert_eq!(p.timeout(HookName::Rcpt), Duration::from_millis(50));
         assert_eq!(p.instances, Instances::Fresh);
         assert_eq!(p.grants, vec![Grant::Kv, Grant::Archive]);
+        assert_eq!(
+            (p.retire_after_uses, p.retire_at_memory_percent),
+            (10_000, 75)
+        );
+        let tuned = Config::parse(
+            &format!("{MINIMAL}[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\nretire_after_uses = 0\nretire_at_memory_percent = 60\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let t = &tuned.plugin_chain[0];
+        assert_eq!((t.retire_after_uses, t.retire_at_memory_percent), (0, 60));
         let per_call = Config::parse(
             "[[listener]]\naddress = \"127.0.0.1:25\"\n[[plugin]]\nname = \"p\"\npath = \"p.wasm\"\ninstances = \"per-call\"\n",
             Path::new("/etc/postern/postern.toml"),
@@ -1580,6 +1615,17 @@ mod tests {
         assert_eq!(c.plugin_chain[0].instances, Instances::PerCall);
     }
 
+    /// The config of the plugins in three languages parses, chain and all.
+    #[test]
+    fn the_example_plugins_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plugins/postern.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = Config::parse(&text, &path).unwrap();
+        let names: Vec<&str> = c.plugin_chain.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["blocklist", "tagger-py", "tagger-js", "router"]);
+        assert_eq!(c.plugin_chain[2].retire_at_memory_percent, 75);
+    }
+
     #[test]
     fn plugin_errors_name_the_key() {
         let plugin =
@@ -1593,6 +1639,15 @@ mod tests {
             ("timeouts = { dta = 5 }", "dta"),
             ("timeout_ms = 0", "plugin[0].timeout_ms"),
             ("memory_mb = 100000", "plugin[0].memory_mb"),
+            (
+                "retire_at_memory_percent = 0",
+                "plugin[0].retire_at_memory_percent",
+            ),
+            (
+                "retire_at_memory_percent = 101",
+                "plugin[0].retire_at_memory_percent",
+            ),
+            ("retire_after_uses = -1", "retire_after_uses"),
             ("instances = \"hot\"", "instances"),
             (
                 "[[plugin]]\nname = \"a\"\npath = \"b.wasm\"",

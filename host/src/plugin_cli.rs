@@ -9,18 +9,24 @@ use clap::Subcommand;
 use postern::config::{Config, Grant};
 use postern::plugins::{reload, Runtime};
 
+mod new;
 mod replay;
 
-/// The SDK this binary was built with; `POSTERN_SDK` points elsewhere.
-const SDK_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk");
+pub use new::Lang;
 
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
-    /// Create a plugin crate NAME in the current folder; it builds as is with
-    /// `cargo build --release --target wasm32-wasip2`.
+    /// Create a plugin NAME in the current folder, with a README that says
+    /// how to build it: a crate (`cargo build --release --target
+    /// wasm32-wasip2`), a Python module (`python3 SDK/python/build.py`) or
+    /// a JavaScript module (`node SDK/js/build.mjs`). Each blocks the
+    /// recipient domains its config lists.
     New {
-        /// Crate and folder name.
+        /// Plugin and folder name.
         name: String,
+        /// The language: rust, python or js.
+        #[arg(long, value_enum, default_value_t = Lang::Rust)]
+        lang: Lang,
     },
     /// Say whether FILE.wasm fits the plugin world, and which hooks and grants
     /// it needs. With --config, the `[[plugin]]` entry whose path has this
@@ -71,7 +77,7 @@ pub enum PluginCommand {
 
 pub fn run(command: PluginCommand, config: &Path, config_given: bool) -> anyhow::Result<()> {
     match command {
-        PluginCommand::New { name } => new(&name),
+        PluginCommand::New { name, lang } => new::scaffold(&name, lang),
         PluginCommand::Check { file } => {
             tokio_runtime()?.block_on(check(&file, config_given.then_some(config)))
         }
@@ -115,103 +121,6 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
-}
-
-fn new(name: &str) -> anyhow::Result<()> {
-    let valid = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        && name.starts_with(|c: char| c.is_ascii_alphabetic());
-    if !valid {
-        bail!("{name:?} is not a crate name (letters, digits, - and _, starting with a letter)");
-    }
-    let dir = Path::new(name);
-    if dir.exists() {
-        bail!("{} already exists", dir.display());
-    }
-    let sdk = std::env::var_os("POSTERN_SDK")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(SDK_DIR));
-    let sdk = sdk.canonicalize().with_context(|| {
-        format!(
-            "the postern SDK is not at {} (set POSTERN_SDK)",
-            sdk.display()
-        )
-    })?;
-    let ident = name.replace('-', "_");
-    let ty: String = ident
-        .split('_')
-        .map(|w| {
-            let mut c = w.chars();
-            c.next()
-                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
-                .unwrap_or_default()
-        })
-        .collect();
-    std::fs::create_dir_all(dir.join("src"))?;
-    std::fs::write(
-        dir.join("Cargo.toml"),
-        format!(
-            "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\npublish = false\n\n\
-             [lib]\ncrate-type = [\"cdylib\"]\n\n\
-             [dependencies]\npostern-sdk = {{ path = {sdk:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\n\
-             [profile.release]\nopt-level = \"s\"\nstrip = true\n\n\
-             # Its own workspace, wherever it is created.\n[workspace]\n"
-        ),
-    )?;
-    std::fs::write(
-        dir.join("src/lib.rs"),
-        format!(
-            r#"//! {name}: a Postern policy plugin.
-//!
-//! Build: cargo build --release --target wasm32-wasip2
-//! Then copy target/wasm32-wasip2/release/{ident}.wasm into the relay's
-//! plugins folder and add to the config:
-//!
-//!     [[plugin]]
-//!     name = "{name}"
-//!     path = "{ident}.wasm"
-//!     [plugin.config]
-//!     domains = ["blocked.example"]
-//!
-//! The relay lends an instance for one hook call at a time: keep nothing in
-//! the plugin's memory from one hook to the next. What a later hook needs
-//! goes into `metadata` (per session, or per message, kept by the relay):
-//!
-//!     metadata::set(Scope::Transaction, "seen", "yes")
-//!     metadata::get(Scope::Transaction, "seen")
-
-use postern_sdk::prelude::*;
-
-#[derive(serde::Deserialize)]
-struct {ty} {{
-    domains: Vec<String>,
-}}
-
-#[postern_sdk::plugin]
-impl Plugin for {ty} {{
-    fn init(config: Config) -> Result<Self, ConfigError> {{
-        config.parse()
-    }}
-
-    fn rcpt(&self, _session: &Session, rcpt: &Recipient) -> Verdict {{
-        if self.domains.iter().any(|d| rcpt.domain().eq_ignore_ascii_case(d)) {{
-            return Verdict::reject(550, "5.7.1", "recipient domain is blocked");
-        }}
-        Verdict::Continue
-    }}
-}}
-
-postern_sdk::export!({ty});
-"#
-        ),
-    )?;
-    println!(
-        "created {name}/ (SDK: {})\nbuild it: cd {name} && cargo build --release --target wasm32-wasip2",
-        sdk.display()
-    );
-    Ok(())
 }
 
 /// What check and test take from the relay config given with --config: the
@@ -330,15 +239,24 @@ async fn check(file: &Path, config: Option<&Path>) -> anyhow::Result<()> {
     println!("  sha256: {}", req.hash);
     println!("  hooks:  {hooks}");
     let names: Vec<&str> = req.grants.iter().map(|g| g.as_str()).collect();
-    println!(
-        "  grants: {}",
-        if names.is_empty() {
-            "none".to_string()
-        } else {
+    if req.ungranted_trap {
+        println!(
+            "  grants: any of {} (its toolchain imports them all; a call to one not granted gets its on_error answer)",
             names.join(", ")
-        }
-    );
-    if req.filesystem {
+        );
+    } else {
+        println!(
+            "  grants: {}",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    }
+    // The Python and JavaScript toolchains import WASI filesystem whatever
+    // the plugin does.
+    if req.filesystem && !req.ungranted_trap {
         println!("  note:   imports WASI filesystem; grant \"archive\" if it writes files");
     }
     Ok(())
@@ -398,6 +316,9 @@ fn list(config: &Path) -> anyhow::Result<()> {
     }
     for p in chain {
         print_status(&p, "");
+        if p.retired.iter().any(|(_, n)| *n > 0) {
+            println!("  instances retired: {}", counts(&p.retired));
+        }
         if let Some(dropped) = p.delivered_dropped {
             println!("  delivered reports dropped (queue full): {dropped}");
         }

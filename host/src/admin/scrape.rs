@@ -87,6 +87,17 @@ fn plugins(state: &State, page: &mut Page) {
         .iter()
         .map(|p| (p.name().to_string(), p.stats.export()))
         .collect();
+    let name = "postern_plugin_instances_retired_total";
+    page.family(
+        name,
+        "counter",
+        "Intact instances of each plugin retired, by reason (memory: past its high-water mark; uses: after retire_after_uses calls).",
+    );
+    for p in chain.plugins() {
+        for (reason, n) in p.stats.retirements() {
+            page.sample(name, &[("plugin", p.name()), ("reason", reason)], n);
+        }
+    }
     page.family(
         "postern_plugins",
         "gauge",
@@ -128,7 +139,7 @@ fn plugins(state: &State, page: &mut Page) {
         page,
         &all,
         "postern_plugin_errors_total",
-        "Failed hook calls of each plugin, per hook and kind (trap, timeout, memory, invalid, instantiate).",
+        "Failed hook calls of each plugin, per hook and kind (trap, timeout, memory, invalid, instantiate, not-granted).",
         "kind",
         kinds,
     );

@@ -22,9 +22,6 @@ use crate::plugins::ticker::{Busy, Ticker};
 use crate::plugins::{convert, TICK};
 use crate::policy::{Route, Routing, Verdict};
 
-/// An instance is retired after this many calls, so slow leaks in a guest
-/// cannot grow without end.
-const MAX_USES: u32 = 10_000;
 /// Warm instances kept idle per plugin; more are dropped when returned.
 const MAX_IDLE: usize = 32;
 /// Guest time `init` may take.
@@ -148,6 +145,10 @@ pub enum CallError {
     /// that does not fit the verdict, a bad route).
     #[error("invalid answer: {0}")]
     Invalid(String),
+    /// It called a host interface it was not granted (a Python or
+    /// JavaScript plugin, whose component imports them all).
+    #[error("{0}")]
+    NotGranted(crate::plugins::ungranted::NotGranted),
     /// No instance could be made (pool exhausted, `init` trapped).
     #[error("cannot instantiate: {0}")]
     Instantiate(String),
@@ -164,6 +165,7 @@ impl CallError {
             CallError::Timeout(_) => "timeout",
             CallError::Memory(_) => "memory",
             CallError::Invalid(_) => "invalid",
+            CallError::NotGranted(_) => "not-granted",
             CallError::Instantiate(_) | CallError::ConfigRefused(_) => "instantiate",
         }
     }
@@ -280,6 +282,26 @@ impl Deadline {
         Deadline {
             time,
             ticks: u64::try_from(whole).unwrap_or(u64::MAX).saturating_add(1),
+        }
+    }
+}
+
+/// Why a warm instance was retired while intact (an instance that failed a
+/// call is dropped too, and counted as that call's error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// Its memory passed the plugin's high-water mark.
+    Memory,
+    /// It served the plugin's `retire_after_uses` calls.
+    Uses,
+}
+
+impl Retired {
+    /// The word in counters and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Retired::Memory => "memory",
+            Retired::Uses => "uses",
         }
     }
 }
@@ -532,6 +554,8 @@ impl LoadedPlugin {
             CallError::Timeout(deadline)
         } else if s.limiter.hit {
             CallError::Memory(self.config.memory_mb)
+        } else if let Some(call) = e.downcast_ref::<crate::plugins::ungranted::NotGranted>() {
+            CallError::NotGranted(call.clone())
         } else {
             CallError::Trap(format!("{e:#}"))
         }
@@ -601,23 +625,53 @@ impl LoadedPlugin {
 
     /// Takes back an instance at the end of the transaction (or, per call,
     /// the call) it was lent to. A fresh-mode instance is dropped; a warm one
-    /// rejoins the pool unless it has served [`MAX_USES`] calls or its memory
-    /// passed the high-water mark.
+    /// rejoins the pool unless [`LoadedPlugin::retirement`] says otherwise.
     pub(crate) fn release(&self, instance: Instance) {
         if self.config.instances == Instances::Fresh {
             return;
         }
-        let s = instance.store.data();
-        // Past three quarters of the cap an instance is retired: its memory
-        // never shrinks, and the next call would likely hit the cap.
-        let high_water = s.limiter.peak > s.limiter.cap / 4 * 3;
-        if instance.uses >= MAX_USES || high_water {
+        if let Some(reason) = self.retirement(&instance) {
+            self.stats.retired(reason);
+            let s = instance.store.data();
+            let peak_kib = s.limiter.peak / 1024;
+            match reason {
+                Retired::Memory => tracing::info!(
+                    plugin = %self.config.name,
+                    uses = instance.uses,
+                    peak_kib,
+                    cap_mb = self.config.memory_mb,
+                    "plugin instance retired at its memory high-water mark"
+                ),
+                Retired::Uses => tracing::debug!(
+                    plugin = %self.config.name,
+                    uses = instance.uses,
+                    peak_kib,
+                    "plugin instance retired after its uses"
+                ),
+            }
             return;
         }
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < MAX_IDLE {
             pool.push(instance);
         }
+    }
+
+    /// Why a warm instance that served its call should not serve another:
+    /// its memory grew past `retire_at_memory_percent` of the cap (memory
+    /// never shrinks, and the next call could hit the cap and fail), or it
+    /// served `retire_after_uses` calls (0: no limit).
+    fn retirement(&self, instance: &Instance) -> Option<Retired> {
+        let limiter = &instance.store.data().limiter;
+        let percent = usize::from(self.config.retire_at_memory_percent);
+        if limiter.peak > limiter.cap / 100 * percent {
+            return Some(Retired::Memory);
+        }
+        let max_uses = self.config.retire_after_uses;
+        if max_uses > 0 && instance.uses >= max_uses {
+            return Some(Retired::Uses);
+        }
+        None
     }
 
     /// Calls one hook on the instance lent to this transaction (`held`),

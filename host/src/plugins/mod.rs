@@ -14,6 +14,8 @@
 //! - [`shadow`]: a new version run beside the live one, its answers counted.
 //! - [`stats`]: counters for `postern plugin list`.
 //! - [`ticker`]: the epoch ticker behind deadlines, parked while idle.
+//! - [`ungranted`]: interfaces a Python or JavaScript plugin imports but
+//!   was not granted, linked to functions that trap.
 
 pub mod bindings;
 pub mod check;
@@ -26,6 +28,7 @@ pub mod runtime;
 pub mod shadow;
 pub mod stats;
 pub mod ticker;
+pub mod ungranted;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;

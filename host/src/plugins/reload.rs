@@ -247,6 +247,9 @@ pub struct PluginStatus {
     /// because its queue was full (the queue is the chain's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered_dropped: Option<u64>,
+    /// Instances retired while intact, by reason (memory, uses).
+    #[serde(default)]
+    pub retired: Vec<(String, u64)>,
 }
 
 /// The current chain, as [`PluginStatus`] rows.
@@ -280,6 +283,12 @@ fn plugin_status(p: &LoadedPlugin) -> PluginStatus {
         world: p.world().to_string(),
         shadow: p.shadow.as_deref().map(|s| Box::new(plugin_status(s))),
         delivered_dropped: None,
+        retired: p
+            .stats
+            .retirements()
+            .into_iter()
+            .map(|(reason, n)| (reason.to_string(), n))
+            .collect(),
     }
 }
 

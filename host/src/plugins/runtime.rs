@@ -17,7 +17,7 @@ use crate::plugins::host::dns::Resolver;
 use crate::plugins::host::kv::KvStore;
 use crate::plugins::instance::{Archive, HostState, LoadedPlugin, Pre, Services};
 use crate::plugins::ticker::Ticker;
-use crate::plugins::{Chain, Error};
+use crate::plugins::{ungranted, Chain, Error};
 
 /// Most instances the pool holds, whatever the config says: each reserves
 /// address space for a memory slot.
@@ -173,6 +173,7 @@ impl Runtime {
             path: path.clone(),
             source,
         })?;
+        let marked = ungranted::traps_ungranted(&bytes);
         let (hash, component) = self
             .component(bytes, config.plugin_cache_dir())
             .await
@@ -180,11 +181,12 @@ impl Runtime {
                 plugin: p.name.clone(),
                 message,
             })?;
-        check_imports(&self.engine, &component, p)?;
-        let pre = link(&self.engine, &component, &p.grants).map_err(|message| Error::Link {
-            plugin: p.name.clone(),
-            message,
-        })?;
+        check_imports(&self.engine, &component, p, marked)?;
+        let pre =
+            link(&self.engine, &component, &p.grants, marked).map_err(|message| Error::Link {
+                plugin: p.name.clone(),
+                message,
+            })?;
         let archive = if !p.grants.contains(&Grant::Archive) {
             None
         } else if shadow {
@@ -324,8 +326,15 @@ fn grant_for(interface: &str) -> Option<Option<Grant>> {
 }
 
 /// Refuses a plugin that imports a host interface it was not granted, or
-/// anything the relay does not provide, naming the import.
-fn check_imports(engine: &Engine, component: &Component, p: &PluginConfig) -> Result<(), Error> {
+/// anything the relay does not provide, naming the import. A component
+/// `marked` by its SDK build (see [`ungranted`]) may import interfaces it
+/// was not granted: they are linked to functions that trap.
+fn check_imports(
+    engine: &Engine,
+    component: &Component,
+    p: &PluginConfig,
+    marked: bool,
+) -> Result<(), Error> {
     for (name, item) in component.component_type().imports(engine) {
         // World-level `use` shows up as type imports; only instances are
         // interfaces with functions in them.
@@ -339,7 +348,7 @@ fn check_imports(engine: &Engine, component: &Component, p: &PluginConfig) -> Re
             let interface = rest.split('@').next().unwrap_or(rest);
             match grant_for(interface) {
                 Some(None) => {}
-                Some(Some(g)) if p.grants.contains(&g) => {}
+                Some(Some(g)) if p.grants.contains(&g) || marked => {}
                 Some(Some(g)) => {
                     return Err(Error::NotGranted {
                         plugin: p.name.clone(),
@@ -381,8 +390,15 @@ fn world_version(engine: &Engine, component: &Component) -> &'static str {
 /// A linker with WASI (nothing ambient in it: the store's context decides) and
 /// the host interfaces granted, under the names of the world the component
 /// was built for. A 0.1.0 plugin gets the same host functions under 0.1.0
-/// names (see [`bindings`]).
-fn link(engine: &Engine, component: &Component, grants: &[Grant]) -> Result<Pre, String> {
+/// names (see [`bindings`]). For a `marked` component, the capability
+/// interfaces it imports but was not granted are linked to functions that
+/// trap (see [`ungranted`]).
+fn link(
+    engine: &Engine,
+    component: &Component,
+    grants: &[Grant],
+    marked: bool,
+) -> Result<Pre, String> {
     let version = world_version(engine, component);
     let mut linker: Linker<HostState> = Linker::new(engine);
     let e = |e: wasmtime::Error| format!("{e:#}");
@@ -410,6 +426,22 @@ fn link(engine: &Engine, component: &Component, grants: &[Grant]) -> Result<Pre,
             Grant::Archive | Grant::Recipients => {}
         }
     }
+    if marked {
+        for (name, item) in component.component_type().imports(engine) {
+            let wasmtime::component::types::ComponentItem::ComponentInstance(ty) = item.ty else {
+                continue;
+            };
+            let Some(rest) = name.strip_prefix("postern:relay/") else {
+                continue;
+            };
+            let interface = rest.split('@').next().unwrap_or(rest);
+            if let Some(Some(g)) = grant_for(interface) {
+                if !grants.contains(&g) {
+                    ungranted::link_trapping(&mut linker, engine, name, &ty, g).map_err(e)?;
+                }
+            }
+        }
+    }
     let pre = linker.instantiate_pre(component).map_err(e)?;
     match version {
         "0.1.0" => v0_1::PluginPre::new(pre).map(Pre::V0_1).map_err(e),
@@ -430,6 +462,10 @@ pub struct Requirements {
     pub filesystem: bool,
     /// The world it was built for, e.g. `postern:relay/plugin@0.2.0`.
     pub world: String,
+    /// Its SDK build marked it (see [`ungranted`]): it imports every
+    /// capability interface whatever it calls, so `grants` are those its
+    /// calls need, and the imports name none of them.
+    pub ungranted_trap: bool,
 }
 
 impl Runtime {
@@ -441,19 +477,26 @@ impl Runtime {
         bytes: Vec<u8>,
         cache: PathBuf,
     ) -> Result<Requirements, String> {
+        let marked = ungranted::traps_ungranted(&bytes);
         let (hash, component) = self.component(bytes, cache).await?;
-        Ok(requirements(&self.engine, &component, hash))
+        Ok(requirements(&self.engine, &component, hash, marked))
     }
 }
 
 /// What a compiled component imports.
-fn requirements(engine: &Engine, component: &Component, hash: String) -> Requirements {
+fn requirements(
+    engine: &Engine,
+    component: &Component,
+    hash: String,
+    ungranted_trap: bool,
+) -> Requirements {
     let mut req = Requirements {
         hash,
         imports: Vec::new(),
         grants: Vec::new(),
         filesystem: false,
         world: format!("postern:relay/plugin@{}", world_version(engine, component)),
+        ungranted_trap,
     };
     for (name, item) in component.component_type().imports(engine) {
         if !matches!(

@@ -25,7 +25,17 @@ pub const ANSWERS: [&str; 12] = [
 ];
 
 /// Error kinds counted per hook.
-pub const ERRORS: [&str; 5] = ["trap", "timeout", "memory", "invalid", "instantiate"];
+pub const ERRORS: [&str; 6] = [
+    "trap",
+    "timeout",
+    "memory",
+    "invalid",
+    "instantiate",
+    "not-granted",
+];
+
+/// Reasons an intact instance is retired ([`crate::plugins::instance::Retired`]).
+pub const RETIRED: [&str; 2] = ["memory", "uses"];
 
 /// Latency buckets: bucket `i` holds calls that took less than 2^i µs.
 const BUCKETS: usize = 28;
@@ -46,6 +56,8 @@ struct HookStats {
 #[derive(Default)]
 pub struct Stats {
     hooks: [HookStats; HookName::ALL.len()],
+    /// Instances retired, by reason (as [`RETIRED`]).
+    retired: [AtomicU64; RETIRED.len()],
 }
 
 impl std::fmt::Debug for Stats {
@@ -104,6 +116,22 @@ impl Stats {
         if let Some(i) = ERRORS.iter().position(|k| *k == kind) {
             self.hooks[hook.index()].errors[i].fetch_add(1, Relaxed);
         }
+    }
+
+    /// Records an instance retired while intact.
+    pub fn retired(&self, reason: crate::plugins::instance::Retired) {
+        if let Some(i) = RETIRED.iter().position(|k| *k == reason.as_str()) {
+            self.retired[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Instances retired so far, by reason, every reason listed.
+    pub fn retirements(&self) -> Vec<(&'static str, u64)> {
+        RETIRED
+            .iter()
+            .zip(&self.retired)
+            .map(|(n, c)| (*n, c.load(Relaxed)))
+            .collect()
     }
 
     /// Records whether the shadow answered a call as the live plugin did.
@@ -232,5 +260,9 @@ mod tests {
         assert_eq!(snap[0].p99_us, 1024);
         assert_eq!(snap[0].answers, vec![("reject".to_string(), 1)]);
         assert_eq!(snap[0].errors, vec![("timeout".to_string(), 1)]);
+        s.retired(crate::plugins::instance::Retired::Memory);
+        s.retired(crate::plugins::instance::Retired::Memory);
+        s.retired(crate::plugins::instance::Retired::Uses);
+        assert_eq!(s.retirements(), vec![("memory", 2), ("uses", 1)]);
     }
 }

@@ -10,6 +10,7 @@ mod dkim;
 mod examples;
 mod firstparty;
 mod kv;
+mod lang;
 mod once;
 mod ops;
 mod pinning;

@@ -1,5 +1,6 @@
 //! Test helpers: a DNS server, capture sinks, a Redis server, a relay started
-//! as a library or as the binary, minimal SMTP clients, and certificates.
+//! as a library or as the binary, minimal SMTP clients, certificates, and the
+//! Python and JavaScript example plugins built.
 
 #![allow(dead_code)]
 
@@ -7,6 +8,7 @@ pub mod dns;
 pub mod haproxy;
 pub mod http;
 pub mod inprocess;
+pub mod lang;
 pub mod redis;
 pub mod relay;
 pub mod sink;
