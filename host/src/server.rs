@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -148,6 +149,10 @@ struct ConnectionLimits {
     total: Arc<Semaphore>,
     per_client: Mutex<HashMap<IpAddr, usize>>,
     max_per_client: usize,
+    /// Clients the per-client limit does not hold back: `relay.networks`,
+    /// the relay's own (as Postfix exempts `mynetworks`), so one busy
+    /// application server may open as many sessions as `max_connections`.
+    exempt: Vec<IpNet>,
 }
 
 /// Held for the life of a connection; releases its slots on drop.
@@ -193,7 +198,7 @@ impl ConnectionLimits {
     ) -> Option<ConnectionSlot> {
         let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
-        if *n >= self.max_per_client {
+        if *n >= self.max_per_client && !self.exempt.iter().any(|net| net.contains(&ip)) {
             return None;
         }
         *n += 1;
@@ -265,6 +270,7 @@ impl Server {
             total: Arc::new(Semaphore::new(config.limits.max_connections)),
             per_client: Mutex::default(),
             max_per_client: config.limits.max_connections_per_client,
+            exempt: config.relay.networks.clone(),
         });
         Ok(Server {
             ctx,

@@ -195,7 +195,8 @@ impl MessageState {
 
     fn read(raw: &[u8], content: &Content, offset: u64, len: u32) -> Vec<u8> {
         let bytes: &[u8] = match content {
-            Content::Raw(r) => &raw[r.clone()],
+            // A range the parser's offsets gave; never trusted to be in bounds.
+            Content::Raw(r) => raw.get(r.clone()).unwrap_or_default(),
             Content::Decoded(v) => v,
         };
         let start = usize::try_from(offset)
@@ -203,6 +204,34 @@ impl MessageState {
             .min(bytes.len());
         let end = start.saturating_add(len as usize).min(bytes.len());
         bytes[start..end].to_vec()
+    }
+
+    /// Reads everything the message resource hands a plugin (the header
+    /// fields, the subject, the text bodies, every part in ranges of `chunk`
+    /// bytes) and returns how many bytes that came to. The fuzz targets in
+    /// `host/fuzz` drive it with arbitrary messages.
+    pub fn read_everything(&mut self, chunk: u32) -> u64 {
+        let mut total: u64 = self
+            .current_headers()
+            .iter()
+            .map(|h| (h.name.len() + h.value.len()) as u64)
+            .sum();
+        let chunk = chunk.max(1);
+        let (raw, mime) = self.parsed();
+        total += mime.subject.as_ref().map_or(0, |s| s.len() as u64);
+        total += mime.texts.iter().map(|t| t.len() as u64).sum::<u64>();
+        for part in &mime.parts {
+            let mut offset = 0u64;
+            loop {
+                let got = MessageState::read(raw, &part.content, offset, chunk);
+                if got.is_empty() {
+                    break;
+                }
+                offset += got.len() as u64;
+            }
+            total += offset;
+        }
+        total
     }
 
     /// Applies the edits to the transaction: recipients, quarantine, and the
