@@ -353,6 +353,11 @@ pub struct SmtpConfig {
     pub bare_newline: BareNewline,
     /// Name the authenticated user in the `Received:` header.
     pub received_auth_user: bool,
+    /// Clients in these networks (internal hosts, say) are left out of our
+    /// `Received:` header: no `from` clause with their name and address.
+    /// That header is written before the data hook, so no plugin could
+    /// remove it; this keeps internal addressing from leaving.
+    pub received_hide_networks: Vec<IpNet>,
 }
 
 /// `[delivery]`.
@@ -401,6 +406,9 @@ pub struct DeliveryConfig {
     pub delay_warning: HumanDuration,
     /// Smart-host pools by name (`pool:NAME` in a route).
     pub pools: BTreeMap<String, PoolConfig>,
+    /// Quarantined mail (held by a plugin at acceptance, never bounced) is
+    /// removed this long after it arrived, unless released before.
+    pub quarantine_retention: HumanDuration,
 }
 
 /// `[delivery.pools.NAME]`: smart hosts that share the mail routed to the
@@ -458,6 +466,7 @@ impl Default for DeliveryConfig {
             local_folder: PathBuf::from("local"),
             delay_warning: HumanDuration(Duration::from_secs(4 * 3600)),
             pools: BTreeMap::new(),
+            quarantine_retention: HumanDuration(Duration::from_secs(30 * 86400)),
         }
     }
 }
@@ -527,6 +536,11 @@ pub struct PluginsConfig {
     /// Plugins granted `archive` get `<archive_dir>/<plugin name>` as their
     /// `/archive` folder.
     pub archive_dir: PathBuf,
+    /// Archived files older than this are removed by the relay (none: kept
+    /// for ever). Read at start.
+    pub archive_retention: Option<HumanDuration>,
+    /// How often the relay looks for archived files past the retention.
+    pub archive_sweep: HumanDuration,
     /// The most memory any plugin instance may be given (`memory_mb` is capped
     /// by it); sizes the instance pool's slots at start.
     pub max_memory_mb: u64,
@@ -546,6 +560,8 @@ impl Default for PluginsConfig {
             dir: PathBuf::from("plugins"),
             cache_dir: None,
             archive_dir: PathBuf::from("archive"),
+            archive_retention: None,
+            archive_sweep: HumanDuration(Duration::from_secs(86400)),
             max_memory_mb: 256,
             watch: true,
             max_metadata_size: 64 * 1024,

@@ -167,6 +167,7 @@ fn serve(
         let delivery = Delivery::start(server.context(), server.local_addrs())
             .await
             .context("starting delivery")?;
+        postern::plugins::retention::start(&server.context().config);
         let admin = admin.serve(delivery.clone());
         let grace = server.context().config.limits.shutdown_grace.0;
         let control = tokio::spawn(async move {

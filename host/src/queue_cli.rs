@@ -20,7 +20,7 @@ pub struct SelectorArgs {
     /// Arrived at least this long ago (`30m`, `2d`).
     #[arg(long, value_parser = parse_duration)]
     older_than: Option<HumanDuration>,
-    /// queued, deferred or held.
+    /// queued, deferred, held or quarantine.
     #[arg(long)]
     state: Option<String>,
 }
@@ -88,7 +88,8 @@ pub enum QueueCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Release held (or quarantined) messages and try them now.
+    /// Release held or quarantined messages and try them now (a released
+    /// quarantined message's age for max_age starts again).
     Release {
         /// Queue id.
         id: Option<String>,
@@ -244,7 +245,12 @@ fn print_entry(e: &Entry) {
         e.id, e.age, e.size, e.state, e.attempts, next, sender
     );
     if let Some(reason) = &e.hold_reason {
-        println!("    held: {reason}");
+        let why = if e.state == "quarantine" {
+            "quarantined"
+        } else {
+            "held"
+        };
+        println!("    {why}: {reason}");
     }
     for r in &e.recipients {
         println!(

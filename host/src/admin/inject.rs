@@ -744,7 +744,7 @@ async fn submit(
         true,
         &id,
         &envelope,
-        ctx.config.smtp.received_auth_user,
+        &ctx.config.smtp,
     );
     let mut message = received.into_bytes();
     message.extend_from_slice(&req.message);

@@ -40,7 +40,7 @@ pub struct Selector {
     /// Only messages that arrived at least this many seconds ago.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub older_than: Option<u64>,
-    /// `queued`, `deferred` or `held`.
+    /// `queued`, `deferred`, `held` or `quarantine`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     /// Every message: what a command that changes the queue needs when no
@@ -50,7 +50,7 @@ pub struct Selector {
 }
 
 /// The states a message can be listed in.
-pub const STATES: [&str; 3] = ["queued", "deferred", "held"];
+pub const STATES: [&str; 4] = ["queued", "deferred", "held", "quarantine"];
 
 impl Selector {
     /// True when no field narrows the choice.
@@ -133,7 +133,8 @@ pub enum Action {
     Flush,
     /// Keep from delivery until released.
     Hold,
-    /// Undo hold (and a quarantine hold) and retry now.
+    /// Undo hold (and quarantine) and retry now; a quarantined message's
+    /// age for `max_age` starts again.
     Release,
     /// Remove without a bounce.
     Delete,
@@ -260,7 +261,8 @@ pub struct Entry {
     pub sender: String,
     /// Recipients with their state.
     pub recipients: Vec<RecipientEntry>,
-    /// `queued` (no attempt yet or due now), `deferred` or `held`.
+    /// `queued` (no attempt yet or due now), `deferred`, `held` (by the
+    /// operator) or `quarantine` (by a plugin at acceptance).
     pub state: String,
     /// Delivery passes so far.
     pub attempts: u32,
@@ -305,7 +307,9 @@ pub fn entry(queue_dir: &Path, id: &QueueId) -> Result<Entry, queue::Error> {
     let record = Record::of(&meta);
     let held = st.is_held(&meta);
     let now = unix_now();
-    let state = if held {
+    let state = if st.is_quarantined(&meta) {
+        "quarantine"
+    } else if held {
         "held"
     } else if st.attempts > 0 && st.next_attempt > now {
         "deferred"
@@ -341,10 +345,10 @@ pub fn entry(queue_dir: &Path, id: &QueueId) -> Result<Entry, queue::Error> {
         attempts: st.attempts,
         next_attempt: (!held && st.next_attempt > now).then_some(st.next_attempt),
         last_reply,
-        hold_reason: if st.held {
-            Some("postern queue hold".into())
-        } else if held {
+        hold_reason: if st.is_quarantined(&meta) {
             meta.hold.clone()
+        } else if st.held {
+            Some("postern queue hold".into())
         } else {
             None
         },
@@ -376,6 +380,9 @@ pub fn set_hold(queue_dir: &Path, id: &QueueId, hold: bool) -> Result<(), queue:
     let stored = queue::spool_load(&queue_dir.join(id.as_str()), id)?;
     let mut st = state::load(queue_dir, &stored.meta, id)
         .unwrap_or_else(|_| state::DeliveryState::new(&stored.meta));
+    if !hold && st.is_quarantined(&stored.meta) {
+        st.released_at = unix_now();
+    }
     st.held = hold;
     if !hold {
         st.released = true;

@@ -18,6 +18,8 @@
 //!   message as `queue/<id>.state`.
 //! - [`suspend`]: destinations the operator suspended.
 //! - [`bounce`]: RFC 3464 delivery status notifications.
+//! - [`quarantine`]: removes quarantined mail older than
+//!   `quarantine_retention` (it is never bounced).
 //! - [`control`]: `postern queue` commands, over the control socket of a running
 //!   relay or directly on the spool of a stopped one.
 
@@ -26,6 +28,7 @@ pub mod client;
 pub mod control;
 pub mod dns;
 pub mod pools;
+pub mod quarantine;
 pub mod route;
 pub mod scheduler;
 pub mod state;

@@ -345,6 +345,10 @@ impl Delivery {
             }
         });
         tokio::spawn(delivery.shared.clone().timer_loop());
+        tokio::spawn(super::quarantine::sweep(
+            delivery.clone(),
+            config.delivery.quarantine_retention.0,
+        ));
         Ok(delivery)
     }
 
@@ -676,7 +680,8 @@ impl Shared {
             Body::InMemory(body) => body,
             Body::OnDisk(stored) => Arc::new(off_runtime(move || stored.read_message()).await?),
         };
-        let expired = now.saturating_sub(meta.received) >= self.config.delivery.max_age.0.as_secs();
+        let expired =
+            now.saturating_sub(dstate.age_from(&meta)) >= self.config.delivery.max_age.0.as_secs();
         // One lease for the message: its recipients share the instances.
         let mut hooks = self.chain.current().lease();
         let headers = &body[..header_end(&body)];
@@ -1411,7 +1416,7 @@ impl Shared {
         let meta = a.meta.clone();
         let now = unix_now();
         a.state.attempts += 1;
-        let age = now.saturating_sub(meta.received);
+        let age = now.saturating_sub(a.state.age_from(&meta));
         let max_age = self.config.delivery.max_age.0.as_secs();
         for (i, r) in a.state.recipients.iter_mut().enumerate() {
             if r.is_open() && age >= max_age {

@@ -100,11 +100,20 @@ pub struct DeliveryState {
     /// no longer applies.
     #[serde(default)]
     pub released: bool,
+    /// When a quarantined message was released, seconds since the epoch (0:
+    /// never): its age for `max_age` counts from then, so mail released
+    /// after days in quarantine is delivered, not expired at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub released_at: u64,
     /// One per envelope recipient.
     pub recipients: Vec<RcptState>,
 }
 
 const STATE_VERSION: u32 = 1;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 impl DeliveryState {
     /// The state of a message that has had no attempt.
@@ -116,6 +125,7 @@ impl DeliveryState {
             last_attempt: 0,
             held: false,
             released: false,
+            released_at: 0,
             recipients: meta
                 .envelope
                 .recipients
@@ -128,6 +138,18 @@ impl DeliveryState {
     /// True while the message may not be delivered.
     pub fn is_held(&self, meta: &QueuedMeta) -> bool {
         self.held || (meta.hold.is_some() && !self.released)
+    }
+
+    /// True while a quarantine set at acceptance holds the message (an
+    /// operator's hold may be on it too).
+    pub fn is_quarantined(&self, meta: &QueuedMeta) -> bool {
+        meta.hold.is_some() && !self.released
+    }
+
+    /// When the message's time in the queue started for `max_age` and the
+    /// delay notice: its arrival, or its release from quarantine.
+    pub fn age_from(&self, meta: &QueuedMeta) -> u64 {
+        meta.received.max(self.released_at)
     }
 
     /// True when some recipient is still to be delivered or notified about.

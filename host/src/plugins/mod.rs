@@ -10,6 +10,7 @@
 //! - [`host`]: the host interfaces (log, kv, dns, message).
 //! - [`check`] and [`convert`]: what a plugin's answer must satisfy.
 //! - [`delivered`]: the queue of delivery reports for the `delivered` hook.
+//! - [`retention`]: removes archived files past `archive_retention`.
 //! - [`reload`]: hot reload on file changes and SIGHUP, and the control socket.
 //! - [`shadow`]: a new version run beside the live one, its answers counted.
 //! - [`stats`]: counters for `postern plugin list`.
@@ -24,6 +25,7 @@ pub mod delivered;
 pub mod host;
 pub mod instance;
 pub mod reload;
+pub mod retention;
 pub mod runtime;
 pub mod shadow;
 pub mod stats;

@@ -21,7 +21,7 @@ use crate::support::{eventually, plain};
 
 /// `[plugins]` for a relay started as the binary in `dir`, with these
 /// workspace plugins copied into `dir/plugins`.
-fn plugins_section(dir: &Path, names: &[&str]) -> String {
+pub(crate) fn plugins_section(dir: &Path, names: &[&str]) -> String {
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     for name in names {

@@ -3,6 +3,7 @@
 
 mod authn;
 mod cluster;
+mod compliance;
 mod core;
 mod crash;
 mod delivery;

@@ -654,12 +654,13 @@ async fn replaced_wasm_is_picked_up_by_the_watcher() -> anyhow::Result<()> {
 }
 
 /// The archive plugin writes each message into its granted folder (a WASI
-/// preopen), streaming it from the host a chunk at a time; the status the
-/// control socket serves counts its calls.
+/// preopen), in a folder of the day, streaming it from the host a chunk at
+/// a time, with its record beside it; the status the control socket serves
+/// counts its calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_writes_into_its_granted_folder() -> anyhow::Result<()> {
     let relay = Relay::start(
-        "[[plugin]]\nname = \"archive\"\npath = \"archive.wasm\"\ngrants = [\"archive\"]\ntimeouts = { data = 2000 }\n",
+        "[[plugin]]\nname = \"archive\"\npath = \"archive.wasm\"\ngrants = [\"archive\"]\ntimeouts = { data = 5000 }\n",
     )
     .await?;
     let (mut c, _) = relay.client().await?;
@@ -668,8 +669,15 @@ async fn archive_writes_into_its_granted_folder() -> anyhow::Result<()> {
     let body = format!("Message-ID: <m1@b.test>\n{MESSAGE}{}", line.repeat(2000));
     let r = c.send("a@b.test", &["c@local.test"], &body).await?;
     assert_eq!(r.code, 250, "{r:?}");
-    let file = relay.dir.path().join("archive/archive/m1@b.test.eml");
-    let archived = std::fs::read_to_string(&file)?;
+    let days = crate::compliance::files_below(&relay.dir.path().join("archive/archive"));
+    let file = days
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "eml"))
+        .expect("an .eml archived");
+    let archived = std::fs::read_to_string(file)?;
+    let record = std::fs::read_to_string(file.with_extension("json"))?;
+    assert!(record.contains("\"sender\":\"a@b.test\""), "{record}");
+    assert_eq!(days.len(), 3, "{days:?}");
     assert!(archived.starts_with("Received: "), "{}", &archived[..80]);
     assert!(archived.contains("Subject: hello\r\n"));
     assert!(archived.ends_with(&format!("{}\r\n", "x".repeat(99)).repeat(2000)));

@@ -198,7 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.esmtp,
             id,
             &envelope,
-            self.ctx.config.smtp.received_auth_user,
+            &self.ctx.config.smtp,
         );
         let results_header = authenticated.header.unwrap_or_default();
         let mut full = Vec::with_capacity(received.len() + results_header.len() + message.len());
@@ -322,7 +322,7 @@ pub(crate) fn received_header(
     esmtp: bool,
     id: &QueueId,
     envelope: &crate::envelope::Envelope,
-    name_auth_user: bool,
+    smtp: &crate::config::SmtpConfig,
 ) -> String {
     let helo = printable(info.helo.as_deref().unwrap_or("unknown"));
     let protocol = match (esmtp, info.tls.is_some(), info.auth_user.is_some()) {
@@ -337,17 +337,25 @@ pub(crate) fn received_header(
     } else {
         protocol.to_string()
     };
-    let mut h = format!(
-        "Received: from {helo} ([{}])\r\n\tby {hostname} (Postern) with {protocol} id {id}",
-        info.peer.ip()
-    );
+    let hidden = smtp
+        .received_hide_networks
+        .iter()
+        .any(|n| n.contains(&info.peer.ip()));
+    let mut h = if hidden {
+        format!("Received: by {hostname} (Postern) with {protocol} id {id}")
+    } else {
+        format!(
+            "Received: from {helo} ([{}])\r\n\tby {hostname} (Postern) with {protocol} id {id}",
+            info.peer.ip()
+        )
+    };
     if let Some(tls) = &info.tls {
         h.push_str(&format!(
             "\r\n\t(using {} with cipher {})",
             tls.version, tls.cipher
         ));
     }
-    if let (true, Some(user)) = (name_auth_user, &info.auth_user) {
+    if let (true, false, Some(user)) = (smtp.received_auth_user, hidden, &info.auth_user) {
         h.push_str(&format!("\r\n\t(authenticated as {})", printable(user)));
     }
     if let [only] = envelope.recipients.as_slice() {

@@ -47,6 +47,8 @@ pub fn wasm_dir() -> &'static Path {
                 "ratelimit",
                 "-p",
                 "access",
+                "-p",
+                "compliance",
             ])
             .env("CARGO_TARGET_DIR", target_dir())
             .status()
