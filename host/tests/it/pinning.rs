@@ -189,5 +189,8 @@ async fn a_pool_pins_its_hosts_certificates() {
     .unwrap();
     let got = pinned.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1);
-    assert!(got[0].tls, "the pinned pool host got the mail in clear text");
+    assert!(
+        got[0].tls,
+        "the pinned pool host got the mail in clear text"
+    );
 }
