@@ -22,6 +22,7 @@ use crate::plugins::{Chain, ChainHandle};
 use crate::proxy;
 use crate::queue::{Spool, Spooled};
 use crate::relay::AccessRules;
+use crate::smtp::certs::{self, CertWatcher, Certificates};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{Flow, Session};
 use crate::smtp::tls;
@@ -213,6 +214,8 @@ pub struct Server {
     sockets: Vec<(TcpSocket, Arc<Listener>)>,
     shutdown_tx: watch::Sender<bool>,
     limits: Arc<ConnectionLimits>,
+    /// The certificates of the listeners that do TLS.
+    certificates: Vec<certs::Listening>,
 }
 
 /// A relay whose listeners accept connections; [`Listening::run`] serves them.
@@ -221,6 +224,7 @@ pub struct Listening {
     listeners: Vec<(TcpListener, Arc<Listener>)>,
     shutdown_tx: watch::Sender<bool>,
     limits: Arc<ConnectionLimits>,
+    certificates: Vec<certs::Listening>,
 }
 
 impl Server {
@@ -232,22 +236,26 @@ impl Server {
         let ctx = Arc::new(Context::new(config, chain, shutdown)?);
         let config = &ctx.config;
         let mut sockets = Vec::new();
+        let mut certificates = Vec::new();
         for l in &config.listeners {
-            let acceptor = match (l.tls_mode(), &l.tls_cert, &l.tls_key) {
-                (TlsMode::None, _, _) => None,
-                (_, Some(cert), Some(key)) => Some(
-                    tls::acceptor_from(
-                        &config.resolve(cert),
-                        &config.resolve(key),
-                        l.tls_min_version,
-                    )
-                    .map_err(|source| Error::Tls {
-                        address: l.address,
-                        source: Box::new(source),
-                    })?,
-                ),
-                // The config check requires both files when TLS is on.
-                _ => None,
+            let tls_error = |source| Error::Tls {
+                address: l.address,
+                source: Box::new(source),
+            };
+            // The config check requires both files when TLS is on.
+            let pairs = certs::pairs(config, l);
+            let acceptor = if l.tls_mode() == TlsMode::None || pairs.is_empty() {
+                None
+            } else {
+                let store = Certificates::load(pairs).map_err(tls_error)?;
+                certificates.push((l.address, store.clone()));
+                let acceptor = tls::acceptor_with(store, l.tls_min_version).map_err(|e| {
+                    tls_error(tls::Error::Pem {
+                        path: l.tls_cert.clone().unwrap_or_default(),
+                        message: e.to_string(),
+                    })
+                })?;
+                Some(acceptor)
             };
             let socket = bind(l.address).map_err(|source| Error::Bind {
                 address: l.address,
@@ -271,6 +279,7 @@ impl Server {
             sockets,
             shutdown_tx,
             limits,
+            certificates,
         })
     }
 
@@ -307,6 +316,7 @@ impl Server {
             listeners,
             shutdown_tx: self.shutdown_tx,
             limits: self.limits,
+            certificates: self.certificates,
         })
     }
 }
@@ -314,7 +324,10 @@ impl Server {
 impl Listening {
     /// Accepts connections until `stop` resolves, then stops accepting, lets
     /// transactions in flight finish for up to `limits.shutdown_grace`, and returns.
+    /// Certificates are reloaded when their files change, and on SIGHUP.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let _certificates = (!self.certificates.is_empty())
+            .then(|| CertWatcher::start(self.certificates, self.ctx.config.path.clone()));
         let tracker = TaskTracker::new();
         for (socket, listener) in self.listeners {
             tracing::info!(address = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -2,6 +2,7 @@
 //! The real `postern` binary or the library over real TCP, with real clients.
 
 mod authn;
+mod certs;
 mod core;
 mod crash;
 mod delivery;
