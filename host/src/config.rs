@@ -390,6 +390,11 @@ pub struct DeliveryConfig {
     pub nameservers: Vec<String>,
     /// Port for MX delivery.
     pub mx_port: u16,
+    /// Apply the MTA-STS policies (RFC 8461) of recipient domains to MX
+    /// delivery.
+    pub mta_sts: bool,
+    /// Port the policies are fetched from (HTTPS).
+    pub mta_sts_port: u16,
     /// Retry intervals; the last repeats until `max_age`.
     pub retry: Vec<HumanDuration>,
     /// Give up and bounce after this long.
@@ -458,6 +463,8 @@ impl Default for DeliveryConfig {
             tls_min_version: TlsVersion::Tls12,
             nameservers: Vec::new(),
             mx_port: 25,
+            mta_sts: true,
+            mta_sts_port: 443,
             retry: ["1m", "5m", "15m", "30m", "1h", "2h", "4h"]
                 .iter()
                 .map(|s| s.parse().expect("valid default"))

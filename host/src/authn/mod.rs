@@ -13,12 +13,15 @@
 //!   `Authentication-Results:` header made from it.
 //! - [`header`]: header-section edits without I/O, such as removing forged
 //!   `Authentication-Results:` fields.
+//! - [`mta_sts`]: MTA-STS policies (RFC 8461) of the domains mail goes to,
+//!   fetched over HTTPS and cached, for MX delivery.
 //! - [`sign`]: outbound DKIM signing with the keys of `[dkim]`, read again
 //!   when their files change; [`keygen`] makes such keys.
 
 pub mod config;
 pub mod header;
 pub mod keygen;
+pub mod mta_sts;
 pub mod results;
 pub mod sign;
 pub mod spf;

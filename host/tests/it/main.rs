@@ -9,6 +9,7 @@ mod delivery;
 mod dkim;
 mod firstparty;
 mod kv;
+mod mta_sts;
 mod once;
 mod ops;
 mod pinning;
