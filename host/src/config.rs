@@ -1501,6 +1501,10 @@ mod tests {
             ("[[listener]]\naddress = \"nowhere\"\n", "address"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\ntls = \"starttls\"\n", "tls_cert"),
             (
+                "[[listener]]\naddress = \"127.0.0.1:25\"\n[authentication]\narc_seal = true\n",
+                "authentication.arc_seal",
+            ),
+            (
                 "[[listener]]\naddress = \"127.0.0.1:25\"\ntls_certificates = [{ cert = \"a.pem\", key = \"a.key\" }]\n",
                 "listener[0].tls_certificates",
             ),

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::metrics::{metrics, ConnOutcome, Direction};
 use crate::auth::Authenticator;
+use crate::authn::seal::Sealer;
 use crate::authn::{Signer, Verifier};
 use crate::config::{Config, ListenerConfig, TlsMode};
 use crate::delivery::dns::Dns;
@@ -85,6 +86,8 @@ pub struct Context {
     pub verifier: Verifier,
     /// DKIM signing of outbound mail (sessions and delivery's DSNs).
     pub signer: Arc<Signer>,
+    /// ARC sealing, when `[authentication.arc_sealer]` is set.
+    pub sealer: Option<Arc<Sealer>>,
 }
 
 impl Context {
@@ -106,6 +109,15 @@ impl Context {
             &config.authentication,
         );
         let signer = Arc::new(Signer::new(&config.dkim, |p| config.resolve(p))?);
+        let sealer = match &config.authentication.arc_sealer {
+            Some(a) => Some(Arc::new(Sealer::new(
+                a,
+                |p| config.resolve(p),
+                mail_auth::MessageAuthenticator(dns.resolver().clone()),
+                &config.hostname,
+            )?)),
+            None => None,
+        };
         Ok(Context {
             config,
             spool,
@@ -118,6 +130,7 @@ impl Context {
             dns,
             verifier,
             signer,
+            sealer,
         })
     }
 

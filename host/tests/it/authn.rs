@@ -701,3 +701,60 @@ async fn a_plugin_reads_the_results_and_rejects_a_dmarc_failure() -> anyhow::Res
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arc_sets_sealed_by_the_relay_validate_with_dkimpy() {
+    let keys = tempfile::tempdir().unwrap();
+    let ours = make_key(keys.path(), "seal", "rsa");
+    let theirs = make_key(keys.path(), "forwarder", "rsa");
+    let s = setup_with(
+        "arc_seal = true\ntrusted_arc_sealers = [\"forwarder.test\"]",
+        "",
+        &format!(
+            "[authentication.arc_sealer]\ndomain = \"relay.test\"\nselector = \"arc\"\nkey = \"{}\"\n",
+            keys.path().join("seal.pem").display()
+        ),
+    )
+    .await;
+    s.dns
+        .txt("arc._domainkey.relay.test", &key_record(&ours, "rsa"))
+        .txt("arc._domainkey.forwarder.test", &key_record(&theirs, "rsa"))
+        .txt("list.test", "v=spf1 ip4:127.0.0.2 -all");
+    // A first hop, and one after a forwarder that sealed already.
+    let forwarded = mailauth(
+        &[
+            "arc-sign",
+            "--key",
+            theirs.dkimpy.to_str().unwrap(),
+            "--domain",
+            "forwarder.test",
+            "--selector",
+            "arc",
+            "--authserv-id",
+            "forwarder.test",
+        ],
+        &message(
+            "a@list.test",
+            "second-hop",
+            "Authentication-Results: forwarder.test; spf=pass smtp.mailfrom=a@list.test\r\n",
+        ),
+    );
+    for m in [message("a@list.test", "first-hop", ""), forwarded] {
+        let (_, end) = send_from("127.0.0.2", s.relay.addr, "list.test", "x@list.test", m).await;
+        assert!(end.starts_with("250"), "{end}");
+    }
+    let got = s.sink.wait_for(2, Duration::from_secs(20)).await;
+    let port = s.dns.addr.port().to_string();
+    for (subject, instance) in [("first-hop", "i=1"), ("second-hop", "i=2")] {
+        let m = by_subject(&got, subject);
+        let h = headers(m);
+        assert!(h.contains(&format!("ARC-Seal: {instance};")), "{h}");
+        assert!(h.contains("d=relay.test"), "{h}");
+        assert!(h.contains("ARC-Authentication-Results: "), "{h}");
+        let out: serde_json::Value =
+            serde_json::from_slice(&mailauth(&["arc-verify", "--dns", &port], &m.data)).unwrap();
+        assert_eq!(out["cv"], "pass", "{subject}: {out}\n{h}");
+        let sets = if instance == "i=1" { 1 } else { 2 };
+        assert_eq!(out["sets"], sets, "{subject}: {out}");
+    }
+}
