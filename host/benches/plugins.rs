@@ -11,6 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
+use postern::authn::Results;
 use postern::config::Config;
 use postern::envelope::{Address, Envelope, MailParams, Recipient, SessionInfo};
 use postern::metadata::SharedMetadata;
@@ -60,11 +61,17 @@ async fn one_message(hooks: &mut Lease, f: &Fixture) {
     assert!(hooks.helo(&f.session, &scopes).await.lets_through());
     scopes.transaction = Some(SharedMetadata::new(limit));
     assert!(hooks
-        .mail_from(&f.session, &f.envelope, &scopes)
+        .mail_from(&f.session, &f.envelope, &Results::default(), &scopes)
         .await
         .lets_through());
     assert!(hooks
-        .rcpt(&f.session, &f.envelope, &f.rcpt, &scopes)
+        .rcpt(
+            &f.session,
+            &f.envelope,
+            &f.rcpt,
+            &Results::default(),
+            &scopes
+        )
         .await
         .lets_through());
     let mut envelope = f.envelope.clone();
@@ -139,12 +146,28 @@ fn main() -> anyhow::Result<()> {
             // One transaction per call: the lease ends after each, so a warm
             // instance goes back to the pool and a fresh one is dropped.
             for _ in 0..iterations / 10 {
-                hooks.rcpt(&f.session, &f.envelope, &f.rcpt, &scopes).await;
+                hooks
+                    .rcpt(
+                        &f.session,
+                        &f.envelope,
+                        &f.rcpt,
+                        &Results::default(),
+                        &scopes,
+                    )
+                    .await;
                 hooks.end();
             }
             let started = Instant::now();
             for _ in 0..iterations {
-                let v = hooks.rcpt(&f.session, &f.envelope, &f.rcpt, &scopes).await;
+                let v = hooks
+                    .rcpt(
+                        &f.session,
+                        &f.envelope,
+                        &f.rcpt,
+                        &Results::default(),
+                        &scopes,
+                    )
+                    .await;
                 assert!(v.lets_through());
                 hooks.end();
             }

@@ -188,6 +188,10 @@ pub struct ListenerConfig {
     /// PEM private key.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// More certificates, each given to clients that ask (SNI) for a name
+    /// it is valid for; `tls_cert` is for the others.
+    #[serde(default)]
+    pub tls_certificates: Vec<CertificateFiles>,
     /// Overrides of `[authentication]` for this listener.
     #[serde(default)]
     pub authentication: crate::authn::ListenerAuthentication,
@@ -205,6 +209,16 @@ pub struct ListenerConfig {
     /// Time allowed for the PROXY header to arrive.
     #[serde(default = "default_proxy_timeout")]
     pub proxy_timeout: HumanDuration,
+}
+
+/// One entry of `listener.tls_certificates`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 fn default_proxy_timeout() -> HumanDuration {
@@ -381,6 +395,11 @@ pub struct DeliveryConfig {
     pub nameservers: Vec<String>,
     /// Port for MX delivery.
     pub mx_port: u16,
+    /// Apply the MTA-STS policies (RFC 8461) of recipient domains to MX
+    /// delivery.
+    pub mta_sts: bool,
+    /// Port the policies are fetched from (HTTPS).
+    pub mta_sts_port: u16,
     /// Retry intervals; the last repeats until `max_age`.
     pub retry: Vec<HumanDuration>,
     /// Give up and bounce after this long.
@@ -452,6 +471,8 @@ impl Default for DeliveryConfig {
             tls_min_version: TlsVersion::Tls12,
             nameservers: Vec::new(),
             mx_port: 25,
+            mta_sts: true,
+            mta_sts_port: 443,
             retry: ["1m", "5m", "15m", "30m", "1h", "2h", "4h"]
                 .iter()
                 .map(|s| s.parse().expect("valid default"))
@@ -1108,6 +1129,12 @@ impl Config {
                     return Err(self.invalid(&key("tls_key"), "a private key is required for TLS"))
                 }
             }
+            if !l.tls_certificates.is_empty() && l.tls_cert.is_none() {
+                return Err(self.invalid(
+                    &key("tls_certificates"),
+                    "needs tls_cert and tls_key too: the certificate for clients that ask for no name, or for one no certificate has",
+                ));
+            }
             if l.proxy_protocol && l.trusted_proxies.is_empty() {
                 return Err(self.invalid(
                     &key("trusted_proxies"),
@@ -1426,10 +1453,18 @@ impl Config {
         if self.listeners.len() != new.listeners.len() {
             keys.push("listener".to_string());
         } else {
+            // Certificate files are taken up by the reload itself.
+            let files = |l: &ListenerConfig| ListenerConfig {
+                tls: Some(l.tls_mode()),
+                tls_cert: None,
+                tls_key: None,
+                tls_certificates: Vec::new(),
+                ..l.clone()
+            };
             for (i, (a, b)) in self.listeners.iter().zip(&new.listeners).enumerate() {
                 if a.address != b.address {
                     keys.push(format!("listener[{i}].address"));
-                } else if differ(a, b) {
+                } else if differ(&files(a), &files(b)) {
                     keys.push(format!("listener[{i}]"));
                 }
             }
@@ -1505,6 +1540,14 @@ mod tests {
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[limits]\nmax_message_size = \"big\"\n", "max_message_size"),
             ("[[listener]]\naddress = \"nowhere\"\n", "address"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\ntls = \"starttls\"\n", "tls_cert"),
+            (
+                "[[listener]]\naddress = \"127.0.0.1:25\"\n[authentication]\narc_seal = true\n",
+                "authentication.arc_seal",
+            ),
+            (
+                "[[listener]]\naddress = \"127.0.0.1:25\"\ntls_certificates = [{ cert = \"a.pem\", key = \"a.key\" }]\n",
+                "listener[0].tls_certificates",
+            ),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[relay]\nnetworks = [\"10.0.0.0/33\"]\n", "networks"),
             (
                 "[[listener]]\naddress = \"127.0.0.1:25\"\n[[user]]\nname = \"a\"\npassword_hash = \"secret\"\n",
@@ -1822,6 +1865,18 @@ mod tests {
             old.restart_needed(&moved),
             ["listener[0].address", "relay", "limits"]
         );
+        // Certificate files are reloaded; turning TLS on is not.
+        let tls = |files: &str| {
+            parse(&format!(
+                "[[listener]]\naddress = \"127.0.0.1:2525\"\ntls = \"starttls\"\n{files}"
+            ))
+        };
+        let one = tls("tls_cert = \"a.pem\"\ntls_key = \"a.key\"\n");
+        let two = tls("tls_cert = \"b.pem\"\ntls_key = \"b.key\"\n\
+                       tls_certificates = [{ cert = \"c.pem\", key = \"c.key\" }]\n");
+        assert!(one.restart_needed(&two).is_empty());
+        let plain = parse("[[listener]]\naddress = \"127.0.0.1:2525\"\n");
+        assert_eq!(plain.restart_needed(&one), ["listener[0]"]);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! - [`smtp`]: the inbound protocol. [`smtp::codec`] and [`smtp::command`] do no I/O
 //!   (line framing, DATA/BDAT receivers closed to smuggling, command parsing);
 //!   [`smtp::session`] runs the dialogue, one file per verb; [`smtp::reply`] is
-//!   every reply the relay sends.
+//!   every reply the relay sends; [`smtp::certs`] holds the listeners'
+//!   certificates, picked by SNI and reloaded when their files change.
 //! - [`relay`]: who may relay where (built-in access rules, run before any plugin).
 //! - [`auth`]: AUTH users and the failure throttle.
 //! - [`authn`]: message authentication (SPF, DKIM, DMARC, ARC), a different

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::metrics::{metrics, ConnOutcome, Direction};
 use crate::auth::Authenticator;
+use crate::authn::seal::Sealer;
 use crate::authn::{Signer, Verifier};
 use crate::config::{Config, ListenerConfig, TlsMode};
 use crate::delivery::dns::Dns;
@@ -23,6 +24,7 @@ use crate::plugins::{Chain, ChainHandle};
 use crate::proxy;
 use crate::queue::{Spool, Spooled};
 use crate::relay::AccessRules;
+use crate::smtp::certs::{self, CertWatcher, Certificates};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{Flow, Session};
 use crate::smtp::tls;
@@ -85,6 +87,8 @@ pub struct Context {
     pub verifier: Verifier,
     /// DKIM signing of outbound mail (sessions and delivery's DSNs).
     pub signer: Arc<Signer>,
+    /// ARC sealing, when `[authentication.arc_sealer]` is set.
+    pub sealer: Option<Arc<Sealer>>,
 }
 
 impl Context {
@@ -106,6 +110,15 @@ impl Context {
             &config.authentication,
         );
         let signer = Arc::new(Signer::new(&config.dkim, |p| config.resolve(p))?);
+        let sealer = match &config.authentication.arc_sealer {
+            Some(a) => Some(Arc::new(Sealer::new(
+                a,
+                |p| config.resolve(p),
+                mail_auth::MessageAuthenticator(dns.resolver().clone()),
+                &config.hostname,
+            )?)),
+            None => None,
+        };
         Ok(Context {
             config,
             spool,
@@ -118,6 +131,7 @@ impl Context {
             dns,
             verifier,
             signer,
+            sealer,
         })
     }
 
@@ -218,6 +232,8 @@ pub struct Server {
     sockets: Vec<(TcpSocket, Arc<Listener>)>,
     shutdown_tx: watch::Sender<bool>,
     limits: Arc<ConnectionLimits>,
+    /// The certificates of the listeners that do TLS.
+    certificates: Vec<certs::Listening>,
 }
 
 /// A relay whose listeners accept connections; [`Listening::run`] serves them.
@@ -226,6 +242,7 @@ pub struct Listening {
     listeners: Vec<(TcpListener, Arc<Listener>)>,
     shutdown_tx: watch::Sender<bool>,
     limits: Arc<ConnectionLimits>,
+    certificates: Vec<certs::Listening>,
 }
 
 impl Server {
@@ -237,22 +254,26 @@ impl Server {
         let ctx = Arc::new(Context::new(config, chain, shutdown)?);
         let config = &ctx.config;
         let mut sockets = Vec::new();
+        let mut certificates = Vec::new();
         for l in &config.listeners {
-            let acceptor = match (l.tls_mode(), &l.tls_cert, &l.tls_key) {
-                (TlsMode::None, _, _) => None,
-                (_, Some(cert), Some(key)) => Some(
-                    tls::acceptor_from(
-                        &config.resolve(cert),
-                        &config.resolve(key),
-                        l.tls_min_version,
-                    )
-                    .map_err(|source| Error::Tls {
-                        address: l.address,
-                        source: Box::new(source),
-                    })?,
-                ),
-                // The config check requires both files when TLS is on.
-                _ => None,
+            let tls_error = |source| Error::Tls {
+                address: l.address,
+                source: Box::new(source),
+            };
+            // The config check requires both files when TLS is on.
+            let pairs = certs::pairs(config, l);
+            let acceptor = if l.tls_mode() == TlsMode::None || pairs.is_empty() {
+                None
+            } else {
+                let store = Certificates::load(pairs).map_err(tls_error)?;
+                certificates.push((l.address, store.clone()));
+                let acceptor = tls::acceptor_with(store, l.tls_min_version).map_err(|e| {
+                    tls_error(tls::Error::Pem {
+                        path: l.tls_cert.clone().unwrap_or_default(),
+                        message: e.to_string(),
+                    })
+                })?;
+                Some(acceptor)
             };
             let socket = bind(l.address).map_err(|source| Error::Bind {
                 address: l.address,
@@ -277,6 +298,7 @@ impl Server {
             sockets,
             shutdown_tx,
             limits,
+            certificates,
         })
     }
 
@@ -313,6 +335,7 @@ impl Server {
             listeners,
             shutdown_tx: self.shutdown_tx,
             limits: self.limits,
+            certificates: self.certificates,
         })
     }
 }
@@ -320,7 +343,10 @@ impl Server {
 impl Listening {
     /// Accepts connections until `stop` resolves, then stops accepting, lets
     /// transactions in flight finish for up to `limits.shutdown_grace`, and returns.
+    /// Certificates are reloaded when their files change, and on SIGHUP.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let _certificates = (!self.certificates.is_empty())
+            .then(|| CertWatcher::start(self.certificates, self.ctx.config.path.clone()));
         let tracker = TaskTracker::new();
         for (socket, listener) in self.listeners {
             tracing::info!(address = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -73,6 +73,9 @@ pub mod bindings {
 }
 
 use bindings::postern::relay::context;
+pub use bindings::postern::relay::context::{
+    ArcCheck, AuthResult, Authentication, DkimCheck, DmarcCheck, DmarcPolicy, SpfCheck, SpfResult,
+};
 pub use bindings::postern::relay::message::{EditError, Message, Part};
 pub use bindings::postern::relay::types::{
     Address, BodyType, DeliveryOutcome, DeliveryReport, Envelope as EnvelopeInfo, Header, Hook,
@@ -86,8 +89,9 @@ pub mod record;
 pub mod prelude {
     pub use crate::metadata::{self, Scope};
     pub use crate::{
-        Address, Config, ConfigError, DeliveryOutcome, DeliveryReport, Envelope, Header, Headers,
-        Hook, Message, Plugin, Recipient, Reply, Route, Routing, Session, Verdict,
+        authentication, Address, AuthResult, Authentication, Config, ConfigError, DeliveryOutcome,
+        DeliveryReport, DmarcPolicy, Envelope, Header, Headers, Hook, Message, Plugin, Recipient,
+        Reply, Route, Routing, Session, SpfResult, Verdict,
     };
 }
 
@@ -226,6 +230,151 @@ pub fn find_session() -> Option<SessionInfo> {
 /// have), `route` and `delivered`; none before.
 pub fn queue_id() -> Option<String> {
     context::get_queue_id()
+}
+
+/// The transaction's authentication results, as the relay found them:
+/// during `mail_from` and `rcpt` SPF only, during `data` SPF, DKIM, DMARC
+/// and ARC. Other hooks have none: calling it there traps. Checks the
+/// relay's `[authentication]` switched off, or skipped for a client that
+/// may relay, are `None` (DKIM: an empty list).
+///
+/// ```no_run
+/// use postern_sdk::prelude::*;
+///
+/// struct StrictDmarc;
+///
+/// impl Plugin for StrictDmarc {
+///     fn init(_config: Config) -> Result<Self, ConfigError> {
+///         Ok(StrictDmarc)
+///     }
+///
+///     fn data(&self, _session: &Session, _envelope: &Envelope, _message: &Message) -> Verdict {
+///         match authentication().dmarc {
+///             Some(d) if d.result == AuthResult::Fail && d.policy != DmarcPolicy::None => {
+///                 Verdict::reject(550, "5.7.1", &format!("DMARC failed for {}", d.domain))
+///             }
+///             _ => Verdict::Continue,
+///         }
+///     }
+/// }
+/// ```
+pub fn authentication() -> Authentication {
+    context::get_authentication()
+}
+
+impl SpfResult {
+    /// The result's keyword in an `Authentication-Results:` header (RFC 8601),
+    /// e.g. "softfail".
+    ///
+    /// ```
+    /// assert_eq!(postern_sdk::SpfResult::TempError.as_str(), "temperror");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpfResult::Pass => "pass",
+            SpfResult::Fail => "fail",
+            SpfResult::SoftFail => "softfail",
+            SpfResult::Neutral => "neutral",
+            SpfResult::None => "none",
+            SpfResult::TempError => "temperror",
+            SpfResult::PermError => "permerror",
+        }
+    }
+}
+
+impl AuthResult {
+    /// The result's keyword in an `Authentication-Results:` header (RFC 8601),
+    /// e.g. "pass".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthResult::Pass => "pass",
+            AuthResult::Fail => "fail",
+            AuthResult::Neutral => "neutral",
+            AuthResult::None => "none",
+            AuthResult::TempError => "temperror",
+            AuthResult::PermError => "permerror",
+        }
+    }
+}
+
+impl DmarcPolicy {
+    /// The policy's keyword in a DMARC record (`p=`), e.g. "quarantine".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DmarcPolicy::None => "none",
+            DmarcPolicy::Quarantine => "quarantine",
+            DmarcPolicy::Reject => "reject",
+        }
+    }
+}
+
+impl Authentication {
+    /// The SPF result of the MAIL FROM domain, when it was checked.
+    ///
+    /// ```
+    /// # use postern_sdk::{Authentication, SpfCheck, SpfResult};
+    /// let mut a = Authentication { spf_helo: None, spf_mail_from: None, dkim: vec![], dmarc: None, arc: None };
+    /// assert_eq!(a.spf(), None);
+    /// a.spf_mail_from = Some(SpfCheck {
+    ///     result: SpfResult::SoftFail,
+    ///     identity: "a@example.org".into(),
+    ///     domain: "example.org".into(),
+    ///     reason: "matched ~all".into(),
+    /// });
+    /// assert_eq!(a.spf(), Some(SpfResult::SoftFail));
+    /// ```
+    pub fn spf(&self) -> Option<SpfResult> {
+        self.spf_mail_from.as_ref().map(|s| s.result)
+    }
+
+    /// True when DMARC was evaluated and failed, whatever the domain's
+    /// policy.
+    ///
+    /// ```
+    /// # use postern_sdk::{Authentication, AuthResult, DmarcCheck, DmarcPolicy};
+    /// let mut a = Authentication { spf_helo: None, spf_mail_from: None, dkim: vec![], dmarc: None, arc: None };
+    /// assert!(!a.dmarc_failed());
+    /// a.dmarc = Some(DmarcCheck {
+    ///     result: AuthResult::Fail,
+    ///     domain: "example.org".into(),
+    ///     policy: DmarcPolicy::Reject,
+    ///     disposition: DmarcPolicy::None,
+    ///     spf_aligned: false,
+    ///     dkim_aligned: false,
+    /// });
+    /// assert!(a.dmarc_failed());
+    /// ```
+    pub fn dmarc_failed(&self) -> bool {
+        self.dmarc
+            .as_ref()
+            .is_some_and(|d| d.result == AuthResult::Fail)
+    }
+
+    /// True when a DKIM signature of `domain` (compared case-insensitively)
+    /// verified.
+    ///
+    /// ```
+    /// # use postern_sdk::{Authentication, AuthResult, DkimCheck};
+    /// let a = Authentication {
+    ///     spf_helo: None,
+    ///     spf_mail_from: None,
+    ///     dkim: vec![DkimCheck {
+    ///         result: AuthResult::Pass,
+    ///         domain: "Example.org".into(),
+    ///         selector: "s1".into(),
+    ///         reason: None,
+    ///     }],
+    ///     dmarc: None,
+    ///     arc: None,
+    /// };
+    /// assert!(a.dkim_passed_for("example.org"));
+    /// assert!(!a.dkim_passed_for("example.net"));
+    /// ```
+    pub fn dkim_passed_for(&self, domain: &str) -> bool {
+        self.dkim
+            .iter()
+            .any(|d| d.result == AuthResult::Pass && d.domain.eq_ignore_ascii_case(domain))
+    }
 }
 
 impl Envelope {

@@ -40,6 +40,7 @@ use sha2::Digest as _;
 use super::metrics::{metrics, Result_, Source};
 use super::serve::ConnInfo;
 use super::State;
+use crate::authn::Results;
 use crate::delivery::state::unix_now;
 use crate::envelope::{Address, Body, Envelope, MailParams, Recipient, SessionInfo};
 use crate::metadata::SharedMetadata;
@@ -720,7 +721,12 @@ async fn submit(
     refused("connect", hooks.connect(&info, &scopes).await)?;
     refused("helo", hooks.helo(&info, &scopes).await)?;
     let mut envelope = Envelope::new(Address(sender), params);
-    refused("sender", hooks.mail_from(&info, &envelope, &scopes).await)?;
+    refused(
+        "sender",
+        hooks
+            .mail_from(&info, &envelope, &Results::default(), &scopes)
+            .await,
+    )?;
     for (i, r) in req.recipients.iter().enumerate() {
         let field = format!("recipients[{i}]");
         let address = ctx
@@ -728,7 +734,12 @@ async fn submit(
             .check_recipient(info.may_relay, &Address(r.clone()))
             .map_err(|reply| Refusal::reply(&field, reply))?;
         let rcpt = Recipient::new(address.0);
-        refused(&field, hooks.rcpt(&info, &envelope, &rcpt, &scopes).await)?;
+        refused(
+            &field,
+            hooks
+                .rcpt(&info, &envelope, &rcpt, &Results::default(), &scopes)
+                .await,
+        )?;
         if !envelope
             .recipients
             .iter()

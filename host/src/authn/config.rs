@@ -30,6 +30,23 @@ pub struct AuthenticationConfig {
     /// chain last sealed by one of them is not enforced (mailing lists and
     /// forwarders that break the original signatures).
     pub trusted_arc_sealers: Vec<String>,
+    /// Add an ARC set (RFC 8617) to the mail this relay receives, for the
+    /// hops after it; needs `arc_sealer`.
+    pub arc_seal: bool,
+    /// The domain, selector and key ARC sets are sealed with.
+    pub arc_sealer: Option<ArcSealerConfig>,
+}
+
+/// `[authentication.arc_sealer]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArcSealerConfig {
+    /// The sealing domain (`d=`).
+    pub domain: String,
+    /// The selector (`s=`): the key record is `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// PEM private key, RSA (2048 bits or more) or Ed25519.
+    pub key: PathBuf,
 }
 
 impl Default for AuthenticationConfig {
@@ -43,6 +60,8 @@ impl Default for AuthenticationConfig {
             reject_spf_fail: false,
             dmarc_enforce: false,
             trusted_arc_sealers: Vec::new(),
+            arc_seal: false,
+            arc_sealer: None,
         }
     }
 }
@@ -66,6 +85,8 @@ pub struct ListenerAuthentication {
     pub reject_spf_fail: Option<bool>,
     /// Overrides `authentication.dmarc_enforce`.
     pub dmarc_enforce: Option<bool>,
+    /// Overrides `authentication.arc_seal`.
+    pub arc_seal: Option<bool>,
 }
 
 /// The checks in force on one listener.
@@ -85,6 +106,8 @@ pub struct Checks {
     pub reject_spf_fail: bool,
     /// DMARC policies are applied.
     pub dmarc_enforce: bool,
+    /// Received mail gets an ARC set.
+    pub arc_seal: bool,
 }
 
 impl Checks {
@@ -105,6 +128,7 @@ impl AuthenticationConfig {
             verify_trusted: o.verify_trusted.unwrap_or(self.verify_trusted),
             reject_spf_fail: o.reject_spf_fail.unwrap_or(self.reject_spf_fail),
             dmarc_enforce: o.dmarc_enforce.unwrap_or(self.dmarc_enforce),
+            arc_seal: o.arc_seal.unwrap_or(self.arc_seal),
         }
     }
 
@@ -122,6 +146,12 @@ impl AuthenticationConfig {
             return Err((
                 format!("{prefix}.dmarc_enforce"),
                 "needs dmarc = true".into(),
+            ));
+        }
+        if checks.arc_seal && self.arc_sealer.is_none() {
+            return Err((
+                format!("{prefix}.arc_seal"),
+                "needs [authentication.arc_sealer] with domain, selector and key".into(),
             ));
         }
         for (i, d) in self.trusted_arc_sealers.iter().enumerate() {

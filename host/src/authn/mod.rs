@@ -13,20 +13,27 @@
 //!   `Authentication-Results:` header made from it.
 //! - [`header`]: header-section edits without I/O, such as removing forged
 //!   `Authentication-Results:` fields.
+//! - [`mta_sts`]: MTA-STS policies (RFC 8461) of the domains mail goes to,
+//!   fetched over HTTPS and cached, for MX delivery.
+//! - [`seal`]: ARC sets (RFC 8617) added to mail the relay passes on.
 //! - [`sign`]: outbound DKIM signing with the keys of `[dkim]`, read again
 //!   when their files change; [`keygen`] makes such keys.
 
 pub mod config;
 pub mod header;
 pub mod keygen;
+pub mod mta_sts;
 pub mod results;
+pub mod seal;
 pub mod sign;
 pub mod spf;
 pub mod verify;
 
 use std::path::PathBuf;
 
-pub use config::{AuthenticationConfig, Checks, DkimConfig, ListenerAuthentication};
+pub use config::{
+    ArcSealerConfig, AuthenticationConfig, Checks, DkimConfig, ListenerAuthentication,
+};
 pub use results::Results;
 pub use sign::Signer;
 pub use verify::Verifier;

@@ -135,19 +135,11 @@ impl Verifier {
         results: &Results,
         enforce: bool,
     ) -> results::Dmarc {
-        let (spf_domain, spf_result) = match &results.spf_mail_from {
-            Some(s) => (s.domain.as_str(), s.result),
-            None => ("", SpfResult::None),
-        };
-        let spf_output = SpfOutput::new(spf_domain.to_string()).with_result(match spf_result {
-            SpfResult::Pass => mail_auth::SpfResult::Pass,
-            SpfResult::Fail => mail_auth::SpfResult::Fail,
-            SpfResult::SoftFail => mail_auth::SpfResult::SoftFail,
-            SpfResult::Neutral => mail_auth::SpfResult::Neutral,
-            SpfResult::None => mail_auth::SpfResult::None,
-            SpfResult::TempError => mail_auth::SpfResult::TempError,
-            SpfResult::PermError => mail_auth::SpfResult::PermError,
-        });
+        let spf_domain = results
+            .spf_mail_from
+            .as_ref()
+            .map_or("", |s| s.domain.as_str());
+        let spf_output = spf_output(results.spf_mail_from.as_ref());
         let out = self
             .auth
             .verify_dmarc(
@@ -197,6 +189,24 @@ impl Verifier {
             dkim_aligned,
         }
     }
+}
+
+/// An SPF result of ours as mail-auth's, for DMARC alignment and ARC
+/// sealing; `None` (not checked) counts as SPF `none`.
+pub fn spf_output(spf: Option<&results::Spf>) -> SpfOutput {
+    let (domain, result) = match spf {
+        Some(s) => (s.domain.as_str(), s.result),
+        None => ("", SpfResult::None),
+    };
+    SpfOutput::new(domain.to_string()).with_result(match result {
+        SpfResult::Pass => mail_auth::SpfResult::Pass,
+        SpfResult::Fail => mail_auth::SpfResult::Fail,
+        SpfResult::SoftFail => mail_auth::SpfResult::SoftFail,
+        SpfResult::Neutral => mail_auth::SpfResult::Neutral,
+        SpfResult::None => mail_auth::SpfResult::None,
+        SpfResult::TempError => mail_auth::SpfResult::TempError,
+        SpfResult::PermError => mail_auth::SpfResult::PermError,
+    })
 }
 
 fn verdict(r: &DkimResult) -> (Verdict, Option<String>) {

@@ -121,6 +121,9 @@ pub struct Client {
     pub host: String,
     /// TLS version in use, e.g. "TLSv1.3".
     pub tls: Option<&'static str>,
+    /// The MTA-STS outcome of the connection, for the attempt's log record
+    /// (MX delivery only).
+    pub mta_sts: Option<String>,
     broken: bool,
 }
 
@@ -151,6 +154,7 @@ impl Client {
             peer: hop.addr,
             host: hop.host.to_string(),
             tls: None,
+            mta_sts: None,
             broken: false,
         };
         let verified = hop.pinned.clone().unwrap_or_else(|| tls.verified.clone());

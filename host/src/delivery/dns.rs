@@ -160,6 +160,36 @@ impl Dns {
     }
 }
 
+impl Dns {
+    /// The TXT records of `name`, each with its strings joined; none when
+    /// the name has none or does not exist. `Err` is a failed lookup.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, Error> {
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        match self.resolver.lookup(fqdn.as_str(), RecordType::TXT).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) => match classify(name, e) {
+                Lookup::NoData
+                | Lookup::Failed(Error::Dns {
+                    transient: false, ..
+                }) => Ok(Vec::new()),
+                Lookup::Failed(e) => Err(e),
+            },
+        }
+    }
+}
+
 enum Lookup {
     /// The name exists but has no records of the type asked.
     NoData,

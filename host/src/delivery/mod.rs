@@ -106,6 +106,10 @@ pub enum Error {
     /// Delivery could not start (resolver, CA file).
     #[error("delivery setup: {0}")]
     Setup(String),
+    /// The domain's MTA-STS policy (enforce) allows none of the hosts
+    /// that could be tried.
+    #[error("MTA-STS: {0}")]
+    MtaSts(String),
     /// A local-folder route could not be written.
     #[error("local folder {path}: {source}")]
     LocalFolder {
@@ -127,6 +131,7 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Io { .. }
             | Error::Tls(_)
+            | Error::MtaSts(_)
             | Error::Protocol(_)
             | Error::Spool(_)
             | Error::LocalFolder { .. } => true,
@@ -149,7 +154,7 @@ impl Error {
             Error::Connect { .. } => Reply::new(451, "4.4.1", text),
             Error::Timeout { .. } => Reply::new(451, "4.4.2", text),
             Error::Io { .. } => Reply::new(451, "4.4.2", text),
-            Error::Tls(_) => Reply::new(451, "4.7.5", text),
+            Error::Tls(_) | Error::MtaSts(_) => Reply::new(451, "4.7.5", text),
             Error::Protocol(_) => Reply::new(451, "4.5.0", text),
             Error::Spool(_) | Error::LocalFolder { .. } | Error::Setup(_) => {
                 Reply::new(451, "4.3.0", text)

@@ -30,6 +30,7 @@ use super::suspend::{Suspension, Suspensions};
 use super::tls::ClientTls;
 use super::Error;
 use crate::admin::metrics::{metrics, DeliveryOutcome, Direction, Label, Result_, Source};
+use crate::authn::mta_sts::{Mode, MtaSts};
 use crate::config::Config;
 use crate::envelope::Address;
 use crate::plugins::delivered::{self, Reporter};
@@ -66,6 +67,8 @@ struct Shared {
     chain: Arc<ChainHandle>,
     dns: Dns,
     tls: ClientTls,
+    /// MTA-STS policies, when `delivery.mta_sts` is on.
+    mta_sts: Option<MtaSts>,
     /// Signs the relay's own DSNs.
     signer: Arc<crate::authn::Signer>,
     timeouts: Timeouts,
@@ -287,7 +290,18 @@ struct Attempt<'a> {
     host: Option<&'a str>,
     addr: Option<SocketAddr>,
     tls: Option<&'static str>,
+    /// The MTA-STS outcome of an MX delivery.
+    mta_sts: Option<&'a str>,
     started: Instant,
+}
+
+/// How MTA-STS applies to one MX destination.
+struct StsUse {
+    /// Only the policy's hosts, over verified TLS.
+    enforce: bool,
+    policy: Arc<crate::authn::mta_sts::Policy>,
+    /// For the log: mode, source, and what testing mode would refuse.
+    outcome: String,
 }
 
 impl Delivery {
@@ -320,6 +334,9 @@ impl Delivery {
             spool: ctx.spool.clone(),
             queue_dir,
             chain: ctx.chain.clone(),
+            mta_sts: d
+                .mta_sts
+                .then(|| MtaSts::new(dns.clone(), tls.verified.clone(), d.mta_sts_port)),
             dns,
             tls,
             signer: ctx.signer.clone(),
@@ -721,6 +738,7 @@ impl Shared {
                 host: None,
                 addr: None,
                 tls: None,
+                mta_sts: None,
                 started: Instant::now(),
             };
             let sender = route.sender;
@@ -1086,9 +1104,9 @@ impl Shared {
                         .map(|&i| (i, Outcome::from_error(&e, remote.clone())))
                         .collect(),
                 };
-                break Ok((results, c.host.clone(), c.peer, c.tls));
+                break Ok((results, c.host.clone(), c.peer, c.tls, c.mta_sts.clone()));
             };
-            let (results, host, addr, tls) = match sent {
+            let (results, host, addr, tls, mta_sts) = match sent {
                 Ok(sent) => sent,
                 Err(e) => {
                     self.destination_failed(&key, &e, Some(job)).await;
@@ -1100,6 +1118,7 @@ impl Shared {
                 host: Some(&host),
                 addr: Some(addr),
                 tls,
+                mta_sts: mta_sts.as_deref(),
                 started,
             };
             self.complete_job(&job.id, results, &attempt).await;
@@ -1234,20 +1253,37 @@ impl Shared {
     /// returns the client and how many addresses are used up with it.
     async fn open(&self, target: &Target, skip: usize) -> Result<(Client, usize), Error> {
         let d = &self.config.delivery;
+        let mut mta_sts = None;
         let (hosts, port, tls_use, credentials) = match &target.via {
             Via::Mx(domain) => {
-                let hosts = self.dns.mx_hosts(domain).await?;
-                let tls = if target.require_tls {
+                let mut hosts: Vec<String> = self
+                    .dns
+                    .mx_hosts(domain)
+                    .await?
+                    .into_iter()
+                    .map(|h| h.name)
+                    .collect();
+                let mut tls = if target.require_tls {
                     TlsUse::Required
                 } else {
                     TlsUse::Opportunistic
                 };
-                (
-                    hosts.into_iter().map(|h| h.name).collect::<Vec<_>>(),
-                    d.mx_port,
-                    tls,
-                    None,
-                )
+                if let Some(sts) = self.mta_sts(domain).await {
+                    if sts.enforce {
+                        // Only the hosts the policy lists, over verified TLS:
+                        // never another host, never clear text.
+                        hosts.retain(|h| sts.policy.allows(h));
+                        if hosts.is_empty() {
+                            return Err(Error::MtaSts(format!(
+                                "no MX host of {domain} is in its policy ({})",
+                                sts.outcome
+                            )));
+                        }
+                        tls = TlsUse::Required;
+                    }
+                    mta_sts = Some(sts.outcome);
+                }
+                (hosts, d.mx_port, tls, None)
             }
             Via::Smarthost(sh) | Via::PoolHost { host: sh, .. } => {
                 let tls = if sh.implicit_tls {
@@ -1321,7 +1357,8 @@ impl Shared {
                             .await;
                 }
                 match connected {
-                    Ok(c) => {
+                    Ok(mut c) => {
+                        c.mta_sts = mta_sts;
                         metrics().outbound.inc(Result_::Ok);
                         if let Some(v) = c.tls {
                             metrics().tls_session(Direction::Outbound, v);
@@ -1344,6 +1381,47 @@ impl Shared {
                 message: "no address to connect to".into(),
                 transient: true,
             }),
+        }
+    }
+
+    /// The MTA-STS policy of an MX destination, and the words for the log:
+    /// its mode and where it came from, and in testing mode the hosts
+    /// enforce would refuse.
+    async fn mta_sts(&self, domain: &str) -> Option<StsUse> {
+        let sts = self.mta_sts.as_ref()?;
+        if domain.starts_with('[') {
+            return None;
+        }
+        let found = sts.policy(domain).await?;
+        let mode = found.policy.mode;
+        let outcome = format!("{} ({})", mode.as_str(), found.source);
+        match mode {
+            Mode::Enforce => Some(StsUse {
+                enforce: true,
+                policy: found.policy,
+                outcome,
+            }),
+            Mode::Testing => {
+                let hosts = self.dns.mx_hosts(domain).await.unwrap_or_default();
+                let refused: Vec<String> = hosts
+                    .into_iter()
+                    .filter(|h| !found.policy.allows(&h.name))
+                    .map(|h| h.name)
+                    .collect();
+                let outcome = if refused.is_empty() {
+                    outcome
+                } else {
+                    let refused = refused.join(" ");
+                    tracing::info!(domain, refused = %refused, "MTA-STS testing: MX hosts not in the policy, delivering anyway");
+                    format!("{outcome}; not in policy: {refused}")
+                };
+                Some(StsUse {
+                    enforce: false,
+                    policy: found.policy,
+                    outcome,
+                })
+            }
+            Mode::None => None,
         }
     }
 
@@ -1686,6 +1764,7 @@ fn attempt_for(key: &str) -> Attempt<'_> {
         host: None,
         addr: None,
         tls: None,
+        mta_sts: None,
         started: Instant::now(),
     }
 }
@@ -1755,6 +1834,7 @@ impl Shared {
             host = attempt.host.unwrap_or(""),
             addr = %attempt.addr.map(|a| a.to_string()).unwrap_or_default(),
             tls = attempt.tls.unwrap_or("none"),
+            mta_sts = attempt.mta_sts.unwrap_or("none"),
             reply = reply.trim_end(),
             delay_ms = attempt.started.elapsed().as_millis() as u64,
             attempt = r.attempts,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 
+use postern::authn::Results;
 use postern::config::{Config, Grant, HookName};
 use postern::envelope::{Address, Envelope, MailParams, Recipient, SessionInfo};
 use postern::metadata::SharedMetadata;
@@ -225,14 +226,18 @@ async fn replay(lease: &mut Lease, t: &Transaction, limit: usize) -> Answers {
         record.envelope.sender.clone(),
         record.envelope.params.clone(),
     );
-    let v = lease.mail_from(&session, &envelope, &scopes).await;
+    let v = lease
+        .mail_from(&session, &envelope, &Results::default(), &scopes)
+        .await;
     note(HookName::MailFrom, v.to_string());
     if !v.lets_through() {
         lease.end();
         return done(calls, Default::default());
     }
     for rcpt in &record.envelope.recipients {
-        let v = lease.rcpt(&session, &envelope, rcpt, &scopes).await;
+        let v = lease
+            .rcpt(&session, &envelope, rcpt, &Results::default(), &scopes)
+            .await;
         note(HookName::Rcpt, format!("<{}> {v}", rcpt.address));
         if v.lets_through() {
             envelope.recipients.push(rcpt.clone());

@@ -2,7 +2,9 @@
 
 use std::net::IpAddr;
 
+use crate::authn::results::{self as authn, Policy, SpfResult, Verdict as AuthVerdict};
 use crate::envelope::{self, Body, Envelope, SessionInfo};
+use crate::plugins::bindings::context as ctx;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::check;
 use crate::policy::{Route, Routing, Verdict};
@@ -70,6 +72,71 @@ pub fn envelope(e: &Envelope) -> wit::Envelope {
             envid: e.params.envid.clone(),
         },
         recipients: e.recipients.iter().map(|r| address(&r.address)).collect(),
+    }
+}
+
+/// The authentication results.
+pub fn authentication(r: &authn::Results) -> ctx::Authentication {
+    let spf = |s: &authn::Spf| ctx::SpfCheck {
+        result: match s.result {
+            SpfResult::Pass => ctx::SpfResult::Pass,
+            SpfResult::Fail => ctx::SpfResult::Fail,
+            SpfResult::SoftFail => ctx::SpfResult::SoftFail,
+            SpfResult::Neutral => ctx::SpfResult::Neutral,
+            SpfResult::None => ctx::SpfResult::None,
+            SpfResult::TempError => ctx::SpfResult::TempError,
+            SpfResult::PermError => ctx::SpfResult::PermError,
+        },
+        identity: s.identity.clone(),
+        domain: s.domain.clone(),
+        reason: s.reason.clone(),
+    };
+    ctx::Authentication {
+        spf_helo: r.spf_helo.as_ref().map(spf),
+        spf_mail_from: r.spf_mail_from.as_ref().map(spf),
+        dkim: r
+            .dkim
+            .iter()
+            .map(|d| ctx::DkimCheck {
+                result: auth_result(d.result),
+                domain: d.domain.clone(),
+                selector: d.selector.clone(),
+                reason: d.reason.clone(),
+            })
+            .collect(),
+        dmarc: r.dmarc.as_ref().map(|d| ctx::DmarcCheck {
+            result: auth_result(d.result),
+            domain: d.domain.clone(),
+            policy: dmarc_policy(d.policy),
+            disposition: dmarc_policy(d.disposition),
+            spf_aligned: d.spf_aligned,
+            dkim_aligned: d.dkim_aligned,
+        }),
+        arc: r.arc.as_ref().map(|a| ctx::ArcCheck {
+            result: auth_result(a.result),
+            sets: a.sets,
+            sealer: a.sealer.clone(),
+            trusted: a.trusted,
+        }),
+    }
+}
+
+fn auth_result(v: AuthVerdict) -> ctx::AuthResult {
+    match v {
+        AuthVerdict::Pass => ctx::AuthResult::Pass,
+        AuthVerdict::Fail => ctx::AuthResult::Fail,
+        AuthVerdict::Neutral => ctx::AuthResult::Neutral,
+        AuthVerdict::None => ctx::AuthResult::None,
+        AuthVerdict::TempError => ctx::AuthResult::TempError,
+        AuthVerdict::PermError => ctx::AuthResult::PermError,
+    }
+}
+
+fn dmarc_policy(p: Policy) -> ctx::DmarcPolicy {
+    match p {
+        Policy::None => ctx::DmarcPolicy::None,
+        Policy::Quarantine => ctx::DmarcPolicy::Quarantine,
+        Policy::Reject => ctx::DmarcPolicy::Reject,
     }
 }
 

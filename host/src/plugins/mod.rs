@@ -37,6 +37,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::authn::Results;
 use crate::config::{HookName, OnError};
 use crate::envelope::{Envelope, Recipient, SessionInfo};
 use crate::metadata::{Access, SharedMetadata};
@@ -313,26 +314,28 @@ impl Lease {
         verdict
     }
 
-    /// mail-from hook.
+    /// mail-from hook; `authn` holds the SPF results.
     pub async fn mail_from(
         &mut self,
         session: &SessionInfo,
         envelope: &Envelope,
+        authn: &Results,
         scopes: &Scopes,
     ) -> Verdict {
         if !self.chain.handles(HookName::MailFrom) {
             return Verdict::Continue;
         }
-        let context = Arc::new(transaction_context(session, envelope, scopes));
+        let context = Arc::new(transaction_context(session, envelope, authn, scopes));
         self.verdict(Call::new(context, Args::MailFrom)).await
     }
 
-    /// rcpt hook.
+    /// rcpt hook; `authn` holds the SPF results.
     pub async fn rcpt(
         &mut self,
         session: &SessionInfo,
         envelope: &Envelope,
         rcpt: &Recipient,
+        authn: &Results,
         scopes: &Scopes,
     ) -> Verdict {
         if !self.chain.handles(HookName::Rcpt) {
@@ -340,7 +343,7 @@ impl Lease {
         }
         let context = Arc::new(HookContext {
             recipient: Some(convert::address(&rcpt.address)),
-            ..transaction_context(session, envelope, scopes)
+            ..transaction_context(session, envelope, authn, scopes)
         });
         self.verdict(Call::new(context, Args::Rcpt)).await
     }
@@ -361,7 +364,7 @@ impl Lease {
         }
         let context = Arc::new(HookContext {
             queue_id: Some(queue_id.to_string()),
-            ..transaction_context(session, &tx.envelope, scopes)
+            ..transaction_context(session, &tx.envelope, &tx.authentication, scopes)
         });
         let raw = Arc::new(std::mem::take(&mut tx.message));
         let state = Arc::new(Mutex::new(MessageState::new(
@@ -494,11 +497,18 @@ impl Scopes {
     }
 }
 
-/// The context of a transaction's hooks: its session, envelope and metadata.
-fn transaction_context(session: &SessionInfo, envelope: &Envelope, scopes: &Scopes) -> HookContext {
+/// The context of a transaction's hooks: its session, envelope,
+/// authentication results and metadata.
+fn transaction_context(
+    session: &SessionInfo,
+    envelope: &Envelope,
+    authn: &Results,
+    scopes: &Scopes,
+) -> HookContext {
     HookContext {
         session: Some(convert::session(session)),
         envelope: Some(convert::envelope(envelope)),
+        authentication: Some(convert::authentication(authn)),
         ..scopes.context()
     }
 }

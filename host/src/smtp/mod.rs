@@ -1,5 +1,6 @@
 //! The inbound SMTP protocol.
 
+pub mod certs;
 pub mod codec;
 pub mod command;
 pub mod reply;

@@ -1,15 +1,17 @@
-//! Inbound TLS: a rustls server config from the listener's PEM files.
+//! Inbound TLS: rustls server configs, with one certificate or with a
+//! listener's [`Certificates`](crate::smtp::certs::Certificates).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsVersion;
 use crate::envelope::TlsInfo;
+use crate::smtp::certs::{load_pair, Pair};
 
 /// Errors loading a certificate or key; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -40,36 +42,44 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Error> {
     acceptor_from(cert, key, TlsVersion::Tls12)
 }
 
-/// Builds an acceptor that allows `min` and newer versions.
+/// Builds an acceptor with one certificate that allows `min` and newer
+/// versions.
 pub fn acceptor_from(cert: &Path, key: &Path, min: TlsVersion) -> Result<TlsAcceptor, Error> {
-    let pem_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e: rustls_pki_types::pem::Error| Error::Pem {
-            path,
-            message: e.to_string(),
-        }
+    let pair = Pair {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
     };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(pem_err(cert))?
-        .collect::<Result<_, _>>()
-        .map_err(pem_err(cert))?;
-    if certs.is_empty() {
-        return Err(Error::Pem {
-            path: cert.into(),
-            message: "no certificate found".into(),
-        });
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(pem_err(key))?;
+    let certified = Arc::new(load_pair(&pair)?);
+    acceptor_with(Arc::new(SingleCert(certified)), min).map_err(|source| Error::Config {
+        cert: pair.cert,
+        key: pair.key,
+        source,
+    })
+}
+
+/// Builds an acceptor whose certificate `resolver` picks per handshake (a
+/// listener's [`Certificates`](crate::smtp::certs::Certificates)), allowing
+/// `min` and newer versions.
+pub fn acceptor_with(
+    resolver: Arc<dyn ResolvesServerCert>,
+    min: TlsVersion,
+) -> Result<TlsAcceptor, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(min.versions())
-        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key_der))
-        .map_err(|source| Error::Config {
-            cert: cert.into(),
-            key: key.into(),
-            source,
-        })?;
+        .with_protocol_versions(min.versions())?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// One certificate for every handshake.
+#[derive(Debug)]
+struct SingleCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for SingleCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
 }
 
 /// Version and cipher of an established server-side connection.

@@ -2,6 +2,10 @@
 //! (mail signed by dkimpy), DMARC with Public Suffix List alignment, ARC
 //! with trusted sealers, and the one `Authentication-Results:` header.
 
+#[allow(dead_code, clippy::duplicate_mod)]
+#[path = "support/plugins.rs"]
+mod kit;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -641,4 +645,116 @@ async fn an_arc_chain_from_a_trusted_sealer_vouches_for_a_dmarc_failure() {
         "{h}"
     );
     assert!(h.contains("\tdmarc=fail header.from=example.co.uk"), "{h}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_reads_the_results_and_rejects_a_dmarc_failure() -> anyhow::Result<()> {
+    use kit::queue_id;
+    let dns = DnsServer::start().await;
+    dns.txt("b.test", "v=spf1 ip4:127.0.0.1 -all")
+        .txt("_dmarc.b.test", "v=DMARC1; p=none")
+        .txt("client.test", "v=spf1 ~all")
+        .txt("other.test", "v=spf1 ip4:127.0.0.1 -all")
+        .txt("_dmarc.victim.test", "v=DMARC1; p=reject");
+    // dmarc_enforce is off: a refusal can only come from the plugin.
+    let chain = format!(
+        "[delivery]\nnameservers = [\"{}\"]\n\
+         [[plugin]]\nname = \"kit\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n\
+         [plugin.config]\nshow_authentication = true\nreject_dmarc_fail = true\n",
+        dns.addr
+    );
+    // An outsider, so the relay checks it.
+    let relay = kit::Relay::start_with(&chain, false).await?;
+
+    let (mut c, _) = relay.client().await?;
+    let r = c
+        .send(
+            "a@b.test",
+            &["c@local.test"],
+            "From: a@b.test\nTo: c@local.test\nSubject: aligned\n\nhi\n",
+        )
+        .await?;
+    assert_eq!(r.code, 250, "{r:?}");
+    let (_, spooled) = relay.spooled(&queue_id(&r).expect("queue id"))?;
+    assert!(
+        spooled.contains(
+            "X-Testkit-Authentication: mail-from-spf=pass; spf=pass:b.test; \
+             helo=softfail:client.test; dmarc=pass:b.test:p=none:disposition=none; \
+             arc=none:sets=0:trusted=false\r\n"
+        ),
+        "{spooled}"
+    );
+
+    let (mut c, _) = relay.client().await?;
+    let r = c
+        .send(
+            "x@other.test",
+            &["c@local.test"],
+            "From: a@victim.test\nTo: c@local.test\nSubject: spoofed\n\nhi\n",
+        )
+        .await?;
+    assert_eq!(r.code, 550, "{r:?}");
+    assert!(
+        r.text
+            .contains("5.7.1 testkit refuses a DMARC failure of victim.test (p=reject)"),
+        "{r:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arc_sets_sealed_by_the_relay_validate_with_dkimpy() {
+    let keys = tempfile::tempdir().unwrap();
+    let ours = make_key(keys.path(), "seal", "rsa");
+    let theirs = make_key(keys.path(), "forwarder", "rsa");
+    let s = setup_with(
+        "arc_seal = true\ntrusted_arc_sealers = [\"forwarder.test\"]",
+        "",
+        &format!(
+            "[authentication.arc_sealer]\ndomain = \"relay.test\"\nselector = \"arc\"\nkey = \"{}\"\n",
+            keys.path().join("seal.pem").display()
+        ),
+    )
+    .await;
+    s.dns
+        .txt("arc._domainkey.relay.test", &key_record(&ours, "rsa"))
+        .txt("arc._domainkey.forwarder.test", &key_record(&theirs, "rsa"))
+        .txt("list.test", "v=spf1 ip4:127.0.0.2 -all");
+    // A first hop, and one after a forwarder that sealed already.
+    let forwarded = mailauth(
+        &[
+            "arc-sign",
+            "--key",
+            theirs.dkimpy.to_str().unwrap(),
+            "--domain",
+            "forwarder.test",
+            "--selector",
+            "arc",
+            "--authserv-id",
+            "forwarder.test",
+        ],
+        &message(
+            "a@list.test",
+            "second-hop",
+            "Authentication-Results: forwarder.test; spf=pass smtp.mailfrom=a@list.test\r\n",
+        ),
+    );
+    for m in [message("a@list.test", "first-hop", ""), forwarded] {
+        let (_, end) = send_from("127.0.0.2", s.relay.addr, "list.test", "x@list.test", m).await;
+        assert!(end.starts_with("250"), "{end}");
+    }
+    let got = s.sink.wait_for(2, Duration::from_secs(20)).await;
+    let port = s.dns.addr.port().to_string();
+    for (subject, instance) in [("first-hop", "i=1"), ("second-hop", "i=2")] {
+        let m = by_subject(&got, subject);
+        let h = headers(m);
+        assert!(h.contains(&format!("ARC-Seal: {instance};")), "{h}");
+        assert!(h.contains("d=relay.test"), "{h}");
+        assert!(h.contains("ARC-Authentication-Results: "), "{h}");
+        let out: serde_json::Value =
+            serde_json::from_slice(&mailauth(&["arc-verify", "--dns", &port], &m.data)).unwrap();
+        assert_eq!(out["cv"], "pass", "{subject}: {out}\n{h}");
+        let sets = if instance == "i=1" { 1 } else { 2 };
+        assert_eq!(out["sets"], sets, "{subject}: {out}");
+    }
 }

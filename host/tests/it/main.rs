@@ -2,6 +2,7 @@
 //! The real `postern` binary or the library over real TCP, with real clients.
 
 mod authn;
+mod certs;
 mod cluster;
 mod compliance;
 mod core;
@@ -12,6 +13,7 @@ mod examples;
 mod firstparty;
 mod kv;
 mod lang;
+mod mta_sts;
 mod once;
 mod ops;
 mod pinning;

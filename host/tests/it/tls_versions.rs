@@ -1,9 +1,8 @@
 //! TLS hygiene inbound: TLS 1.2 at least, 1.3 only when the listener asks,
 //! checked with Python's ssl module as the client.
 
-use std::process::Command;
-
 use crate::support::inprocess::Relay;
+use crate::support::run_python;
 use crate::support::tls::make_cert;
 
 /// STARTTLS from Python with TLS at most `max` ("TLSv1_2", "TLSv1_3"):
@@ -23,16 +22,9 @@ try:
 except (ssl.SSLError, smtplib.SMTPServerDisconnected, ConnectionError):
     print("refused")
 "#;
-    let out = Command::new("python3")
-        .args(["-c", script, &port.to_string(), max])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    run_python(script, &[&port.to_string(), max])
+        .trim()
+        .to_string()
 }
 
 async fn relay(dir: &std::path::Path, min: Option<&str>) -> Relay {

@@ -21,6 +21,10 @@
 //! trace_helo = true                              # helo appends NAME/plain or NAME/tls to session metadata "helo_seen"
 //! helo_refuse = "bad.example"                    # helo answers 550 5.7.1 to that name only
 //! record_delivered = true                        # delivered appends a line per report to /archive/delivered.log
+//! show_authentication = true                     # mail_from keeps the SPF result it read in transaction metadata
+//!                                                # "spf_at_mail_from"; data adds X-Testkit-Authentication with
+//!                                                # that and every result the data hook reads
+//! reject_dmarc_fail = true                       # data answers 550 5.7.1 to a message that failed DMARC
 //! ```
 //!
 //! It keeps counters in its memory only to show how the relay lends
@@ -118,6 +122,10 @@ struct Testkit {
     helo_refuse: Option<String>,
     #[serde(default)]
     record_delivered: bool,
+    #[serde(default)]
+    show_authentication: bool,
+    #[serde(default)]
+    reject_dmarc_fail: bool,
     /// Hooks this instance has run since its last mail-from; shows whether
     /// one instance served a whole transaction and nothing else meanwhile.
     #[serde(skip)]
@@ -237,6 +245,47 @@ impl Testkit {
     }
 }
 
+/// Every authentication result the data hook reads, and the SPF result the
+/// mail-from hook read, on one line.
+fn show_authentication() -> String {
+    let a = authentication();
+    let mut out = format!(
+        "mail-from-spf={}",
+        metadata::get(Scope::Transaction, "spf_at_mail_from").unwrap_or_default()
+    );
+    for (name, spf) in [("spf", &a.spf_mail_from), ("helo", &a.spf_helo)] {
+        if let Some(s) = spf {
+            out.push_str(&format!("; {name}={}:{}", s.result.as_str(), s.domain));
+        }
+    }
+    for d in &a.dkim {
+        out.push_str(&format!(
+            "; dkim={}:{}:{}",
+            d.result.as_str(),
+            d.domain,
+            d.selector
+        ));
+    }
+    if let Some(d) = &a.dmarc {
+        out.push_str(&format!(
+            "; dmarc={}:{}:p={}:disposition={}",
+            d.result.as_str(),
+            d.domain,
+            d.policy.as_str(),
+            d.disposition.as_str()
+        ));
+    }
+    if let Some(c) = &a.arc {
+        out.push_str(&format!(
+            "; arc={}:sets={}:trusted={}",
+            c.result.as_str(),
+            c.sets,
+            c.trusted
+        ));
+    }
+    out
+}
+
 /// What the message API shows of the message: subject, part count, first
 /// text body, and each attachment's name, type, size and content (read three
 /// bytes at a time, as a plugin streams a large attachment).
@@ -309,6 +358,13 @@ impl Plugin for Testkit {
             return v;
         }
         self.set_metadata("mail_from");
+        if self.show_authentication {
+            let spf = authentication()
+                .spf()
+                .map(SpfResult::as_str)
+                .unwrap_or("unchecked");
+            let _ = metadata::set(Scope::Transaction, "spf_at_mail_from", spf);
+        }
         self.verdict("mail_from")
     }
 
@@ -326,6 +382,26 @@ impl Plugin for Testkit {
     fn data(&self, session: &Session, envelope: &Envelope, message: &Message) -> Verdict {
         if let Some(v) = self.enter("data") {
             return v;
+        }
+        if self.show_authentication
+            && message
+                .add_header("X-Testkit-Authentication", &show_authentication())
+                .is_err()
+        {
+            return Verdict::reject(554, "5.6.0", "header edit refused");
+        }
+        if self.reject_dmarc_fail {
+            if let Some(d) = authentication()
+                .dmarc
+                .filter(|d| d.result == AuthResult::Fail)
+            {
+                let text = format!(
+                    "testkit refuses a DMARC failure of {} (p={})",
+                    d.domain,
+                    d.policy.as_str()
+                );
+                return Verdict::reject(550, "5.7.1", &text);
+            }
         }
         let refused = self.set_metadata("data");
         if !refused.is_empty()

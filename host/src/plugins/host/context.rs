@@ -1,10 +1,11 @@
 //! `postern:relay/context`: what the running hook is about. The relay
-//! converts the session, envelope, recipient and headers once per hook for
+//! converts the session, envelope, recipient, headers and authentication
+//! results once per hook for
 //! the whole chain; a plugin gets a copy in its memory only when it asks,
 //! so a hook that does not look at them costs no guest allocations.
 
 use crate::metadata::Access;
-use crate::plugins::bindings::context::Host;
+use crate::plugins::bindings::context::{self, Host};
 use crate::plugins::bindings::types as wit;
 use crate::plugins::instance::HostState;
 
@@ -21,6 +22,8 @@ pub struct HookContext {
     pub recipient: Option<wit::Address>,
     /// The header section, during route.
     pub headers: Option<String>,
+    /// The authentication results, during mail-from, rcpt and data.
+    pub authentication: Option<context::Authentication>,
     /// The queue id, from data on.
     pub queue_id: Option<String>,
     /// The session's metadata; none at route and delivered.
@@ -101,5 +104,13 @@ impl Host for HostState {
     fn get_pools(&mut self) -> wasmtime::Result<Vec<String>> {
         self.host_call_done();
         Ok(self.services.pools.clone())
+    }
+
+    fn get_authentication(&mut self) -> wasmtime::Result<context::Authentication> {
+        self.host_call_done();
+        present(
+            self.hook_context().and_then(|c| c.authentication.as_ref()),
+            "authentication results",
+        )
     }
 }

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::Session;
 use crate::authn::header::strip_authentication_results;
 use crate::authn::results::{Policy, SpfResult};
+use crate::authn::seal::{Client, Sealer};
 use crate::authn::{Checks, Results, Signer};
 use crate::envelope::Address;
 use crate::smtp::codec::fold_long_lines;
@@ -101,6 +102,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         done
+    }
+}
+
+/// What sealing a message of this session needs: the sealer and the
+/// client's address and HELO name.
+pub(super) struct Sealing {
+    sealer: Arc<Sealer>,
+    ip: std::net::IpAddr,
+    helo: String,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// `Some` when this listener seals (`arc_seal`) and a sealer is set.
+    pub(super) fn sealing(&self) -> Option<Sealing> {
+        let sealer = self.ctx.sealer.clone()?;
+        let checks = self
+            .ctx
+            .config
+            .authentication
+            .checks(&self.listener.config.authentication);
+        checks.arc_seal.then(|| Sealing {
+            sealer,
+            ip: self.info.peer.ip(),
+            helo: self.info.helo.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// The message with an ARC set first. A message that cannot be sealed (its
+/// chain already failed, no header section) goes on as it is.
+pub(super) async fn arc_seal(
+    sealing: Sealing,
+    message: Vec<u8>,
+    results: &Results,
+    sender: &Address,
+) -> Vec<u8> {
+    let client = Client {
+        ip: sealing.ip,
+        helo: &sealing.helo,
+        sender: sender.as_str(),
+    };
+    match sealing.sealer.seal(&message, results, client).await {
+        Ok(set) => {
+            let mut sealed = set.into_bytes();
+            sealed.extend_from_slice(&message);
+            sealed
+        }
+        Err(e) => {
+            tracing::info!(peer = %sealing.ip, error = %e, "message not ARC-sealed");
+            message
+        }
     }
 }
 

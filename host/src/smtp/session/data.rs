@@ -7,7 +7,7 @@ use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::authn::sign_outbound;
+use super::authn::{arc_seal, sign_outbound};
 use super::ehlo::printable;
 use super::{Flow, Session};
 use crate::admin::metrics::{metrics, Label, Source, TxOutcome};
@@ -241,7 +241,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return (self.reply(reply), TxOutcome::Dropped);
         }
         let signer = self.ctx.signer.clone();
-        let message = Arc::new(sign_outbound(signer, self.info.may_relay, tx.message).await);
+        let message = sign_outbound(signer, self.info.may_relay, tx.message).await;
+        let message = match self.sealing() {
+            Some(sealing) => {
+                arc_seal(sealing, message, &tx.authentication, &tx.envelope.sender).await
+            }
+            None => message,
+        };
+        let message = Arc::new(message);
         let size = message.len();
         match self
             .ctx

@@ -43,7 +43,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.hooks.take_verdicts();
         let verdict = self
             .hooks
-            .mail_from(&self.info, &envelope, &self.metadata)
+            .mail_from(&self.info, &envelope, &authn, &self.metadata)
             .await;
         if let Some(flow) = self.refused(verdict) {
             // No transaction began: the instances go back.

@@ -46,7 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let verdict = self
             .hooks
-            .rcpt(&self.info, tx, &recipient, &self.metadata)
+            .rcpt(&self.info, tx, &recipient, &self.authn, &self.metadata)
             .await;
         if let Some(flow) = self.refused(verdict) {
             return flow;

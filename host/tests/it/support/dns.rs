@@ -34,6 +34,8 @@ struct Zone {
     names: HashMap<String, Vec<Answer>>,
     /// Queries received, by lowercase name.
     asked: HashMap<String, usize>,
+    /// TTLs other than the default 60 s, by lowercase name.
+    ttls: HashMap<String, u32>,
 }
 
 /// A running server.
@@ -86,6 +88,17 @@ impl DnsServer {
             domain,
             Answer::Mx(hosts.iter().map(|(p, h)| (*p, h.to_string())).collect()),
         )
+    }
+
+    /// Answers for `name` carry this TTL (60 s otherwise); 0 keeps
+    /// resolvers from caching them, for a test that changes them.
+    pub fn ttl(&self, name: &str, seconds: u32) -> &Self {
+        self.zone
+            .lock()
+            .unwrap()
+            .ttls
+            .insert(name.trim_end_matches('.').to_ascii_lowercase(), seconds);
+        self
     }
 
     /// Forgets every answer of `name` (it is NXDOMAIN again).
@@ -150,6 +163,7 @@ fn answer(zone: &mut Zone, query: &Message) -> Message {
     resp.add_query(q.clone());
     let name = q.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
     *zone.asked.entry(name.clone()).or_default() += 1;
+    let ttl = zone.ttls.get(&name).copied().unwrap_or(60);
     let Some(answers) = zone.names.get(&name) else {
         resp.metadata.response_code = ResponseCode::NXDomain;
         return resp;
@@ -169,7 +183,7 @@ fn answer(zone: &mut Zone, query: &Message) -> Message {
                     };
                     resp.add_answer(Record::from_rdata(
                         q.name.clone(),
-                        60,
+                        ttl,
                         RData::MX(MX::new(*pref, exchange)),
                     ));
                 }
@@ -178,7 +192,7 @@ fn answer(zone: &mut Zone, query: &Message) -> Message {
                 let parts: Vec<&[u8]> = strings.iter().map(Vec::as_slice).collect();
                 resp.add_answer(Record::from_rdata(
                     q.name.clone(),
-                    60,
+                    ttl,
                     RData::TXT(TXT::from_bytes(parts)),
                 ));
             }
@@ -189,7 +203,7 @@ fn answer(zone: &mut Zone, query: &Message) -> Message {
                         (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
                         _ => continue,
                     };
-                    resp.add_answer(Record::from_rdata(q.name.clone(), 60, rdata));
+                    resp.add_answer(Record::from_rdata(q.name.clone(), ttl, rdata));
                 }
             }
             _ => {}

@@ -31,6 +31,22 @@ pub async fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
+/// Runs a Python script given as text with `args`; its standard output.
+/// A failure fails the test with the script's standard error.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A log without its colours.
 pub fn plain(log: &str) -> String {
     let mut out = String::with_capacity(log.len());

@@ -346,22 +346,8 @@ fn path_of(line: &str) -> String {
 /// A CA and a server certificate for `names` signed by it, written as PEM
 /// files in `dir`; returns the acceptor and the CA file (to trust as `tls_ca`).
 pub fn tls_acceptor(dir: &std::path::Path, names: &[&str]) -> (TlsAcceptor, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let ca_path = dir.join("test-ca.pem");
-    let cert_path = dir.join("sink-cert.pem");
-    let key_path = dir.join("sink-key.pem");
-    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let acceptor = postern::smtp::tls::acceptor(&cert_path, &key_path).unwrap();
-    (acceptor, ca_path)
+    let ca = super::tls::TestCa::new(dir);
+    let cert = ca.issue(dir, "sink", names);
+    let acceptor = postern::smtp::tls::acceptor(&cert.cert, &cert.key).unwrap();
+    (acceptor, ca.path)
 }
