@@ -6,8 +6,8 @@
 # Targets: command, data, bdat, config, spool_record, mime (default: all).
 # The corpus grows in target/fuzz-corpus/TARGET; a crash is written to
 # host/fuzz/artifacts/TARGET/ and stops the run. Found inputs, once fixed,
-# go to host/fuzz/regressions/TARGET/, which `cargo test` replays
-# (host/tests/it/fuzz_regressions.rs).
+# are kept in host/fuzz/regressions/TARGET/ and given to every later run of
+# that target as seeds, so a fix that comes undone is found again at once.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds=${1:-60}
