@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::support::relay::{base_config, free_port, Relay, NO_DELIVERY};
 use crate::support::smtp::{queue_id, send_message, Raw};
 use crate::support::tls::make_cert;
+use crate::support::{is_root, mount_tmpfs, Unmount};
 
 fn fixture(path: &str) -> String {
     format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"))
@@ -520,35 +521,11 @@ fn config_errors_name_the_key_and_config_goes_anywhere() {
     );
 }
 
-/// Runs `mount`/`umount`; the disk-full test needs root for a small tmpfs.
-fn mount_tmpfs(at: &Path, size: &str) -> bool {
-    std::fs::create_dir_all(at).unwrap();
-    Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(at)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn disk_full_gives_452_and_no_false_250() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let spool = dir.path().join("spool");
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !is_root {
+    if !is_root() {
         eprintln!(
             "disk_full_gives_452_and_no_false_250 needs root to mount a small tmpfs; not run"
         );

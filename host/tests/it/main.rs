@@ -8,6 +8,7 @@ mod crash;
 mod delivery;
 mod dkim;
 mod examples;
+mod faults;
 mod firstparty;
 mod kv;
 mod lang;
