@@ -243,7 +243,7 @@ fn swaks_pipelining_and_starttls() {
 
 /// Byte sequences that some servers read as an end of data. None of them may
 /// end a message here.
-const SMUGGLING: &[(&str, &[u8])] = &[
+pub(crate) const SMUGGLING: &[(&str, &[u8])] = &[
     ("lf-dot-lf", b"\n.\n"),
     ("cr-dot-cr", b"\r.\r"),
     ("lf-dot-crlf", b"\n.\r\n"),
@@ -254,7 +254,7 @@ const SMUGGLING: &[(&str, &[u8])] = &[
     ("crlf-dot-nul-crlf", b"\r\n.\0\r\n"),
 ];
 
-fn smuggled_message(seq: &[u8]) -> Vec<u8> {
+pub(crate) fn smuggled_message(seq: &[u8]) -> Vec<u8> {
     let mut m =
         b"From: a@client.test\r\nTo: b@other.test\r\nSubject: first\r\n\r\nfirst part".to_vec();
     m.extend_from_slice(seq);
