@@ -294,7 +294,7 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Concurrent connections from one client address.
     pub max_connections_per_client: usize,
-    /// Idle time allowed between commands.
+    /// Time allowed for each command line, the wait before it included.
     pub command_timeout: HumanDuration,
     /// Time allowed between two reads of message data.
     pub data_timeout: HumanDuration,

@@ -238,3 +238,94 @@ fn over_long_input_is_refused_and_the_relay_serves_on() {
     assert_eq!(spooled.len(), 4, "only the four small messages are queued");
     assert!(!relay.log().contains("panicked"), "{}", relay.log());
 }
+
+/// A connection from `from` (a loopback address) to the relay.
+fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    // Binding before connecting takes tokio's socket; the stream is then
+    // handed over as a blocking std one.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::from((from, 0)))?;
+        tokio::time::timeout(Duration::from_secs(5), socket.connect(to))
+            .await
+            .map_err(std::io::Error::other)??
+            .into_std()
+    })?;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(stream)
+}
+
+/// A flood of connections and slow clients (a byte every few hundred
+/// milliseconds) from one address: the per-client limit turns the excess
+/// away with 421, a client too slow for `command_timeout` is closed, and a
+/// client from another address is served throughout.
+#[test]
+fn floods_and_slow_clients_do_not_starve_another_client() {
+    let port = free_port();
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let config = config_with(
+        port,
+        crate::support::relay::NO_DELIVERY,
+        "[limits]\nmax_connections_per_client = 5\ncommand_timeout = \"1s\"\n",
+    );
+    let relay = Relay::start_in(dir, port, &config);
+    let addr = relay.addr();
+
+    // Slow clients take the attacker's five slots, a byte every 300 ms.
+    let slow: Vec<_> = (0..5)
+        .map(|_| {
+            let stream = connect_from([127, 0, 0, 1], addr).unwrap();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut stream = stream;
+                let mut banner = [0u8; 64];
+                let _ = stream.read(&mut banner);
+                let started = std::time::Instant::now();
+                for b in b"EHLO slow.test\r\n".iter().cycle() {
+                    if stream.write_all(&[*b]).is_err() || started.elapsed() > WAIT {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                started.elapsed()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The flood: 50 more connections from the same address, all turned away.
+    let mut refused = 0;
+    for _ in 0..50 {
+        let mut s = connect_from([127, 0, 0, 1], addr).unwrap();
+        let mut reply = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut reply);
+        if reply.starts_with("421 4.7.0") {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 50, "the per-client limit did not hold");
+
+    // Another address is served meanwhile.
+    let mut other = Raw::connect_stream(connect_from([127, 0, 0, 2], addr).unwrap());
+    assert!(other.cmd("EHLO other.test").starts_with("250"));
+    assert!(other.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+    assert!(other.cmd("RCPT TO:<b@other.test>").starts_with("250"));
+    assert!(other.cmd("DATA").starts_with("354"));
+    other.send(b"Subject: served\r\n\r\nduring the flood\r\n.\r\n");
+    queue_id(&other.reply());
+
+    // The slow clients never complete a line in time: each is closed at the
+    // command timeout (the relay answers, then the next write fails).
+    for s in slow {
+        let took = s.join().unwrap();
+        assert!(
+            took < Duration::from_secs(10),
+            "a slow client was held {took:?}"
+        );
+    }
+    assert_eq!(relay.spooled().len(), 1);
+}
