@@ -382,3 +382,85 @@ fn a_full_spool_disk_refuses_with_452_keeps_the_queue_and_recovers() {
     queued.insert(id, body.clone());
     check_queue(&queued);
 }
+
+// The in-process relay with a plugin chain, included as `kv.rs` does.
+#[allow(dead_code, clippy::duplicate_mod)]
+#[path = "support/plugins.rs"]
+mod plugin_relay;
+
+/// Sends one message to the local domain; returns its queue id.
+async fn send_local(relay: &plugin_relay::Relay) -> String {
+    let (mut c, _) = relay.client().await.unwrap();
+    let r = c
+        .send("a@b.test", &["c@local.test"], plugin_relay::MESSAGE)
+        .await
+        .unwrap();
+    assert_eq!(r.code, 250, "{r:?}");
+    plugin_relay::queue_id(&r).unwrap()
+}
+
+/// Redis goes down and comes back while four clients send through a plugin
+/// counting every hook in the kv store: every message is still taken and
+/// queued, and counting resumes once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_and_back_under_load_loses_no_message() {
+    use std::sync::atomic::AtomicUsize;
+    let mut redis = crate::support::redis::RedisServer::start();
+    let relay = Arc::new(
+        plugin_relay::Relay::start(&crate::kv::chain(&redis.url(), "it", ""))
+            .await
+            .unwrap(),
+    );
+    const CLIENTS: usize = 4;
+    const EACH: usize = 15;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let (relay, sent) = (relay.clone(), sent.clone());
+        clients.spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..EACH {
+                ids.push(send_local(&relay).await);
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+            ids
+        });
+    }
+    let reached = |n: usize| {
+        let sent = sent.clone();
+        async move {
+            eventually(WAIT, || (sent.load(Ordering::SeqCst) >= n).then_some(()))
+                .await
+                .expect("clients stalled")
+        }
+    };
+    reached(10).await;
+    redis.stop();
+    let down_at = sent.load(Ordering::SeqCst);
+    reached(down_at + 12).await;
+    redis.restart();
+    let mut ids = Vec::new();
+    while let Some(r) = clients.join_next().await {
+        ids.extend(r.unwrap());
+    }
+    assert_eq!(ids.len(), CLIENTS * EACH);
+    for id in &ids {
+        relay
+            .spooled(id)
+            .unwrap_or_else(|e| panic!("{id} acknowledged but not queued: {e}"));
+    }
+    // Counting resumes: the counter is written again after the restart.
+    redis.run(&["DEL", "it:kit:rcpt"]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while redis.get("it:kit:rcpt").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counting did not resume"
+        );
+        send_local(&relay).await;
+    }
+    eprintln!(
+        "{} messages queued, Redis down after {down_at} of them",
+        ids.len()
+    );
+}
