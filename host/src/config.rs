@@ -308,7 +308,7 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Concurrent connections from one client address.
     pub max_connections_per_client: usize,
-    /// Idle time allowed between commands.
+    /// Time allowed for each command line, the wait before it included.
     pub command_timeout: HumanDuration,
     /// Time allowed between two reads of message data.
     pub data_timeout: HumanDuration,
@@ -416,8 +416,8 @@ pub struct DeliveryConfig {
     pub max_active: usize,
     /// Where failed mail from the null sender goes (absent: logged and dropped).
     pub postmaster: Option<String>,
-    /// Time allowed to open a TCP connection to a next hop.
-    pub connect_timeout: HumanDuration,
+    /// How long to wait on a next hop at each stage of a delivery.
+    pub timeouts: DeliveryTimeouts,
     /// The folder that `local-folder` routes are relative to.
     pub local_folder: PathBuf,
     /// A recipient that asked for NOTIFY=DELAY and is still deferred after this
@@ -428,6 +428,56 @@ pub struct DeliveryConfig {
     /// Quarantined mail (held by a plugin at acceptance, never bounced) is
     /// removed this long after it arrived, unless released before.
     pub quarantine_retention: HumanDuration,
+}
+
+/// `[delivery.timeouts]`: how long the delivery client waits on a next hop.
+/// The defaults are RFC 5321 4.5.3.2's minimums (connect is ours); shorter
+/// ones free connections held by stalled servers sooner, at the risk of
+/// deferring mail to slow but working ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryTimeouts {
+    /// Opening the TCP connection (30 s).
+    pub connect: HumanDuration,
+    /// The 220 greeting (5 minutes).
+    pub greeting: HumanDuration,
+    /// The reply to EHLO, STARTTLS and its handshake, AUTH, MAIL, RCPT and
+    /// RSET (5 minutes).
+    pub command: HumanDuration,
+    /// The 354 reply to DATA (2 minutes).
+    pub data: HumanDuration,
+    /// Writing each block of message data (3 minutes).
+    pub data_block: HumanDuration,
+    /// The reply to the end of data (10 minutes).
+    pub data_end: HumanDuration,
+}
+
+impl Default for DeliveryTimeouts {
+    fn default() -> Self {
+        let secs = |s| HumanDuration(Duration::from_secs(s));
+        DeliveryTimeouts {
+            connect: secs(30),
+            greeting: secs(300),
+            command: secs(300),
+            data: secs(120),
+            data_block: secs(180),
+            data_end: secs(600),
+        }
+    }
+}
+
+impl DeliveryTimeouts {
+    /// Each key with its value, for validation.
+    fn entries(&self) -> [(&'static str, HumanDuration); 6] {
+        [
+            ("connect", self.connect),
+            ("greeting", self.greeting),
+            ("command", self.command),
+            ("data", self.data),
+            ("data_block", self.data_block),
+            ("data_end", self.data_end),
+        ]
+    }
 }
 
 /// `[delivery.pools.NAME]`: smart hosts that share the mail routed to the
@@ -483,7 +533,7 @@ impl Default for DeliveryConfig {
             max_per_destination: 20,
             max_active: 10_000,
             postmaster: None,
-            connect_timeout: HumanDuration(Duration::from_secs(30)),
+            timeouts: DeliveryTimeouts::default(),
             local_folder: PathBuf::from("local"),
             delay_warning: HumanDuration(Duration::from_secs(4 * 3600)),
             pools: BTreeMap::new(),
@@ -1258,6 +1308,16 @@ impl Config {
                 return Err(self.invalid(key, "must be more than 0"));
             }
         }
+        for (key, value) in self.delivery.timeouts.entries() {
+            // Under 100 ms a busy but healthy next hop fails every delivery;
+            // over a day a stalled one holds its connection past any retry.
+            if value.0 < Duration::from_millis(100) || value.0 > Duration::from_secs(86400) {
+                return Err(self.invalid(
+                    &format!("delivery.timeouts.{key}"),
+                    format!("{value} is not between 100ms and 1d"),
+                ));
+            }
+        }
         if let Some(pm) = &self.delivery.postmaster {
             if !pm.contains('@') {
                 return Err(
@@ -1557,6 +1617,9 @@ mod tests {
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\nsmarthost = \"ftp://x\"\n", "delivery.smarthost"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery.routes]\n\"a.test\" = \"smtp://\"\n", "delivery.routes.a.test"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery]\nmax_per_destination = 0\n", "max_per_destination"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery.timeouts]\ndata_end = \"0s\"\n", "delivery.timeouts.data_end"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery.timeouts]\ncommand = \"2d\"\n", "delivery.timeouts.command"),
+            ("[[listener]]\naddress = \"127.0.0.1:25\"\n[delivery.timeouts]\nrcpt = \"1s\"\n", "rcpt"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\nproxy_protocol = true\n", "listener[0].trusted_proxies"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n", "listener[0].proxy_protocol"),
             ("[[listener]]\naddress = \"127.0.0.1:25\"\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\nproxy_timeout = \"0s\"\n", "listener[0].proxy_timeout"),

@@ -25,36 +25,36 @@ use super::Error;
 use crate::envelope::{Address, MailParams, Recipient, Ret};
 use crate::smtp::reply::Reply;
 
-/// Client timeouts (RFC 5321 4.5.3.2 minimums; connect is ours).
+/// Client timeouts, from `[delivery.timeouts]` (RFC 5321 4.5.3.2 minimums
+/// by default).
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     /// TCP connect.
     pub connect: Duration,
-    /// Initial 220 (5 minutes).
+    /// Initial 220.
     pub greeting: Duration,
-    /// EHLO, STARTTLS, AUTH, MAIL, RSET (5 minutes).
+    /// EHLO, STARTTLS, AUTH, MAIL, RSET.
     pub mail: Duration,
-    /// Each RCPT (5 minutes).
+    /// Each RCPT.
     pub rcpt: Duration,
-    /// DATA until 354 (2 minutes).
+    /// DATA until 354.
     pub data_init: Duration,
-    /// Each block of message data written (3 minutes).
+    /// Each block of message data written.
     pub data_block: Duration,
-    /// The reply to the final dot (10 minutes).
+    /// The reply to the final dot.
     pub final_dot: Duration,
 }
 
-impl Timeouts {
-    /// The RFC values with the given connect timeout.
-    pub fn rfc5321(connect: Duration) -> Timeouts {
+impl From<&crate::config::DeliveryTimeouts> for Timeouts {
+    fn from(t: &crate::config::DeliveryTimeouts) -> Timeouts {
         Timeouts {
-            connect,
-            greeting: Duration::from_secs(300),
-            mail: Duration::from_secs(300),
-            rcpt: Duration::from_secs(300),
-            data_init: Duration::from_secs(120),
-            data_block: Duration::from_secs(180),
-            final_dot: Duration::from_secs(600),
+            connect: t.connect.0,
+            greeting: t.greeting.0,
+            mail: t.command.0,
+            rcpt: t.command.0,
+            data_init: t.data.0,
+            data_block: t.data_block.0,
+            final_dot: t.data_end.0,
         }
     }
 }
@@ -602,7 +602,8 @@ impl Client {
             return;
         }
         if self.write(b"QUIT\r\n", "QUIT").await.is_ok() {
-            let _ = self.read_reply(Duration::from_secs(10), "QUIT").await;
+            let wait = self.timeouts.mail.min(Duration::from_secs(10));
+            let _ = self.read_reply(wait, "QUIT").await;
         }
         let _ = self.io.shutdown().await;
     }

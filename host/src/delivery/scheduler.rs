@@ -329,7 +329,7 @@ impl Delivery {
             remover: Remover::start(ctx.spool.clone(), sched.clone()),
             reports: Reporter::start(ctx.chain.clone(), config.plugins.delivered_queue),
             pools: Pools::new(&config.delivery),
-            timeouts: Timeouts::rfc5321(d.connect_timeout.0),
+            timeouts: Timeouts::from(&d.timeouts),
             config: config.clone(),
             spool: ctx.spool.clone(),
             queue_dir,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::support::relay::{base_config, free_port, Relay, NO_DELIVERY};
 use crate::support::smtp::{queue_id, send_message, Raw};
 use crate::support::tls::make_cert;
+use crate::support::{is_root, mount_tmpfs, Unmount};
 
 fn fixture(path: &str) -> String {
     format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"))
@@ -242,7 +243,7 @@ fn swaks_pipelining_and_starttls() {
 
 /// Byte sequences that some servers read as an end of data. None of them may
 /// end a message here.
-const SMUGGLING: &[(&str, &[u8])] = &[
+pub(crate) const SMUGGLING: &[(&str, &[u8])] = &[
     ("lf-dot-lf", b"\n.\n"),
     ("cr-dot-cr", b"\r.\r"),
     ("lf-dot-crlf", b"\n.\r\n"),
@@ -253,7 +254,7 @@ const SMUGGLING: &[(&str, &[u8])] = &[
     ("crlf-dot-nul-crlf", b"\r\n.\0\r\n"),
 ];
 
-fn smuggled_message(seq: &[u8]) -> Vec<u8> {
+pub(crate) fn smuggled_message(seq: &[u8]) -> Vec<u8> {
     let mut m =
         b"From: a@client.test\r\nTo: b@other.test\r\nSubject: first\r\n\r\nfirst part".to_vec();
     m.extend_from_slice(seq);
@@ -523,35 +524,11 @@ fn config_errors_name_the_key_and_config_goes_anywhere() {
     );
 }
 
-/// Runs `mount`/`umount`; the disk-full test needs root for a small tmpfs.
-fn mount_tmpfs(at: &Path, size: &str) -> bool {
-    std::fs::create_dir_all(at).unwrap();
-    Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(at)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn disk_full_gives_452_and_no_false_250() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let spool = dir.path().join("spool");
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !is_root {
+    if !is_root() {
         eprintln!(
             "disk_full_gives_452_and_no_false_250 needs root to mount a small tmpfs; not run"
         );

@@ -25,7 +25,7 @@ use crate::support::tls::make_cert;
 
 /// A `[kv]` table on `url` with `prefix`, and the testkit counting each hook
 /// as plugin `kit`, with more testkit config in `config`.
-fn chain(url: &str, prefix: &str, config: &str) -> String {
+pub(crate) fn chain(url: &str, prefix: &str, config: &str) -> String {
     format!(
         "[kv]\nbackend = \"redis\"\nredis_url = {url:?}\nkey_prefix = {prefix:?}\n\
          [[plugin]]\nname = \"kit\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n\

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, modules per area, helpers in `support/`.
 //! The real `postern` binary or the library over real TCP, with real clients.
 
+mod attacks;
 mod authn;
 mod certs;
 mod cluster;
@@ -10,6 +11,7 @@ mod crash;
 mod delivery;
 mod dkim;
 mod examples;
+mod faults;
 mod firstparty;
 mod kv;
 mod lang;

@@ -85,6 +85,10 @@ pub struct Session<S> {
     errors: usize,
     /// Still discarding the rest of an over-long command line.
     skipping_long_line: bool,
+    /// When the command line being read must be complete: `command_timeout`
+    /// covers a whole line, so a client trickling a byte at a time cannot
+    /// hold its connection open for ever.
+    line_deadline: Option<tokio::time::Instant>,
     /// The command being answered, for the reply counters.
     stage: Stage,
     /// The last reply to DATA or BDAT, for the transaction's log record.
@@ -150,6 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             bdat_memory: None,
             errors: carry.errors,
             skipping_long_line: false,
+            line_deadline: None,
             stage: Stage::Connect,
             data_reply: None,
         }
@@ -211,6 +216,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Some(i) => {
                         self.input.advance(i + 1);
                         self.skipping_long_line = false;
+                        self.line_deadline = None;
                         if self.error_reply(Reply::LINE_TOO_LONG) == Flow::Close {
                             return self.close().await;
                         }
@@ -227,6 +233,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             match codec::next_command_line(&self.input) {
                 CommandLine::Line(n) => {
                     let line = self.input.split_to(n);
+                    self.line_deadline = None;
                     match self.command(&line).await {
                         Flow::Continue => {}
                         Flow::Close => return self.close().await,
@@ -243,6 +250,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let ended = self.input[n - 1] == b'\n';
                     self.input.advance(n);
                     if ended {
+                        self.line_deadline = None;
                         if self.error_reply(Reply::LINE_TOO_LONG) == Flow::Close {
                             return self.close().await;
                         }
@@ -395,11 +403,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(())
     }
 
-    /// Flushes pending replies, then waits for more input.
+    /// Flushes pending replies, then waits for more of the command line,
+    /// at most until the line's deadline.
     async fn read_more(&mut self) -> Result<usize, ReadEnd> {
         let idle = self.tx.is_none() && self.bdat.is_none();
+        let now = tokio::time::Instant::now();
         let timeout = self.ctx.config.limits.command_timeout.0;
-        self.read_more_within(timeout, idle).await
+        let deadline = *self.line_deadline.get_or_insert(now + timeout);
+        self.read_more_within(deadline.saturating_duration_since(now), idle)
+            .await
     }
 
     /// Reads with a deadline; while `interruptible`, a shutdown ends the session
@@ -444,6 +456,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             match codec::next_command_line(&self.input) {
                 CommandLine::Line(n) => {
                     let line = self.input.split_to(n);
+                    self.line_deadline = None;
                     let line = line.strip_suffix(b"\n").unwrap_or(&line);
                     return Some(line.strip_suffix(b"\r").unwrap_or(line).to_vec());
                 }

@@ -65,3 +65,36 @@ pub fn plain(log: &str) -> String {
     }
     out
 }
+
+/// True when the tests run as root (needed to mount a small tmpfs).
+pub fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+/// Mounts a tmpfs of `size` (`"256k"`) at `at`; false when that is not
+/// possible (it needs root).
+pub fn mount_tmpfs(at: &std::path::Path, size: &str) -> bool {
+    std::fs::create_dir_all(at).unwrap();
+    std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(at)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Unmounts its folder when dropped.
+pub struct Unmount(pub std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}

@@ -1,6 +1,6 @@
 //! Capture sinks: small SMTP servers that record what arrives and answer as a
-//! test says (accept, 4xx or 5xx at RCPT, 4xx greeting, drop mid-DATA), with
-//! optional STARTTLS and AUTH.
+//! test says (accept, 4xx or 5xx at RCPT, 4xx greeting, drop mid-DATA, stall,
+//! answer slowly, reset TLS mid-handshake), with optional STARTTLS and AUTH.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +29,13 @@ pub enum Behavior {
     MailTempFail,
     /// Closes the connection in the middle of the message data.
     DropMidData,
+    /// Takes the whole message and never answers the final dot.
+    Stall,
+    /// Waits this many milliseconds before every reply, greeting included.
+    Slow(u64),
+    /// Offers STARTTLS, says 220, reads the start of the client's handshake
+    /// and closes the connection.
+    TlsReset,
 }
 
 /// One message as received.
@@ -191,6 +198,11 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
         conn.write_all(b"421 4.3.2 busy\r\n").await?;
         return Ok(());
     }
+    let delay = match sh.opts.behavior {
+        Behavior::Slow(ms) => Duration::from_millis(ms),
+        _ => Duration::ZERO,
+    };
+    tokio::time::sleep(delay).await;
     conn.write_all(b"220 sink.test ESMTP\r\n").await?;
     let mut tls = false;
     let mut auth: Option<String> = None;
@@ -216,7 +228,10 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
                     "ENHANCEDSTATUSCODES",
                 ]
             };
-            if (sh.opts.tls.is_some() || sh.opts.broken_tls) && !tls {
+            let offers_tls = sh.opts.tls.is_some()
+                || sh.opts.broken_tls
+                || sh.opts.behavior == Behavior::TlsReset;
+            if offers_tls && !tls {
                 caps.push("STARTTLS");
             }
             if sh.opts.auth.is_some() && (tls || sh.opts.auth_in_clear) {
@@ -227,6 +242,11 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
                 .enumerate()
                 .map(|(i, c)| format!("250{}{c}\r\n", if i + 1 == n { " " } else { "-" }))
                 .collect()
+        } else if upper == "STARTTLS" && sh.opts.behavior == Behavior::TlsReset {
+            conn.write_all(b"220 2.0.0 go ahead\r\n").await?;
+            let mut hello = [0u8; 16];
+            let _ = tokio::io::AsyncReadExt::read(&mut conn, &mut hello).await;
+            return Ok(());
         } else if upper == "STARTTLS" && sh.opts.broken_tls {
             conn.write_all(b"220 2.0.0 go ahead\r\nthis is not TLS\r\n")
                 .await?;
@@ -308,6 +328,9 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
                         let l = if l.starts_with(b".") { &l[1..] } else { &l[..] };
                         data.extend_from_slice(l);
                     }
+                    if sh.opts.behavior == Behavior::Stall {
+                        std::future::pending::<()>().await;
+                    }
                     let mut t = tx.take().unwrap();
                     t.data = data;
                     sh.messages.lock().unwrap().push(t);
@@ -329,6 +352,7 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
         } else {
             "502 5.5.1 not implemented\r\n".into()
         };
+        tokio::time::sleep(delay).await;
         conn.write_all(reply.as_bytes()).await?;
     }
 }

@@ -1,0 +1,337 @@
+//! Attacks through the whole relay: SMTP smuggling seen from the next hop,
+//! open-relay tricks in recipient addresses, and over-long input. Each test
+//! counts what reached the sinks behind the relay.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::core::{smuggled_message, SMUGGLING};
+use crate::support::relay::{config_with, free_port, Relay};
+use crate::support::sink::{Behavior, Options, Sink};
+use crate::support::smtp::{queue_id, send_message, Raw};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// More end-of-data look-alikes than the spool tests use: none of them
+/// holds the real `CRLF . CRLF`.
+const MORE_SMUGGLING: &[(&str, &[u8])] = &[
+    ("crlf-dot-crcrlf", b"\r\n.\r\r\n"),
+    ("crlf-dot-space-crlf", b"\r\n. \r\n"),
+    ("lflf-dot-lflf", b"\n\n.\n\n"),
+    ("crcr-dot-crcr", b"\r\r.\r\r"),
+    ("crlf-dot-lf-crlf", b"\r\n.\n\r\n"),
+    ("lf-nul-dot-lf", b"\n\0.\n"),
+];
+
+/// A bare CR or LF in `data`, if any, by offset.
+fn bare_newline(data: &[u8]) -> Option<usize> {
+    data.iter().enumerate().position(|(i, &b)| {
+        (b == b'\n' && (i == 0 || data[i - 1] != b'\r'))
+            || (b == b'\r' && data.get(i + 1) != Some(&b'\n'))
+    })
+}
+
+/// Every smuggling sequence, in DATA and split across BDAT chunks, relayed to
+/// a sink that keeps the bytes as they arrive: exactly one message per
+/// transaction arrives, to the one real recipient, with the would-be second
+/// message as its content and no bare CR or LF anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggled_messages_never_reach_the_next_hop() {
+    let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let port = free_port();
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let relay = Relay::start_in(
+        dir,
+        port,
+        &config_with(
+            port,
+            &format!("[delivery]\nsmarthost = \"smtp://{}\"\n", sink.addr),
+            "",
+        ),
+    );
+    let variants: Vec<_> = SMUGGLING.iter().chain(MORE_SMUGGLING).collect();
+    for (name, seq) in &variants {
+        let msg = smuggled_message(seq);
+        // DATA: the message byte for byte, then the real end.
+        let mut c = Raw::connect(relay.addr());
+        assert!(c.cmd("EHLO client.test").contains("CHUNKING"));
+        assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<b@other.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(&msg);
+        c.send(b"\r\n.\r\n");
+        queue_id(&c.reply());
+        // BDAT: the chunk boundary inside the sequence.
+        let cut = msg.windows(seq.len()).position(|w| w == *seq).unwrap() + seq.len() / 2;
+        assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<b@other.test>").starts_with("250"));
+        c.send(format!("BDAT {cut}\r\n").as_bytes());
+        c.send(&msg[..cut]);
+        assert!(c.reply().starts_with("250"), "{name}");
+        c.send(format!("BDAT {} LAST\r\n", msg.len() - cut).as_bytes());
+        c.send(&msg[cut..]);
+        queue_id(&c.reply());
+        assert!(c.cmd("QUIT").starts_with("221"));
+    }
+    let expected = variants.len() * 2;
+    let got = sink.wait_for(expected, WAIT).await;
+    // Nothing more arrives later: a smuggled message would be one more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got_after = sink.messages();
+    assert_eq!(
+        got_after.len(),
+        expected,
+        "{} messages downstream",
+        got_after.len()
+    );
+    assert_eq!(sink.transactions.load(Ordering::SeqCst), expected);
+    for m in &got {
+        assert_eq!(m.from, "a@client.test");
+        assert_eq!(
+            m.rcpts,
+            vec!["b@other.test"],
+            "the smuggled recipient was used"
+        );
+        let text = String::from_utf8_lossy(&m.data);
+        assert!(text.contains("Subject: first"), "{text}");
+        assert_eq!(text.matches("Subject: smuggled").count(), 1, "{text}");
+        if let Some(at) = bare_newline(&m.data) {
+            panic!("bare CR or LF sent on at {at}: {text:?}");
+        }
+    }
+}
+
+/// Recipient address tricks from an untrusted client: the percent hack, bang
+/// paths, source routes, quoted local parts, IP literals, trailing dots and
+/// look-alike domains. Each is refused, or accepted for the relay's own
+/// domain and delivered there unchanged: nothing reaches the outside next
+/// hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_relay_tricks_never_reach_another_domain() {
+    let inside = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let outside = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let port = free_port();
+    let config = format!(
+        "hostname = \"mx.ours.test\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+         [spool]\npath = \"spool\"\n[relay]\nnetworks = []\ndomains = [\"ours.test\"]\n\
+         [delivery]\nsmarthost = \"smtp://{}\"\n[delivery.routes]\n\"ours.test\" = \"smtp://{}\"\n",
+        outside.addr, inside.addr
+    );
+    let relay = Relay::start_in(
+        std::sync::Arc::new(tempfile::tempdir().unwrap()),
+        port,
+        &config,
+    );
+    // (recipient, must be refused)
+    let attempts = [
+        ("victim@other.test", true),
+        ("victim%other.test@ours.test", false),
+        ("victim%other.test", true),
+        ("other.test!victim@ours.test", false),
+        ("other.test!victim", true),
+        ("@ours.test:victim@other.test", true),
+        ("@ours.test,@mx.ours.test:victim@other.test", true),
+        ("\"victim@other.test\"@ours.test", false),
+        ("\"victim%other.test\"@ours.test", false),
+        ("\"victim@other.test\"", true),
+        ("victim@[127.0.0.1]", true),
+        ("victim@[IPv6:::1]", true),
+        ("victim@other.test.", true),
+        ("victim@ours.test.other.test", true),
+        ("victim@other-ours.test", true),
+        ("victim@other.test@ours.test", false),
+    ];
+    let mut accepted = Vec::new();
+    for (rcpt, must_refuse) in attempts {
+        let mut c = Raw::connect(relay.addr());
+        assert!(c.cmd("EHLO attacker.test").starts_with("250"));
+        assert!(c.cmd("MAIL FROM:<a@attacker.test>").starts_with("250"));
+        let reply = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+        if reply.starts_with("250") {
+            assert!(!must_refuse, "{rcpt} accepted: {reply}");
+            assert!(c.cmd("DATA").starts_with("354"));
+            c.send(format!("Subject: {rcpt}\r\n\r\ntry\r\n.\r\n").as_bytes());
+            queue_id(&c.reply());
+            accepted.push(rcpt);
+        } else {
+            assert!(reply.starts_with('5'), "{rcpt}: {reply}");
+        }
+        c.cmd("QUIT");
+    }
+    eprintln!(
+        "{} tricks: {} accepted for ours.test, {} refused",
+        attempts.len(),
+        accepted.len(),
+        attempts.len() - accepted.len()
+    );
+    let got = inside.wait_for(accepted.len(), WAIT).await;
+    for m in &got {
+        assert_eq!(m.rcpts.len(), 1);
+        assert!(
+            accepted.iter().any(|a| m.rcpts[0].eq_ignore_ascii_case(a)),
+            "recipient rewritten on the way: {:?}",
+            m.rcpts
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        outside.connections.load(Ordering::SeqCst),
+        0,
+        "mail left for another domain"
+    );
+}
+
+/// Over-long command lines, header lines, headers and messages are refused
+/// with the right code, nothing is spooled for them, and the relay still
+/// serves the next client.
+#[test]
+fn over_long_input_is_refused_and_the_relay_serves_on() {
+    let port = free_port();
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let config = config_with(
+        port,
+        crate::support::relay::NO_DELIVERY,
+        "[limits]\nmax_message_size = 200000\n",
+    );
+    let relay = Relay::start_in(dir, port, &config);
+    let served = |what: &str| {
+        let reply = send_message(
+            relay.addr(),
+            "a@client.test",
+            &["b@other.test"],
+            "Subject: after\r\n\r\nstill served\r\n",
+        );
+        assert!(reply.starts_with("250"), "after {what}: {reply}");
+    };
+
+    // A command line of a megabyte.
+    let mut c = Raw::connect(relay.addr());
+    c.send(format!("EHLO {}\r\n", "a".repeat(1 << 20)).as_bytes());
+    let reply = c.reply();
+    assert!(reply.starts_with("500 5.5.6"), "{reply}");
+    served("a long command line");
+
+    // A header line past max_line_length (64 KiB by default).
+    let body = format!("Subject: {}\r\n\r\nbody\r\n", "h".repeat(100_000));
+    let reply = send_message(relay.addr(), "a@client.test", &["b@other.test"], &body);
+    assert!(reply.starts_with("552"), "{reply}");
+    served("a long header line");
+
+    // A message over max_message_size, in one header of many short lines.
+    let body = format!("X-Long: x\r\n{}\r\nbody\r\n", " folded\r\n".repeat(30_000));
+    let reply = send_message(relay.addr(), "a@client.test", &["b@other.test"], &body);
+    assert!(reply.starts_with("552"), "{reply}");
+    served("a long header");
+
+    // The same through BDAT: a chunk over the limit, read and discarded.
+    let mut c = Raw::connect(relay.addr());
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@other.test>").starts_with("250"));
+    c.send(b"BDAT 300000 LAST\r\n");
+    c.send(&vec![b'x'; 300_000]);
+    let reply = c.reply();
+    assert!(reply.starts_with("552"), "{reply}");
+    served("a big BDAT chunk");
+
+    let spooled = relay.spooled();
+    assert_eq!(spooled.len(), 4, "only the four small messages are queued");
+    assert!(!relay.log().contains("panicked"), "{}", relay.log());
+}
+
+/// A connection from `from` (a loopback address) to the relay.
+fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    // Binding before connecting takes tokio's socket; the stream is then
+    // handed over as a blocking std one.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::from((from, 0)))?;
+        tokio::time::timeout(Duration::from_secs(5), socket.connect(to))
+            .await
+            .map_err(std::io::Error::other)??
+            .into_std()
+    })?;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(stream)
+}
+
+/// A flood of connections and slow clients (a byte every few hundred
+/// milliseconds) from one address: the per-client limit turns the excess
+/// away with 421, a client too slow for `command_timeout` is closed, and a
+/// client from another address is served throughout.
+#[test]
+fn floods_and_slow_clients_do_not_starve_another_client() {
+    let port = free_port();
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let config = config_with(
+        port,
+        crate::support::relay::NO_DELIVERY,
+        "[limits]\nmax_connections_per_client = 5\ncommand_timeout = \"1s\"\n",
+    )
+    // The attacker is not in relay.networks (whose clients the per-client
+    // limit does not hold); the other client is.
+    .replace(
+        "networks = [\"127.0.0.0/8\"]",
+        "networks = [\"127.0.0.2/32\"]",
+    );
+    let relay = Relay::start_in(dir, port, &config);
+    let addr = relay.addr();
+
+    // Slow clients take the attacker's five slots, a byte every 300 ms.
+    let slow: Vec<_> = (0..5)
+        .map(|_| {
+            let stream = connect_from([127, 0, 0, 1], addr).unwrap();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut stream = stream;
+                let mut banner = [0u8; 64];
+                let _ = stream.read(&mut banner);
+                let started = std::time::Instant::now();
+                for b in b"EHLO slow.test\r\n".iter().cycle() {
+                    if stream.write_all(&[*b]).is_err() || started.elapsed() > WAIT {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                started.elapsed()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The flood: 50 more connections from the same address, all turned away.
+    let mut refused = 0;
+    for _ in 0..50 {
+        let mut s = connect_from([127, 0, 0, 1], addr).unwrap();
+        let mut reply = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut reply);
+        if reply.starts_with("421 4.7.0") {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 50, "the per-client limit did not hold");
+
+    // Another address is served meanwhile.
+    let mut other = Raw::connect_stream(connect_from([127, 0, 0, 2], addr).unwrap());
+    assert!(other.cmd("EHLO other.test").starts_with("250"));
+    assert!(other.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+    assert!(other.cmd("RCPT TO:<b@other.test>").starts_with("250"));
+    assert!(other.cmd("DATA").starts_with("354"));
+    other.send(b"Subject: served\r\n\r\nduring the flood\r\n.\r\n");
+    queue_id(&other.reply());
+
+    // The slow clients never complete a line in time: each is closed at the
+    // command timeout (the relay answers, then the next write fails).
+    for s in slow {
+        let took = s.join().unwrap();
+        assert!(
+            took < Duration::from_secs(10),
+            "a slow client was held {took:?}"
+        );
+    }
+    assert_eq!(relay.spooled().len(), 1);
+}
