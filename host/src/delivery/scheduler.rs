@@ -1268,7 +1268,7 @@ impl Shared {
                 } else {
                     TlsUse::Opportunistic
                 };
-                if let Some(sts) = self.mta_sts(domain).await {
+                if let Some(sts) = self.mta_sts(domain, &hosts).await {
                     if sts.enforce {
                         // Only the hosts the policy lists, over verified TLS:
                         // never another host, never clear text.
@@ -1387,7 +1387,7 @@ impl Shared {
     /// The MTA-STS policy of an MX destination, and the words for the log:
     /// its mode and where it came from, and in testing mode the hosts
     /// enforce would refuse.
-    async fn mta_sts(&self, domain: &str) -> Option<StsUse> {
+    async fn mta_sts(&self, domain: &str, hosts: &[String]) -> Option<StsUse> {
         let sts = self.mta_sts.as_ref()?;
         if domain.starts_with('[') {
             return None;
@@ -1402,11 +1402,10 @@ impl Shared {
                 outcome,
             }),
             Mode::Testing => {
-                let hosts = self.dns.mx_hosts(domain).await.unwrap_or_default();
-                let refused: Vec<String> = hosts
-                    .into_iter()
-                    .filter(|h| !found.policy.allows(&h.name))
-                    .map(|h| h.name)
+                let refused: Vec<&str> = hosts
+                    .iter()
+                    .filter(|h| !found.policy.allows(h))
+                    .map(String::as_str)
                     .collect();
                 let outcome = if refused.is_empty() {
                     outcome
