@@ -1035,6 +1035,16 @@ impl Shared {
                     }
                 }
             }
+            // The operator may have suspended a recipient's domain since the
+            // job was queued (a connection works through its destination's
+            // queue one message after another): those recipients stay open
+            // and untried, for after the resume.
+            let job = self.without_suspended(job, &meta);
+            if job.rcpts.is_empty() {
+                self.complete_job(&job.id, Vec::new(), &attempt_for(&key))
+                    .await;
+                continue;
+            }
             let outgoing = Outgoing {
                 sender: job.sender.as_ref().unwrap_or(&meta.envelope.sender),
                 params: &meta.envelope.params,
@@ -1153,6 +1163,25 @@ impl Shared {
             };
             self.kick(&mut s, &k);
         }
+    }
+
+    /// `job` less its recipients whose domain is suspended now.
+    fn without_suspended(&self, mut job: Job, meta: &QueuedMeta) -> Job {
+        let suspended = self.suspended();
+        if suspended.is_empty() {
+            return job;
+        }
+        let now = unix_now();
+        let before = job.rcpts.len();
+        job.rcpts.retain(|&i| {
+            let domain = meta.envelope.recipients[i].address.domain();
+            suspended.blocks(domain, now).is_none()
+        });
+        if job.rcpts.len() < before {
+            tracing::info!(queue_id = %job.id, held_back = before - job.rcpts.len(),
+                "recipients held back: their domain was suspended");
+        }
+        job
     }
 
     /// The destination could not be reached: suspend it for a while (doubling,
