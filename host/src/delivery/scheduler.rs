@@ -36,7 +36,7 @@ use crate::envelope::Address;
 use crate::plugins::delivered::{self, Reporter};
 use crate::plugins::ChainHandle;
 use crate::policy::{Queued, RouteQuery};
-use crate::queue::{off_runtime, QueueId, QueuedMeta, Spool, Spooled};
+use crate::queue::{off_runtime, Place, QueueId, QueuedMeta, Spool, Spooled};
 use crate::server::Context;
 use crate::smtp::reply::Reply;
 
@@ -354,6 +354,18 @@ impl Delivery {
         if removed > 0 {
             tracing::info!(removed, "removed delivery states of messages already gone");
         }
+        // The messages spooled before the start, by state, for `/metrics`:
+        // read once, off the runtime, while delivery starts on them.
+        let (spool, dir) = (ctx.spool.clone(), delivery.shared.queue_dir.clone());
+        tokio::spawn(async move {
+            match off_runtime(move || super::control::places(&dir)).await {
+                Ok(found) => spool.index().seed(found),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the spool's messages by state");
+                    spool.index().seed(Vec::new());
+                }
+            }
+        });
         let admitter = delivery.shared.clone();
         tokio::spawn(async move {
             while let Some(spooled) = rx.recv().await {
@@ -413,7 +425,7 @@ impl Delivery {
     pub(crate) async fn hold(&self, id: &QueueId) -> Result<(), crate::queue::Error> {
         let on_active = |a: &mut Active| a.cancel = Some(Cancel::Held);
         self.edit(id, on_active, |dir, id| {
-            super::control::set_hold(dir, id, true)
+            super::control::set_hold(dir, id, true).map(Some)
         })
         .await
     }
@@ -426,7 +438,7 @@ impl Delivery {
             }
         };
         self.edit(id, on_active, |dir, id| {
-            super::control::set_hold(dir, id, false)
+            super::control::set_hold(dir, id, false).map(Some)
         })
         .await?;
         self.shared.clone().admit(id.clone(), true).await;
@@ -441,7 +453,7 @@ impl Delivery {
         let spool = self.shared.spool.clone();
         let on_active = |a: &mut Active| a.cancel = Some(Cancel::Deleted);
         self.edit(id, on_active, move |_, id| {
-            state::remove_message(&spool, id)
+            state::remove_message(&spool, id).map(|()| None)
         })
         .await
     }
@@ -451,12 +463,15 @@ impl Delivery {
     /// `on_active`, applied when the pass ends; one being admitted or settled
     /// is waited for. Otherwise the message is kept out of every pass while
     /// `edit` changes its files, so no pass reads them half-changed and no
-    /// pass's newer state is written over with an older one.
+    /// pass's newer state is written over with an older one. `edit` returns
+    /// where the message stands afterwards, if it is still in the spool.
     async fn edit(
         &self,
         id: &QueueId,
         on_active: impl FnOnce(&mut Active),
-        edit: impl FnOnce(&Path, &QueueId) -> Result<(), crate::queue::Error> + Send + 'static,
+        edit: impl FnOnce(&Path, &QueueId) -> Result<Option<Place>, crate::queue::Error>
+            + Send
+            + 'static,
     ) -> Result<(), crate::queue::Error> {
         let deadline = Instant::now() + EDIT_WAIT;
         loop {
@@ -484,8 +499,11 @@ impl Delivery {
         }
         let (dir, eid) = (self.shared.queue_dir.clone(), id.clone());
         let edited = off_runtime(move || edit(&dir, &eid)).await;
+        if let Ok(Some(place)) = edited {
+            self.shared.spool.index().set(id, place);
+        }
         self.shared.lock().editing.remove(id);
-        edited
+        edited.map(drop)
     }
 
     /// Destinations suspended now.
@@ -535,7 +553,8 @@ impl Delivery {
             }
         }
         for id in ids {
-            match self.edit(id, |_| {}, super::control::flush_file).await {
+            let flush = |dir: &Path, id: &QueueId| super::control::flush_file(dir, id).map(Some);
+            match self.edit(id, |_| {}, flush).await {
                 Ok(()) | Err(crate::queue::Error::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -1624,6 +1643,7 @@ impl Shared {
         if let Err(e) = saved {
             tracing::warn!(queue_id = %id, error = %e, "cannot save delivery state");
         }
+        self.spool.index().set(id, a.state.place(&meta));
         if a.state.held {
             return Settled::Done;
         }
