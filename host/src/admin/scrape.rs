@@ -115,6 +115,13 @@ fn plugins(state: &State, page: &mut Page) {
         "verdict",
         kinds,
     );
+    let shadowed: Vec<&str> = chain
+        .plugins()
+        .iter()
+        .filter(|p| p.shadow.is_some())
+        .map(|p| p.name())
+        .collect();
+    shadows(page, &all, &shadowed);
     let kinds = |h: &HookExport| h.errors.clone();
     plugin_counters(
         page,
@@ -124,6 +131,35 @@ fn plugins(state: &State, page: &mut Page) {
         "kind",
         kinds,
     );
+}
+
+/// One count read from a hook's counters.
+type HookCount = fn(&HookExport) -> u64;
+
+/// How often each plugin's shadow answered a call as it did, and otherwise,
+/// per hook (for plugins with a shadow only).
+fn shadows(page: &mut Page, all: &[(String, Vec<HookExport>)], shadowed: &[&str]) {
+    let families: [(&str, &str, HookCount); 2] = [
+        (
+            "postern_plugin_shadow_agreements_total",
+            "Calls a plugin's shadow answered as the plugin did, per plugin and hook.",
+            |h| h.shadow_agreed,
+        ),
+        (
+            "postern_plugin_shadow_disagreements_total",
+            "Calls a plugin's shadow answered otherwise than the plugin (never enforced), per plugin and hook.",
+            |h| h.shadow_disagreed,
+        ),
+    ];
+    for (name, help, count) in families {
+        page.family(name, "counter", help);
+        for (plugin, hooks) in all.iter().filter(|(p, _)| shadowed.contains(&p.as_str())) {
+            for h in hooks {
+                let labels = [("plugin", plugin.as_str()), ("hook", h.hook.as_str())];
+                page.sample(name, &labels, count(h));
+            }
+        }
+    }
 }
 
 /// A counter family per plugin, hook and one kind of count.

@@ -1,10 +1,10 @@
 //! The admin listener: what it refuses to start with, its guard, and
 //! `/metrics` after known traffic.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use super::{sample, start};
+use super::{promtool_is_silent, sample, start};
 use crate::support::http::{curl, get, post_json};
 use crate::support::sink::{Behavior, Options, Sink};
 use crate::support::smtp::{send_message, Raw};
@@ -193,26 +193,6 @@ async fn queue_gauges_are_exact_right_after_each_change() {
     .await;
     assert!(done.is_some(), "delivered: {:?}", gauges().0);
     assert_eq!(good.messages().len(), 3);
-}
-
-/// `promtool check metrics` passes the page and prints no warning.
-fn promtool_is_silent(page: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package; host/scripts/test.sh installs it)");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(page.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    super::assert_silent(&out, "promtool");
 }
 
 /// A token guards everything but /health; a browser logs in with it and
