@@ -7,7 +7,8 @@
 //! data = { verdict = "continue", add_header = ["X-Test", "1"], remove_rcpt = "b@x.test" }
 //! route = { route = "local-folder", arg = "inbox" }   # or "folder-from-header" with arg = a header name,
 //!                                                # "pool", ...; sender = "x@y" sets the delivery's sender
-//! misbehave = { hook = "rcpt", how = "trap" }   # or "loop", "alloc"
+//! misbehave = { hook = "rcpt", how = "trap" }   # or "loop", "alloc"; local = "x" at rcpt:
+//!                                                # only for recipients whose local part is x
 //! count = true                                   # kv counter per hook (needs the kv grant)
 //! count_ttl_ms = 60000                           # the counters' TTL, set when one is created
 //! count_errors = true                            # a failed count answers 451 with the kv error
@@ -72,6 +73,9 @@ struct Answer {
 struct Misbehave {
     hook: String,
     how: String,
+    /// Only for a recipient with this local part (rcpt hook only).
+    #[serde(default)]
+    local: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -173,9 +177,10 @@ impl Testkit {
             .join("; ")
     }
 
-    /// Counts and misbehaves as configured; `Some` is a verdict that ends
-    /// the hook (a failed count, with `count_errors`).
-    fn enter(&self, hook: &str) -> Option<Verdict> {
+    /// Counts and misbehaves as configured (`rcpt`: the local part of the
+    /// hook's recipient); `Some` is a verdict that ends the hook (a failed
+    /// count, with `count_errors`).
+    fn enter(&self, hook: &str, rcpt: Option<&str>) -> Option<Verdict> {
         if hook == "mail_from" {
             self.calls.set(0);
             self.transactions.set(self.transactions.get() + 1);
@@ -204,27 +209,29 @@ impl Testkit {
             }
         }
         match &self.misbehave {
-            Some(m) if m.hook == hook => match m.how.as_str() {
-                "trap" => panic!("testkit: trap in {hook}"),
-                // Asks for the envelope, which `connect` does not have.
-                "envelope" => {
-                    let _ = postern_sdk::envelope().sender.domain().len();
-                }
-                "loop" => {
-                    let mut n: u64 = 0;
-                    loop {
-                        n = std::hint::black_box(n.wrapping_add(1));
+            Some(m) if m.hook == hook && m.local.as_deref().is_none_or(|l| Some(l) == rcpt) => {
+                match m.how.as_str() {
+                    "trap" => panic!("testkit: trap in {hook}"),
+                    // Asks for the envelope, which `connect` does not have.
+                    "envelope" => {
+                        let _ = postern_sdk::envelope().sender.domain().len();
                     }
-                }
-                "alloc" => {
-                    let mut hoard: Vec<Vec<u8>> = Vec::new();
-                    loop {
-                        hoard.push(vec![1u8; 1 << 20]);
-                        std::hint::black_box(&hoard);
+                    "loop" => {
+                        let mut n: u64 = 0;
+                        loop {
+                            n = std::hint::black_box(n.wrapping_add(1));
+                        }
                     }
+                    "alloc" => {
+                        let mut hoard: Vec<Vec<u8>> = Vec::new();
+                        loop {
+                            hoard.push(vec![1u8; 1 << 20]);
+                            std::hint::black_box(&hoard);
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
-            },
+            }
             _ => {}
         }
         None
@@ -322,7 +329,7 @@ impl Plugin for Testkit {
     }
 
     fn connect(&self, _session: &Session) -> Verdict {
-        if let Some(v) = self.enter("connect") {
+        if let Some(v) = self.enter("connect", None) {
             return v;
         }
         self.set_metadata("connect");
@@ -330,7 +337,7 @@ impl Plugin for Testkit {
     }
 
     fn helo(&self, session: &Session) -> Verdict {
-        if let Some(v) = self.enter("helo") {
+        if let Some(v) = self.enter("helo", None) {
             return v;
         }
         self.set_metadata("helo");
@@ -354,7 +361,7 @@ impl Plugin for Testkit {
     }
 
     fn mail_from(&self, _session: &Session, _envelope: &Envelope) -> Verdict {
-        if let Some(v) = self.enter("mail_from") {
+        if let Some(v) = self.enter("mail_from", None) {
             return v;
         }
         self.set_metadata("mail_from");
@@ -369,7 +376,7 @@ impl Plugin for Testkit {
     }
 
     fn rcpt(&self, _session: &Session, rcpt: &Recipient) -> Verdict {
-        if let Some(v) = self.enter("rcpt") {
+        if let Some(v) = self.enter("rcpt", Some(rcpt.local_part())) {
             return v;
         }
         if self.show_context && rcpt.domain() != "local.test" {
@@ -380,7 +387,7 @@ impl Plugin for Testkit {
     }
 
     fn data(&self, session: &Session, envelope: &Envelope, message: &Message) -> Verdict {
-        if let Some(v) = self.enter("data") {
+        if let Some(v) = self.enter("data", None) {
             return v;
         }
         if self.show_authentication
@@ -472,7 +479,7 @@ impl Plugin for Testkit {
     }
 
     fn delivered(&self, _envelope: &Envelope, report: &DeliveryReport) {
-        let _ = self.enter("delivered");
+        let _ = self.enter("delivered", None);
         // A report that cannot be written shows as a missing line.
         if self.record_delivered {
             let _ = self.record(report);
@@ -480,7 +487,7 @@ impl Plugin for Testkit {
     }
 
     fn route(&self, _envelope: &Envelope, _rcpt: &Recipient, headers: &Headers) -> Routing {
-        let _ = self.enter("route");
+        let _ = self.enter("route", None);
         let Some(a) = self.hooks.get("route") else {
             return Route::Default.into();
         };
