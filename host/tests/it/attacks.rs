@@ -338,3 +338,76 @@ fn floods_and_slow_clients_do_not_starve_another_client() {
     }
     assert_eq!(relay.spooled().len(), 1);
 }
+
+/// AUTH brute force over STARTTLS with Python's smtplib: eight sessions
+/// from one address guess at once, five rounds each. Exactly
+/// `max_auth_failures` (5) guesses are checked, however many sessions race
+/// (attempts being checked count against the limit); every other one gets
+/// 454 4.7.0, and so does the right password from that address. A client
+/// from another address logs in and sends meanwhile, and once
+/// `auth_failure_window` has passed the first address may log in again.
+/// Only the two authenticated messages reach the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_guessing_is_throttled_per_address_and_others_still_log_in() {
+    use std::time::Instant;
+    const WINDOW: Duration = Duration::from_secs(5);
+    let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let port = free_port();
+    let cert = crate::support::tls::make_cert(dir.path());
+    let hash = postern::auth::hash_password("correct horse");
+    let config = format!(
+        "hostname = \"mx.ours.test\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+         tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n[spool]\npath = \"spool\"\n\
+         [relay]\ndomains = [\"ours.test\"]\n[limits]\nmax_auth_failures = 5\n\
+         auth_failure_window = \"{}s\"\n[delivery]\nsmarthost = \"smtp://{}\"\n\
+         [[user]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n",
+        WINDOW.as_secs(),
+        sink.addr
+    );
+    let relay = Relay::start_in(dir.clone(), port, &config);
+    let ca = cert.cert.to_str().unwrap().to_string();
+    let run = |args: &[&str]| -> serde_json::Value {
+        let script = include_str!("../fixtures/clients/auth_guess.py");
+        serde_json::from_str(&crate::support::run_python(script, args)).unwrap()
+    };
+    let p = port.to_string();
+    let (run_g, p_g, ca_g) = (run, p.clone(), ca.clone());
+    let guessed = tokio::task::spawn_blocking(move || {
+        run_g(&["guess", &p_g, &ca_g, "127.0.0.1", "alice", "8", "5"])
+    })
+    .await
+    .unwrap();
+    let done_guessing = Instant::now();
+    assert_eq!(guessed, serde_json::json!({"535": 5, "454": 35}));
+
+    let send = |source: &'static str| {
+        let (run, p, ca) = (run, p.clone(), ca.clone());
+        tokio::task::spawn_blocking(move || {
+            run(&["send", &p, &ca, source, "alice", "correct horse"])
+        })
+    };
+    // The right password from the guessing address: refused too, unchecked.
+    let same = send("127.0.0.1").await.unwrap();
+    let refused_within = done_guessing.elapsed();
+    assert!(
+        refused_within < WINDOW,
+        "too slow to see the lockout: {refused_within:?}"
+    );
+    assert_eq!(same, serde_json::json!({"auth": 454}));
+    // Another address is not locked out.
+    let other = send("127.0.0.2").await.unwrap();
+    assert_eq!(other, serde_json::json!({"auth": 235, "sent": true}));
+    // The window over, the first address logs in again.
+    tokio::time::sleep(WINDOW.saturating_sub(done_guessing.elapsed()) + Duration::from_millis(500))
+        .await;
+    let later = send("127.0.0.1").await.unwrap();
+    assert_eq!(later, serde_json::json!({"auth": 235, "sent": true}));
+
+    let got = sink.wait_for(2, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.messages().len(), 2, "{got:?}");
+    let log = crate::support::plain(&relay.log());
+    let failed = log.matches("authentication failed").count();
+    assert_eq!(failed, 5, "only five guesses were checked:\n{log}");
+}
