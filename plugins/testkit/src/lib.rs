@@ -15,6 +15,8 @@
 //! tag_instance = true                            # data adds X-Testkit-Calls (hooks this instance ran since MAIL)
 //!                                                # and X-Testkit-Transactions (MAILs this instance has seen)
 //! inspect = true                                 # data adds X-Testkit-Inspect: subject, parts, text, attachments
+//! walk = true                                    # data reads every part and text body and adds X-Testkit-Walk:
+//!                                                # parts, containers, texts and bytes read
 //! set_metadata = [{ hook = "connect", scope = "session", key = "k", value = "v" }]
 //!                                                # set at that hook; data adds X-Testkit-Set-Error for a refused set there
 //! show_metadata = ["kit.session.k", "other.transaction.k"]
@@ -112,6 +114,8 @@ struct Testkit {
     tag_instance: bool,
     #[serde(default)]
     inspect: bool,
+    #[serde(default)]
+    walk: bool,
     /// Data hook: adds `X-Testkit-Context` with what the hook read of its
     /// session and envelope, and `rcpt` and `route` check their recipient.
     #[serde(default)]
@@ -322,6 +326,34 @@ fn inspect(message: &Message) -> String {
     out
 }
 
+/// Reads the whole MIME tree through the message API, as a scanner would:
+/// every part's content (containers hold their raw body) and every text
+/// body; the counts on one line.
+fn walk(message: &Message) -> String {
+    use std::io::Read;
+    let parts = message.parts();
+    let mut containers = 0;
+    let mut bytes = 0u64;
+    let mut chunk = vec![0u8; 16 * 1024];
+    for p in &parts {
+        if p.content_type.starts_with("multipart/") {
+            containers += 1;
+        }
+        let mut reader = message.part_reader(p.index);
+        while let Ok(n @ 1..) = reader.read(&mut chunk) {
+            bytes += n as u64;
+        }
+    }
+    let mut texts = 0;
+    while message.text_body(texts).is_some() {
+        texts += 1;
+    }
+    format!(
+        "parts={}; containers={containers}; texts={texts}; bytes={bytes}",
+        parts.len()
+    )
+}
+
 #[postern_sdk::plugin]
 impl Plugin for Testkit {
     fn init(config: Config) -> Result<Self, ConfigError> {
@@ -452,6 +484,13 @@ impl Plugin for Testkit {
         if self.inspect
             && message
                 .add_header("X-Testkit-Inspect", &inspect(message))
+                .is_err()
+        {
+            return Verdict::reject(554, "5.6.0", "header edit refused");
+        }
+        if self.walk
+            && message
+                .add_header("X-Testkit-Walk", &walk(message))
                 .is_err()
         {
             return Verdict::reject(554, "5.6.0", "header edit refused");
