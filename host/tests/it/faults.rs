@@ -1,7 +1,8 @@
 //! Faults under load, each test ending by counting: every message ends
 //! delivered, deferred with its reason, or bounced; none is silently dropped.
 //! Next hops that refuse, drop, stall, crawl or break TLS; SIGKILL again and
-//! again; the spool's disk full; Redis down and back under a kv plugin.
+//! again; the spool's disk full; Redis down and back under a kv plugin;
+//! plugins that trap, loop and exhaust their memory beside normal traffic.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
