@@ -155,6 +155,16 @@ async fn selectors_suspend_and_summary_on_a_running_relay() {
     let suspended: serde_json::Value =
         serde_json::from_str(&ok(&dir, &["suspended", "--json"])).unwrap();
     assert_eq!(suspended[0]["domain"], "slow.test");
+    // The queue gauges count what was spooled before the restart, read
+    // once in the background.
+    let held = crate::support::eventually(Duration::from_secs(10), || {
+        let page = get(&format!("{base}/metrics"), Some(TOKEN)).body;
+        let series = |s: &str| format!("postern_queue_messages{{state=\"{s}\"}}");
+        let counts = ["queued", "deferred", "held"].map(|s| super::sample(&page, &series(s)));
+        (counts == [Some(0.0), Some(0.0), Some(3.0)]).then_some(())
+    })
+    .await;
+    assert!(held.is_some(), "three held after the restart");
 
     // Resumed, the held ones still wait; released (over HTTP), they go.
     let resumed = post_json(
