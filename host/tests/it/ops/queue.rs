@@ -237,8 +237,8 @@ async fn a_timed_suspension_ends_by_itself() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_suspend_stops_a_connection_working_through_its_queue() {
     const N: usize = 30;
-    // Every reply 40 ms late: a transaction takes a few hundred ms.
-    let sink = Sink::start("127.0.0.1", Options::new(Behavior::Slow(40))).await;
+    // Every reply 60 ms late: a transaction takes a few hundred ms.
+    let sink = Sink::start("127.0.0.1", Options::new(Behavior::Slow(60))).await;
     let delivery = format!(
         "smarthost = \"smtp://{}\"\nmax_per_destination = 1",
         sink.addr
