@@ -229,6 +229,9 @@ struct Active {
     jobs_left: usize,
     cancel: Option<Cancel>,
     body: Option<Arc<Vec<u8>>>,
+    /// Some recipient of this pass has an outcome: false while every job
+    /// found its recipients' domains suspended at the connection.
+    tried: bool,
 }
 
 struct Dest {
@@ -729,6 +732,8 @@ impl Shared {
         // until the earliest suspension ends (`None`: until a resume).
         let mut held_back: Option<Option<u64>> = None;
         let mut decided = false;
+        // Recipients given an outcome here, without a connection.
+        let mut settled_here = false;
         for (i, rcpt) in meta.envelope.recipients.iter().enumerate() {
             if !dstate.recipients[i].is_open() {
                 continue;
@@ -738,10 +743,7 @@ impl Shared {
                 continue;
             }
             if let Some(until) = self.suspended().blocks(rcpt.address.domain(), now) {
-                held_back = Some(match (held_back.flatten(), until) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                });
+                held_back = Some(sooner(held_back, until));
                 continue;
             }
             decided = true;
@@ -777,6 +779,7 @@ impl Shared {
                         .push(i);
                 }
                 Decision::Discard => {
+                    settled_here = true;
                     let o = Outcome::delivered(
                         Reply::new(250, "2.0.0", "discarded by route"),
                         None,
@@ -785,6 +788,7 @@ impl Shared {
                     self.apply(id, &meta, &mut dstate, i, &o, &attempt("discard"));
                 }
                 Decision::Reject(reply) => {
+                    settled_here = true;
                     // A 4xx from the route hook (a plugin's tempfail, or its
                     // on_error = "tempfail") defers the recipient; anything
                     // else that is not a 5xx is made one.
@@ -805,6 +809,7 @@ impl Shared {
                     self.apply(id, &meta, &mut dstate, i, &o, &attempt("reject"));
                 }
                 Decision::LocalFolder(dir) => {
+                    settled_here = true;
                     let o = match self.write_local(&dir, id, i, &body) {
                         Ok(path) => Outcome::delivered(
                             Reply::new(250, "2.0.0", format!("filed as {}", path.display())),
@@ -831,6 +836,7 @@ impl Shared {
             jobs_left: groups.len(),
             cancel: None,
             body,
+            tried: settled_here || groups.is_empty(),
         };
         if groups.is_empty() {
             self.lock().settling.insert(id.clone());
@@ -1497,6 +1503,7 @@ impl Shared {
             for (i, o) in &results {
                 self.apply(id, &meta, &mut a.state, *i, o, attempt);
             }
+            a.tried |= !results.is_empty();
             a.jobs_left = a.jobs_left.saturating_sub(1);
             if a.jobs_left == 0 {
                 let a = s.active.remove(id);
@@ -1540,6 +1547,9 @@ impl Shared {
         }
         let meta = a.meta.clone();
         let now = unix_now();
+        if !a.tried && a.cancel.is_none() {
+            return self.held_back(&meta, &a.state, now);
+        }
         a.state.attempts += 1;
         let age = now.saturating_sub(a.state.age_from(&meta));
         let max_age = self.config.delivery.max_age.0.as_secs();
@@ -1648,6 +1658,31 @@ impl Shared {
             return Settled::Done;
         }
         Settled::Retry(next)
+    }
+
+    /// A pass in which a suspension that came after it started held back
+    /// every recipient: nothing was tried, so no attempt is counted and
+    /// nothing is written; the message waits as one held back when taken
+    /// in does, until the earliest suspension ends or a resume (if the
+    /// suspension was lifted meanwhile, the resume's flush found the
+    /// message in hand: it is tried again now).
+    fn held_back(&self, meta: &QueuedMeta, st: &DeliveryState, now: u64) -> Settled {
+        let suspended = self.suspended();
+        let mut until: Option<Option<u64>> = None;
+        for (i, r) in meta.envelope.recipients.iter().enumerate() {
+            if !st.recipients[i].is_open() {
+                continue;
+            }
+            match suspended.blocks(r.address.domain(), now) {
+                None => return Settled::Retry(now),
+                Some(end) => until = Some(sooner(until, end)),
+            }
+        }
+        match until {
+            Some(Some(at)) => Settled::Retry(at),
+            Some(None) => Settled::Done,
+            None => Settled::Retry(now),
+        }
     }
 
     /// The wait before the next attempt: the `retry` list, its last interval
@@ -1803,6 +1838,17 @@ impl Shared {
                 _ = self.timer.notified() => {}
             }
         }
+    }
+}
+
+/// When the first of several suspensions ends: `held` so far (`None`: no
+/// suspension yet) and one more ending at `until`; `None` inside is "at a
+/// resume", which ends later than any time.
+fn sooner(held: Option<Option<u64>>, until: Option<u64>) -> Option<u64> {
+    match (held, until) {
+        (None, u) => u,
+        (Some(Some(a)), Some(b)) => Some(a.min(b)),
+        (Some(a), b) => a.or(b),
     }
 }
 

@@ -274,11 +274,25 @@ async fn a_suspend_stops_a_connection_working_through_its_queue() {
         "only the message in flight may finish: {at_suspend} then {after}"
     );
     let waiting = crate::support::eventually(Duration::from_secs(10), || {
-        let w = ids(&ok(&dir, &["list", "--domain", "busy.test", "--json"]));
+        let list = [
+            "list",
+            "--domain",
+            "busy.test",
+            "--state",
+            "queued",
+            "--json",
+        ];
+        let w = ids(&ok(&dir, &list));
         (w.len() == N - after).then_some(w)
     })
     .await;
+    // Untried: queued, not deferred, with no attempt counted.
     assert!(waiting.is_some(), "the rest stay queued");
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["list", "--domain", "busy.test", "--json"])).unwrap();
+    for e in all.as_array().unwrap() {
+        assert_eq!(e["attempts"], 0, "{e}");
+    }
     assert_eq!(sink.messages().len(), after, "still nothing more");
 
     ok(&dir, &["resume", "--domain", "busy.test"]);
