@@ -53,16 +53,45 @@ pub fn hash_password(password: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     users: Arc<HashMap<String, StoredHash>>,
-    failures: Arc<Mutex<HashMap<IpAddr, (u32, Instant)>>>,
+    tallies: Arc<Mutex<HashMap<IpAddr, Tally>>>,
     max_failures: u32,
+    window: Duration,
 }
 
-/// How long a client that reached the failure limit must wait.
-const THROTTLE_WINDOW: Duration = Duration::from_secs(300);
+/// One client address's failed attempts.
+#[derive(Debug)]
+struct Tally {
+    /// Failures since the last success, within the window.
+    failures: u32,
+    /// Attempts being checked now: they count against the limit as if they
+    /// had failed, so many connections guessing at once get no more tries
+    /// than one connection guessing in turn.
+    checking: u32,
+    /// The last failure.
+    last: Instant,
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// The password is right.
+    Ok,
+    /// Wrong user or password.
+    Failed,
+    /// The client reached the failure limit: nothing was checked.
+    Throttled,
+}
+
+/// Past this many client addresses with failures, those whose window is
+/// over are dropped, so guesses from many addresses cannot grow the table
+/// without end.
+const PRUNE_AT: usize = 10_000;
 
 impl Authenticator {
-    /// Builds from the config (hashes were checked when the config was loaded).
-    pub fn new(users: &[UserConfig], max_failures: usize) -> Authenticator {
+    /// Builds from the config (hashes were checked when the config was
+    /// loaded): `max_failures` failed attempts from one client address
+    /// lock it out until `window` has passed since its last failure.
+    pub fn new(users: &[UserConfig], max_failures: usize, window: Duration) -> Authenticator {
         let users = users
             .iter()
             .filter_map(|u| {
@@ -73,8 +102,9 @@ impl Authenticator {
             .collect();
         Authenticator {
             users: Arc::new(users),
-            failures: Arc::default(),
+            tallies: Arc::default(),
             max_failures: max_failures.max(1) as u32,
+            window,
         }
     }
 
@@ -83,26 +113,72 @@ impl Authenticator {
         !self.users.is_empty()
     }
 
-    /// True while a client is locked out after too many failures.
+    fn tallies(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Tally>> {
+        self.tallies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True while a client is locked out after too many failures (or has as
+    /// many attempts being checked).
     pub fn is_throttled(&self, ip: IpAddr) -> bool {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        match failures.get(&ip) {
-            Some((_, since)) if since.elapsed() > THROTTLE_WINDOW => {
-                failures.remove(&ip);
-                false
-            }
-            Some((n, _)) => *n >= self.max_failures,
+        let mut tallies = self.tallies();
+        match tallies.get_mut(&ip) {
+            Some(t) => self.spent(t),
             None => false,
         }
     }
 
-    /// Checks credentials. The hash runs on the blocking pool (argon2 takes tens
-    /// of milliseconds of CPU on purpose); an unknown user costs the same as a
-    /// wrong password so timing does not reveal which names exist.
-    pub async fn verify(&self, ip: IpAddr, user: &str, password: &str) -> bool {
+    /// Whether `t` has used up its attempts; a window over forgets its failures.
+    fn spent(&self, t: &mut Tally) -> bool {
+        if t.failures > 0 && t.last.elapsed() > self.window {
+            t.failures = 0;
+        }
+        t.failures + t.checking >= self.max_failures
+    }
+
+    /// Checks credentials, unless the client is throttled. The hash runs on
+    /// the blocking pool (argon2 takes tens of milliseconds of CPU on
+    /// purpose); an unknown user costs the same as a wrong password so
+    /// timing does not reveal which names exist.
+    pub async fn check(&self, ip: IpAddr, user: &str, password: &str) -> Checked {
+        let Some(attempt) = self.reserve(ip) else {
+            return Checked::Throttled;
+        };
+        let ok = self.verify(user, password).await;
+        attempt.settle(ok);
+        if ok {
+            Checked::Ok
+        } else {
+            Checked::Failed
+        }
+    }
+
+    /// Counts an attempt as being checked, if the client has one left.
+    fn reserve(&self, ip: IpAddr) -> Option<Attempt<'_>> {
+        let mut tallies = self.tallies();
+        if tallies.len() >= PRUNE_AT {
+            let window = self.window;
+            tallies.retain(|_, t| t.checking > 0 || t.last.elapsed() <= window);
+        }
+        let t = tallies.entry(ip).or_insert(Tally {
+            failures: 0,
+            checking: 0,
+            last: Instant::now(),
+        });
+        if self.spent(t) {
+            return None;
+        }
+        t.checking += 1;
+        Some(Attempt {
+            auth: self,
+            ip,
+            settled: false,
+        })
+    }
+
+    async fn verify(&self, user: &str, password: &str) -> bool {
         let stored = self.users.get(user).cloned();
         let password = password.to_string();
-        let ok = tokio::task::spawn_blocking(move || match stored {
+        tokio::task::spawn_blocking(move || match stored {
             Some(StoredHash::Argon2(h)) => PasswordHash::new(&h)
                 .map(|parsed| {
                     Argon2::default()
@@ -120,16 +196,47 @@ impl Authenticator {
             }
         })
         .await
-        .unwrap_or(false);
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        .unwrap_or(false)
+    }
+}
+
+/// An attempt being checked; one dropped unsettled (its session went away
+/// meanwhile) counts as a failure.
+struct Attempt<'a> {
+    auth: &'a Authenticator,
+    ip: IpAddr,
+    settled: bool,
+}
+
+impl Attempt<'_> {
+    fn settle(mut self, ok: bool) {
+        self.record(ok);
+    }
+
+    fn record(&mut self, ok: bool) {
+        self.settled = true;
+        let mut tallies = self.auth.tallies();
+        let Some(t) = tallies.get_mut(&self.ip) else {
+            return;
+        };
+        t.checking = t.checking.saturating_sub(1);
         if ok {
-            failures.remove(&ip);
+            t.failures = 0;
         } else {
-            let entry = failures.entry(ip).or_insert((0, Instant::now()));
-            entry.0 += 1;
-            entry.1 = Instant::now();
+            t.failures += 1;
+            t.last = Instant::now();
         }
-        ok
+        if t.failures == 0 && t.checking == 0 {
+            tallies.remove(&self.ip);
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.record(false);
+        }
     }
 }
 
@@ -149,15 +256,40 @@ mod tests {
                 password_hash: bcrypt::hash("builder", 4).unwrap(),
             },
         ];
-        let auth = Authenticator::new(&users, 2);
+        let auth = Authenticator::new(&users, 2, Duration::from_millis(300));
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        assert!(auth.verify(ip, "alice", "wonderland").await);
-        assert!(auth.verify(ip, "bob", "builder").await);
+        assert_eq!(auth.check(ip, "alice", "wonderland").await, Checked::Ok);
+        assert_eq!(auth.check(ip, "bob", "builder").await, Checked::Ok);
         assert!(!auth.is_throttled(ip));
-        assert!(!auth.verify(ip, "alice", "wrong").await);
-        assert!(!auth.verify(ip, "mallory", "x").await);
+        assert_eq!(auth.check(ip, "alice", "wrong").await, Checked::Failed);
+        assert_eq!(auth.check(ip, "mallory", "x").await, Checked::Failed);
         assert!(auth.is_throttled(ip));
-        assert!(!auth.is_throttled("192.0.2.2".parse().unwrap()));
+        // Throttled, even the right password is not checked.
+        assert_eq!(
+            auth.check(ip, "alice", "wonderland").await,
+            Checked::Throttled
+        );
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(!auth.is_throttled(other));
+        // Attempts in flight count: of five at once, two are checked.
+        let guess = || auth.check(other, "alice", "guess");
+        let (a, b, c, d, e) = tokio::join!(guess(), guess(), guess(), guess(), guess());
+        let mut answers = [a, b, c, d, e];
+        answers.sort_by_key(|c| *c as u8);
+        assert_eq!(
+            answers,
+            [
+                Checked::Failed,
+                Checked::Failed,
+                Checked::Throttled,
+                Checked::Throttled,
+                Checked::Throttled
+            ]
+        );
+        // The window over, the client may try again.
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(!auth.is_throttled(ip));
+        assert_eq!(auth.check(ip, "alice", "wonderland").await, Checked::Ok);
     }
 
     #[test]

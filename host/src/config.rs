@@ -314,8 +314,13 @@ pub struct LimitsConfig {
     pub data_timeout: HumanDuration,
     /// Errors before the session is closed.
     pub max_errors: usize,
-    /// Failed AUTH attempts per client address before AUTH is refused for a while.
+    /// Failed AUTH attempts per client address before AUTH is refused
+    /// (454 4.7.0) for `auth_failure_window`; attempts being checked at
+    /// once count too.
     pub max_auth_failures: usize,
+    /// How long a client address that reached `max_auth_failures` is
+    /// refused, from its last failure.
+    pub auth_failure_window: HumanDuration,
     /// Longest line accepted in message content before 552 (lines over 998 octets
     /// are folded on the way out).
     pub max_line_length: usize,
@@ -340,6 +345,7 @@ impl Default for LimitsConfig {
             data_timeout: HumanDuration(Duration::from_secs(600)),
             max_errors: 20,
             max_auth_failures: 5,
+            auth_failure_window: HumanDuration(Duration::from_secs(300)),
             max_line_length: 64 * 1024,
             max_received_headers: 100,
             shutdown_grace: HumanDuration(Duration::from_secs(30)),

@@ -21,6 +21,7 @@
 //! - [`envelope`]: sender, recipients, parameters, client facts.
 //! - [`metadata`]: what plugins remember per session and per message.
 //! - [`queue`]: the durable spool; a 250 after DATA means it is fsynced here.
+//!   Its index keeps the messages by state for `/metrics`.
 //! - [`record`]: one transaction as JSON (session facts, envelope, metadata),
 //!   shown by `postern queue show --json` and replayed by `postern plugin test`.
 //! - [`delivery`]: the queue manager and SMTP client that take spooled mail to

@@ -101,7 +101,11 @@ impl Context {
         let config = Arc::new(config);
         let spool = Spool::open(&config.resolve(&config.spool.path))?;
         let access = AccessRules::from_config(&config)?;
-        let auth = Authenticator::new(&config.users, config.limits.max_auth_failures);
+        let auth = Authenticator::new(
+            &config.users,
+            config.limits.max_auth_failures,
+            config.limits.auth_failure_window.0,
+        );
         let message_memory = Arc::new(Semaphore::new(config.limits.max_message_memory / 1024));
         let dns = Dns::new(&config.delivery.nameservers).map_err(Error::Resolver)?;
         let verifier = Verifier::new(

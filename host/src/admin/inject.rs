@@ -40,6 +40,7 @@ use sha2::Digest as _;
 use super::metrics::{metrics, Result_, Source};
 use super::serve::ConnInfo;
 use super::State;
+use crate::auth::Checked;
 use crate::authn::Results;
 use crate::delivery::state::unix_now;
 use crate::envelope::{Address, Body, Envelope, MailParams, Recipient, SessionInfo};
@@ -374,11 +375,14 @@ async fn credentials(
         return Err(unauthorized());
     };
     let ip = conn.peer.ip();
-    if state.ctx.auth.is_throttled(ip) {
-        return Err(Refusal::status(
+    let throttled = || {
+        Refusal::status(
             StatusCode::TOO_MANY_REQUESTS,
             "too many failed logins from this address; try again later",
-        ));
+        )
+    };
+    if state.ctx.auth.is_throttled(ip) {
+        return Err(throttled());
     }
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(basic.trim())
@@ -386,11 +390,13 @@ async fn credentials(
         .and_then(|b| String::from_utf8(b).ok())
         .ok_or_else(unauthorized)?;
     let (user, password) = decoded.split_once(':').ok_or_else(unauthorized)?;
-    if state.ctx.auth.verify(ip, user, password).await {
-        Ok(Some(user.to_string()))
-    } else {
-        tracing::info!(peer = %conn.peer, user, "injection: authentication failed");
-        Err(unauthorized())
+    match state.ctx.auth.check(ip, user, password).await {
+        Checked::Ok => Ok(Some(user.to_string())),
+        Checked::Failed => {
+            tracing::info!(peer = %conn.peer, user, "injection: authentication failed");
+            Err(unauthorized())
+        }
+        Checked::Throttled => Err(throttled()),
     }
 }
 

@@ -1,17 +1,12 @@
 //! The `/metrics` page: the counters of [`super::metrics`], and what is
-//! read at scrape time: the queue by state (from a reading of the spool at
-//! most a few seconds old), delivery's connections and active set, and the
+//! read at scrape time: the queue by state (from the spool's index, kept as
+//! messages change state), delivery's connections and active set, and the
 //! plugin chain's per-plugin, per-hook counters.
-
-use std::time::Duration;
 
 use super::metrics::{metrics, Page};
 use super::State;
-use crate::delivery::control::STATES;
 use crate::plugins::stats::HookExport;
-
-/// How old a reading of the queue a scrape may use.
-const QUEUE_READING_AGE: Duration = Duration::from_secs(5);
+use crate::queue::index::STATES;
 
 /// Plugin call latency buckets written: 2^i µs for these `i` (16 µs to 16 s).
 const PLUGIN_BUCKETS: [usize; 11] = [4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24];
@@ -20,7 +15,7 @@ const PLUGIN_BUCKETS: [usize; 11] = [4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24];
 pub async fn page(state: &State) -> String {
     let mut page = Page::new();
     metrics().write(&mut page);
-    queue(state, &mut page).await;
+    queue(state, &mut page);
     let (connections, active) = state.delivery.load();
     page.family(
         "postern_outbound_connections",
@@ -44,29 +39,15 @@ pub async fn page(state: &State) -> String {
     page.finish()
 }
 
-async fn queue(state: &State, page: &mut Page) {
-    let entries = match state.queue(QUEUE_READING_AGE).await {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the queue for /metrics");
-            return;
-        }
-    };
+fn queue(state: &State, page: &mut Page) {
     let now = crate::delivery::state::unix_now();
-    let mut counts = [0u64; STATES.len()];
-    let mut oldest = [None::<u64>; STATES.len()];
-    for e in entries.iter() {
-        if let Some(i) = STATES.iter().position(|s| *s == e.state) {
-            counts[i] += 1;
-            oldest[i] = Some(oldest[i].map_or(e.received, |o| o.min(e.received)));
-        }
-    }
+    let counts = state.ctx.spool.index().counts(now);
     page.family(
         "postern_queue_messages",
         "gauge",
-        "Messages in the spool by state (read at most a few seconds ago).",
+        "Messages in the spool by state.",
     );
-    for (s, n) in STATES.iter().zip(counts) {
+    for (s, n) in STATES.iter().zip(counts.messages) {
         page.sample("postern_queue_messages", &[("state", s)], n);
     }
     page.family(
@@ -74,8 +55,8 @@ async fn queue(state: &State, page: &mut Page) {
         "gauge",
         "Age of the oldest message in the spool by state; 0 when there is none.",
     );
-    for (s, o) in STATES.iter().zip(oldest) {
-        let age = o.map_or(0, |r| now.saturating_sub(r));
+    for (s, o) in STATES.iter().zip(counts.oldest_micros) {
+        let age = o.map_or(0, |micros| now.saturating_sub(micros / 1_000_000));
         page.sample("postern_queue_oldest_age_seconds", &[("state", s)], age);
     }
 }
@@ -134,6 +115,13 @@ fn plugins(state: &State, page: &mut Page) {
         "verdict",
         kinds,
     );
+    let shadowed: Vec<&str> = chain
+        .plugins()
+        .iter()
+        .filter(|p| p.shadow.is_some())
+        .map(|p| p.name())
+        .collect();
+    shadows(page, &all, &shadowed);
     let kinds = |h: &HookExport| h.errors.clone();
     plugin_counters(
         page,
@@ -143,6 +131,35 @@ fn plugins(state: &State, page: &mut Page) {
         "kind",
         kinds,
     );
+}
+
+/// One count read from a hook's counters.
+type HookCount = fn(&HookExport) -> u64;
+
+/// How often each plugin's shadow answered a call as it did, and otherwise,
+/// per hook (for plugins with a shadow only).
+fn shadows(page: &mut Page, all: &[(String, Vec<HookExport>)], shadowed: &[&str]) {
+    let families: [(&str, &str, HookCount); 2] = [
+        (
+            "postern_plugin_shadow_agreements_total",
+            "Calls a plugin's shadow answered as the plugin did, per plugin and hook.",
+            |h| h.shadow_agreed,
+        ),
+        (
+            "postern_plugin_shadow_disagreements_total",
+            "Calls a plugin's shadow answered otherwise than the plugin (never enforced), per plugin and hook.",
+            |h| h.shadow_disagreed,
+        ),
+    ];
+    for (name, help, count) in families {
+        page.family(name, "counter", help);
+        for (plugin, hooks) in all.iter().filter(|(p, _)| shadowed.contains(&p.as_str())) {
+            for h in hooks {
+                let labels = [("plugin", plugin.as_str()), ("hook", h.hook.as_str())];
+                page.sample(name, &labels, count(h));
+            }
+        }
+    }
 }
 
 /// A counter family per plugin, hook and one kind of count.

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::metrics::{metrics, DeliveryOutcome, RecentDelivery, Source};
 use super::State;
-use crate::delivery::control::{Summary, STATES};
+use crate::delivery::control::Summary;
 use crate::delivery::state::unix_now;
 
 /// The page.
@@ -147,13 +147,11 @@ pub async fn status(AxState(state): AxState<Arc<State>>) -> Response {
             )
         }
     };
-    let mut counts = [0u64; STATES.len()];
-    for e in entries.iter() {
-        if let Some(i) = STATES.iter().position(|s| *s == e.state) {
-            counts[i] += 1;
-        }
-    }
+    // The counts from the spool's index, exact now; the destinations from
+    // the reading of the queue.
     let now = unix_now();
+    let index = state.ctx.spool.index().counts(now);
+    let counts = index.messages;
     let summary = Summary::of(&entries);
     let (in_, out) = state.rates.series();
     let (outbound, _) = state.delivery.load();
@@ -173,11 +171,12 @@ pub async fn status(AxState(state): AxState<Arc<State>>) -> Response {
             queued: counts[0],
             deferred: counts[1],
             held: counts[2],
-            oldest: entries
+            oldest: index
+                .oldest_micros
                 .iter()
-                .map(|e| e.received)
+                .flatten()
                 .min()
-                .map(|r| now.saturating_sub(r)),
+                .map(|micros| now.saturating_sub(micros / 1_000_000)),
         },
         destinations: summary
             .destinations

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::state::{self, unix_now, Status};
 use super::suspend::{Suspension, Suspensions};
 use super::Delivery;
-use crate::queue::{self, QueueId, Spool};
+use crate::queue::{self, Place, QueueId, Spool};
 use crate::record::Record;
 
 /// The socket's name inside the spool folder.
@@ -50,7 +50,7 @@ pub struct Selector {
 }
 
 /// The states a message can be listed in.
-pub const STATES: [&str; 4] = ["queued", "deferred", "held", "quarantine"];
+pub use crate::queue::index::STATES;
 
 impl Selector {
     /// True when no field narrows the choice.
@@ -307,15 +307,7 @@ pub fn entry(queue_dir: &Path, id: &QueueId) -> Result<Entry, queue::Error> {
     let record = Record::of(&meta);
     let held = st.is_held(&meta);
     let now = unix_now();
-    let state = if st.is_quarantined(&meta) {
-        "quarantine"
-    } else if held {
-        "held"
-    } else if st.attempts > 0 && st.next_attempt > now {
-        "deferred"
-    } else {
-        "queued"
-    };
+    let state = st.place(&meta).state(now);
     let recipients: Vec<RecipientEntry> = meta
         .envelope
         .recipients
@@ -375,8 +367,25 @@ pub fn list(queue_dir: &Path) -> Result<Vec<Entry>, queue::Error> {
     Ok(out)
 }
 
-/// Sets or clears the operator hold in a message's state file.
-pub fn set_hold(queue_dir: &Path, id: &QueueId, hold: bool) -> Result<(), queue::Error> {
+/// Where every message in a spool `queue/` folder stands (messages that
+/// vanish meanwhile, or do not load, are left out).
+pub fn places(queue_dir: &Path) -> Result<Vec<(QueueId, Place)>, queue::Error> {
+    let mut out = Vec::new();
+    for id in queue::list_ids(queue_dir)? {
+        let Ok(stored) = queue::spool_load(&queue_dir.join(id.as_str()), &id) else {
+            continue;
+        };
+        let meta = stored.meta;
+        let st =
+            state::load(queue_dir, &meta, &id).unwrap_or_else(|_| state::DeliveryState::new(&meta));
+        out.push((id, st.place(&meta)));
+    }
+    Ok(out)
+}
+
+/// Sets or clears the operator hold in a message's state file; returns
+/// where the message stands then.
+pub fn set_hold(queue_dir: &Path, id: &QueueId, hold: bool) -> Result<Place, queue::Error> {
     let stored = queue::spool_load(&queue_dir.join(id.as_str()), id)?;
     let mut st = state::load(queue_dir, &stored.meta, id)
         .unwrap_or_else(|_| state::DeliveryState::new(&stored.meta));
@@ -388,20 +397,22 @@ pub fn set_hold(queue_dir: &Path, id: &QueueId, hold: bool) -> Result<(), queue:
         st.released = true;
         st.next_attempt = 0;
     }
-    state::store(queue_dir, id, &st)
+    state::store(queue_dir, id, &st)?;
+    Ok(st.place(&stored.meta))
 }
 
-/// Makes a message due now (its retry time passed).
-pub(super) fn flush_file(queue_dir: &Path, id: &QueueId) -> Result<(), queue::Error> {
+/// Makes a message due now (its retry time passed); returns where it stands then.
+pub(super) fn flush_file(queue_dir: &Path, id: &QueueId) -> Result<Place, queue::Error> {
     let stored = queue::spool_load(&queue_dir.join(id.as_str()), id)?;
+    // A damaged state is started over at the next attempt.
     let Ok(mut st) = state::load(queue_dir, &stored.meta, id) else {
-        return Ok(());
+        return Ok(Place::Queued);
     };
     if st.next_attempt != 0 {
         st.next_attempt = 0;
         state::store(queue_dir, id, &st)?;
     }
-    Ok(())
+    Ok(st.place(&stored.meta))
 }
 
 impl Entry {
@@ -703,9 +714,9 @@ fn handle_direct(spool: &Spool, req: Request) -> Result<Answer, Failure> {
             };
             for id in &ids {
                 let done = match action {
-                    Action::Flush => flush_file(&dir, id),
-                    Action::Hold => set_hold(&dir, id, true),
-                    Action::Release => set_hold(&dir, id, false),
+                    Action::Flush => flush_file(&dir, id).map(drop),
+                    Action::Hold => set_hold(&dir, id, true).map(drop),
+                    Action::Release => set_hold(&dir, id, false).map(drop),
                     Action::Delete => state::remove_message(spool, id),
                 };
                 match done {

@@ -36,7 +36,7 @@ use crate::envelope::Address;
 use crate::plugins::delivered::{self, Reporter};
 use crate::plugins::ChainHandle;
 use crate::policy::{Queued, RouteQuery};
-use crate::queue::{off_runtime, QueueId, QueuedMeta, Spool, Spooled};
+use crate::queue::{off_runtime, Place, QueueId, QueuedMeta, Spool, Spooled};
 use crate::server::Context;
 use crate::smtp::reply::Reply;
 
@@ -229,6 +229,9 @@ struct Active {
     jobs_left: usize,
     cancel: Option<Cancel>,
     body: Option<Arc<Vec<u8>>>,
+    /// Some recipient of this pass has an outcome: false while every job
+    /// found its recipients' domains suspended at the connection.
+    tried: bool,
 }
 
 struct Dest {
@@ -354,6 +357,18 @@ impl Delivery {
         if removed > 0 {
             tracing::info!(removed, "removed delivery states of messages already gone");
         }
+        // The messages spooled before the start, by state, for `/metrics`:
+        // read once, off the runtime, while delivery starts on them.
+        let (spool, dir) = (ctx.spool.clone(), delivery.shared.queue_dir.clone());
+        tokio::spawn(async move {
+            match off_runtime(move || super::control::places(&dir)).await {
+                Ok(found) => spool.index().seed(found),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the spool's messages by state");
+                    spool.index().seed(Vec::new());
+                }
+            }
+        });
         let admitter = delivery.shared.clone();
         tokio::spawn(async move {
             while let Some(spooled) = rx.recv().await {
@@ -413,7 +428,7 @@ impl Delivery {
     pub(crate) async fn hold(&self, id: &QueueId) -> Result<(), crate::queue::Error> {
         let on_active = |a: &mut Active| a.cancel = Some(Cancel::Held);
         self.edit(id, on_active, |dir, id| {
-            super::control::set_hold(dir, id, true)
+            super::control::set_hold(dir, id, true).map(Some)
         })
         .await
     }
@@ -426,7 +441,7 @@ impl Delivery {
             }
         };
         self.edit(id, on_active, |dir, id| {
-            super::control::set_hold(dir, id, false)
+            super::control::set_hold(dir, id, false).map(Some)
         })
         .await?;
         self.shared.clone().admit(id.clone(), true).await;
@@ -441,7 +456,7 @@ impl Delivery {
         let spool = self.shared.spool.clone();
         let on_active = |a: &mut Active| a.cancel = Some(Cancel::Deleted);
         self.edit(id, on_active, move |_, id| {
-            state::remove_message(&spool, id)
+            state::remove_message(&spool, id).map(|()| None)
         })
         .await
     }
@@ -451,12 +466,15 @@ impl Delivery {
     /// `on_active`, applied when the pass ends; one being admitted or settled
     /// is waited for. Otherwise the message is kept out of every pass while
     /// `edit` changes its files, so no pass reads them half-changed and no
-    /// pass's newer state is written over with an older one.
+    /// pass's newer state is written over with an older one. `edit` returns
+    /// where the message stands afterwards, if it is still in the spool.
     async fn edit(
         &self,
         id: &QueueId,
         on_active: impl FnOnce(&mut Active),
-        edit: impl FnOnce(&Path, &QueueId) -> Result<(), crate::queue::Error> + Send + 'static,
+        edit: impl FnOnce(&Path, &QueueId) -> Result<Option<Place>, crate::queue::Error>
+            + Send
+            + 'static,
     ) -> Result<(), crate::queue::Error> {
         let deadline = Instant::now() + EDIT_WAIT;
         loop {
@@ -484,8 +502,11 @@ impl Delivery {
         }
         let (dir, eid) = (self.shared.queue_dir.clone(), id.clone());
         let edited = off_runtime(move || edit(&dir, &eid)).await;
+        if let Ok(Some(place)) = edited {
+            self.shared.spool.index().set(id, place);
+        }
         self.shared.lock().editing.remove(id);
-        edited
+        edited.map(drop)
     }
 
     /// Destinations suspended now.
@@ -535,7 +556,8 @@ impl Delivery {
             }
         }
         for id in ids {
-            match self.edit(id, |_| {}, super::control::flush_file).await {
+            let flush = |dir: &Path, id: &QueueId| super::control::flush_file(dir, id).map(Some);
+            match self.edit(id, |_| {}, flush).await {
                 Ok(()) | Err(crate::queue::Error::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -710,6 +732,8 @@ impl Shared {
         // until the earliest suspension ends (`None`: until a resume).
         let mut held_back: Option<Option<u64>> = None;
         let mut decided = false;
+        // Recipients given an outcome here, without a connection.
+        let mut settled_here = false;
         for (i, rcpt) in meta.envelope.recipients.iter().enumerate() {
             if !dstate.recipients[i].is_open() {
                 continue;
@@ -719,10 +743,7 @@ impl Shared {
                 continue;
             }
             if let Some(until) = self.suspended().blocks(rcpt.address.domain(), now) {
-                held_back = Some(match (held_back.flatten(), until) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                });
+                held_back = Some(sooner(held_back, until));
                 continue;
             }
             decided = true;
@@ -758,6 +779,7 @@ impl Shared {
                         .push(i);
                 }
                 Decision::Discard => {
+                    settled_here = true;
                     let o = Outcome::delivered(
                         Reply::new(250, "2.0.0", "discarded by route"),
                         None,
@@ -766,6 +788,7 @@ impl Shared {
                     self.apply(id, &meta, &mut dstate, i, &o, &attempt("discard"));
                 }
                 Decision::Reject(reply) => {
+                    settled_here = true;
                     // A 4xx from the route hook (a plugin's tempfail, or its
                     // on_error = "tempfail") defers the recipient; anything
                     // else that is not a 5xx is made one.
@@ -786,6 +809,7 @@ impl Shared {
                     self.apply(id, &meta, &mut dstate, i, &o, &attempt("reject"));
                 }
                 Decision::LocalFolder(dir) => {
+                    settled_here = true;
                     let o = match self.write_local(&dir, id, i, &body) {
                         Ok(path) => Outcome::delivered(
                             Reply::new(250, "2.0.0", format!("filed as {}", path.display())),
@@ -812,6 +836,7 @@ impl Shared {
             jobs_left: groups.len(),
             cancel: None,
             body,
+            tried: settled_here || groups.is_empty(),
         };
         if groups.is_empty() {
             self.lock().settling.insert(id.clone());
@@ -1035,6 +1060,16 @@ impl Shared {
                     }
                 }
             }
+            // The operator may have suspended a recipient's domain since the
+            // job was queued (a connection works through its destination's
+            // queue one message after another): those recipients stay open
+            // and untried, for after the resume.
+            let job = self.without_suspended(job, &meta);
+            if job.rcpts.is_empty() {
+                self.complete_job(&job.id, Vec::new(), &attempt_for(&key))
+                    .await;
+                continue;
+            }
             let outgoing = Outgoing {
                 sender: job.sender.as_ref().unwrap_or(&meta.envelope.sender),
                 params: &meta.envelope.params,
@@ -1153,6 +1188,25 @@ impl Shared {
             };
             self.kick(&mut s, &k);
         }
+    }
+
+    /// `job` less its recipients whose domain is suspended now.
+    fn without_suspended(&self, mut job: Job, meta: &QueuedMeta) -> Job {
+        let suspended = self.suspended();
+        if suspended.is_empty() {
+            return job;
+        }
+        let now = unix_now();
+        let before = job.rcpts.len();
+        job.rcpts.retain(|&i| {
+            let domain = meta.envelope.recipients[i].address.domain();
+            suspended.blocks(domain, now).is_none()
+        });
+        if job.rcpts.len() < before {
+            tracing::info!(queue_id = %job.id, held_back = before - job.rcpts.len(),
+                "recipients held back: their domain was suspended");
+        }
+        job
     }
 
     /// The destination could not be reached: suspend it for a while (doubling,
@@ -1449,6 +1503,7 @@ impl Shared {
             for (i, o) in &results {
                 self.apply(id, &meta, &mut a.state, *i, o, attempt);
             }
+            a.tried |= !results.is_empty();
             a.jobs_left = a.jobs_left.saturating_sub(1);
             if a.jobs_left == 0 {
                 let a = s.active.remove(id);
@@ -1492,6 +1547,9 @@ impl Shared {
         }
         let meta = a.meta.clone();
         let now = unix_now();
+        if !a.tried && a.cancel.is_none() {
+            return self.held_back(&meta, &a.state, now);
+        }
         a.state.attempts += 1;
         let age = now.saturating_sub(a.state.age_from(&meta));
         let max_age = self.config.delivery.max_age.0.as_secs();
@@ -1595,10 +1653,36 @@ impl Shared {
         if let Err(e) = saved {
             tracing::warn!(queue_id = %id, error = %e, "cannot save delivery state");
         }
+        self.spool.index().set(id, a.state.place(&meta));
         if a.state.held {
             return Settled::Done;
         }
         Settled::Retry(next)
+    }
+
+    /// A pass in which a suspension that came after it started held back
+    /// every recipient: nothing was tried, so no attempt is counted and
+    /// nothing is written; the message waits as one held back when taken
+    /// in does, until the earliest suspension ends or a resume (if the
+    /// suspension was lifted meanwhile, the resume's flush found the
+    /// message in hand: it is tried again now).
+    fn held_back(&self, meta: &QueuedMeta, st: &DeliveryState, now: u64) -> Settled {
+        let suspended = self.suspended();
+        let mut until: Option<Option<u64>> = None;
+        for (i, r) in meta.envelope.recipients.iter().enumerate() {
+            if !st.recipients[i].is_open() {
+                continue;
+            }
+            match suspended.blocks(r.address.domain(), now) {
+                None => return Settled::Retry(now),
+                Some(end) => until = Some(sooner(until, end)),
+            }
+        }
+        match until {
+            Some(Some(at)) => Settled::Retry(at),
+            Some(None) => Settled::Done,
+            None => Settled::Retry(now),
+        }
     }
 
     /// The wait before the next attempt: the `retry` list, its last interval
@@ -1754,6 +1838,17 @@ impl Shared {
                 _ = self.timer.notified() => {}
             }
         }
+    }
+}
+
+/// When the first of several suspensions ends: `held` so far (`None`: no
+/// suspension yet) and one more ending at `until`; `None` inside is "at a
+/// resume", which ends later than any time.
+fn sooner(held: Option<Option<u64>>, until: Option<u64>) -> Option<u64> {
+    match (held, until) {
+        (None, u) => u,
+        (Some(Some(a)), Some(b)) => Some(a.min(b)),
+        (Some(a), b) => a.or(b),
     }
 }
 

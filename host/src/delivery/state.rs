@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::{Error, QueueId, QueuedMeta, Spool};
+use crate::queue::{Error, Place, QueueId, QueuedMeta, Spool};
 
 /// Where a recipient stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +144,19 @@ impl DeliveryState {
     /// operator's hold may be on it too).
     pub fn is_quarantined(&self, meta: &QueuedMeta) -> bool {
         meta.hold.is_some() && !self.released
+    }
+
+    /// Where the message stands, for listings and the queue's index.
+    pub fn place(&self, meta: &QueuedMeta) -> Place {
+        if self.is_quarantined(meta) {
+            Place::Quarantine
+        } else if self.is_held(meta) {
+            Place::Held
+        } else if self.attempts > 0 {
+            Place::Deferred(self.next_attempt)
+        } else {
+            Place::Queued
+        }
     }
 
     /// When the message's time in the queue started for `max_age` and the

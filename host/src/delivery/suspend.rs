@@ -1,7 +1,9 @@
 //! Destinations the operator suspended (`postern queue suspend --domain D
 //! [--for 2h]`): no delivery to a recipient in such a domain starts until
 //! it is resumed or the time is up, whether the mail was queued before or
-//! arrives later. Kept in `suspended.json` in the spool folder, so a restart
+//! arrives later. It is checked when a message is taken in and again right
+//! before each message goes on a connection (one already sending finishes).
+//! Kept in `suspended.json` in the spool folder, so a restart
 //! keeps them; written whole to a temporary file, fsynced and renamed.
 
 use std::collections::BTreeMap;

@@ -99,6 +99,8 @@ impl Stats {
                         .zip(&h.errors)
                         .map(|(n, c)| (*n, c.load(Relaxed)))
                         .collect(),
+                    shadow_agreed: h.shadow_agreed.load(Relaxed),
+                    shadow_disagreed: h.shadow_disagreed.load(Relaxed),
                 })
             })
             .collect()
@@ -211,6 +213,10 @@ pub struct HookExport {
     pub answers: Vec<(&'static str, u64)>,
     /// Every error kind with its count.
     pub errors: Vec<(&'static str, u64)>,
+    /// Calls the shadow answered as this plugin did.
+    pub shadow_agreed: u64,
+    /// Calls the shadow answered otherwise.
+    pub shadow_disagreed: u64,
 }
 
 /// One hook's counters, as `postern plugin list` shows them.

@@ -170,6 +170,8 @@ struct Inner {
     /// Messages stored by this process and not yet taken in by delivery (see
     /// [`Spooled`]).
     incoming: Mutex<HashSet<QueueId>>,
+    /// The messages by state; the spool notes what it stores and removes.
+    index: super::Index,
     /// Held for the life of the process: the flock is the "one relay per spool" rule.
     _lock: File,
 }
@@ -298,6 +300,7 @@ impl Spool {
                 dir_sync: DirSync::default(),
                 pool,
                 incoming: Mutex::default(),
+                index: super::Index::unseeded(),
                 _lock: lock,
             }),
         };
@@ -308,6 +311,11 @@ impl Spool {
     /// The spool folder.
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// The messages by state.
+    pub fn index(&self) -> &super::Index {
+        &self.inner.index
     }
 
     /// Removes `.tmp` debris of delivery-state writes a crash interrupted (a
@@ -337,6 +345,7 @@ impl Spool {
         fs::create_dir_all(&corrupt).map_err(io_err(&corrupt))?;
         let path = self.message_path(id);
         tracing::warn!(queue_id = %id, reason, "damaged message file moved to corrupt/");
+        self.inner.index.remove(id);
         match fs::rename(&path, corrupt.join(id.as_str())) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -399,6 +408,11 @@ impl Spool {
         crate::admin::metrics::metrics()
             .spool_fsync
             .observe(started.elapsed());
+        let place = match meta.hold {
+            Some(_) => super::Place::Quarantine,
+            None => super::Place::Queued,
+        };
+        self.inner.index.set(id, place);
         Ok(Spooled {
             id: id.clone(),
             meta,
@@ -428,7 +442,11 @@ impl Spool {
     /// message is just delivered again.
     pub fn remove(&self, id: &QueueId) -> Result<(), Error> {
         let path = self.message_path(id);
-        match self.inner.pool.retire(&path) {
+        let retired = self.inner.pool.retire(&path);
+        if retired.is_ok() {
+            self.inner.index.remove(id);
+        }
+        match retired {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NotFound(id.clone())),
             Err(e) => Err(io_err(&path)(e)),

@@ -98,6 +98,8 @@ replies! {
     TLS_REQUIRED = 530, "5.7.0", "Must issue a STARTTLS command first";
     /// 535 credentials rejected
     AUTH_FAILED = 535, "5.7.8", "Authentication credentials invalid";
+    /// 454 the client's address reached the limit of failed AUTH attempts
+    AUTH_THROTTLED = 454, "4.7.0", "Too many failed authentication attempts, try again later";
     /// 550 unknown recipient
     UNKNOWN_USER = 550, "5.1.1", "Recipient address rejected: user unknown";
     /// 552 message too big

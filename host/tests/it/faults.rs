@@ -1,7 +1,8 @@
 //! Faults under load, each test ending by counting: every message ends
 //! delivered, deferred with its reason, or bounced; none is silently dropped.
 //! Next hops that refuse, drop, stall, crawl or break TLS; SIGKILL again and
-//! again; the spool's disk full; Redis down and back under a kv plugin.
+//! again; the spool's disk full; Redis down and back under a kv plugin;
+//! plugins that trap, loop and exhaust their memory beside normal traffic.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
@@ -462,5 +463,140 @@ async fn redis_down_and_back_under_load_loses_no_message() {
     eprintln!(
         "{} messages queued, Redis down after {down_at} of them",
         ids.len()
+    );
+}
+
+/// Three hostile plugins in one chain, each misbehaving only for its own
+/// recipient's local part: `testkit` traps (on_error reject), `looper`
+/// loops until its 200 ms deadline (on_error tempfail), `hog` allocates
+/// past its 16 MB cap (on_error continue). While their sessions run, six
+/// clients send normally: each hostile call gets exactly its plugin's
+/// policy, counted by kind in `/metrics`, and every other message (and
+/// the other recipients of a transaction with a hostile one) reaches the
+/// sink.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_that_trap_loop_and_hoard_under_load_cost_only_their_own_calls() {
+    use crate::support::smtp::Raw;
+    use std::time::Instant;
+    const CLIENTS: usize = 6;
+    const EACH: usize = 15;
+    const HOSTILE: usize = 6;
+    let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let (dir, tables) = crate::ops::with_plugin(
+        "testkit",
+        "on_error = \"reject\"\ngrants = [\"kv\"]\n[plugin.config]\n\
+         misbehave = { hook = \"rcpt\", how = \"trap\", local = \"trap\" }",
+    );
+    let others = "[[plugin]]\nname = \"looper\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n\
+         on_error = \"tempfail\"\ntimeouts = { rcpt = 200 }\n[plugin.config]\n\
+         misbehave = { hook = \"rcpt\", how = \"loop\", local = \"loop\" }\n\
+         [[plugin]]\nname = \"hog\"\npath = \"testkit.wasm\"\ngrants = [\"kv\"]\n\
+         on_error = \"continue\"\nmemory_mb = 16\n[plugin.config]\n\
+         misbehave = { hook = \"rcpt\", how = \"alloc\", local = \"hog\" }\n";
+    let port = free_port();
+    let admin = free_port();
+    let config = config_with(
+        port,
+        &format!("[delivery]\nsmarthost = \"smtp://{}\"", sink.addr),
+        &format!("{tables}{others}[admin]\naddress = \"127.0.0.1:{admin}\"\n"),
+    );
+    let relay = Relay::start_in(dir, port, &config);
+    let addr = relay.addr();
+    let started = Instant::now();
+    let mut threads = Vec::new();
+    for c in 0..CLIENTS {
+        threads.push(std::thread::spawn(move || {
+            for i in 0..EACH {
+                let to = format!("c{c}m{i}@dest.test");
+                let r = send_message(addr, "a@ours.test", &[&to], "Subject: ok\r\n\r\nhi\r\n");
+                queue_id(&r);
+            }
+        }));
+    }
+    // (local part, the reply its RCPT gets, how long it may take at least)
+    let hostile = [
+        ("trap", "550", Duration::ZERO),
+        ("loop", "451 4.3.0", Duration::from_millis(200)),
+        ("hog", "250", Duration::ZERO),
+    ];
+    for (local, want, at_least) in hostile {
+        threads.push(std::thread::spawn(move || {
+            for i in 0..HOSTILE {
+                let mut c = Raw::connect(addr);
+                assert!(c.cmd("EHLO hostile.test").starts_with("250"));
+                assert!(c.cmd("MAIL FROM:<a@ours.test>").starts_with("250"));
+                let other = format!("{local}-other{i}@dest.test");
+                assert!(c.cmd(&format!("RCPT TO:<{other}>")).starts_with("250"));
+                let asked = Instant::now();
+                let r = c.cmd(&format!("RCPT TO:<{local}@dest.test>"));
+                let took = asked.elapsed();
+                assert!(r.starts_with(want), "{local}: {r}");
+                assert!(took >= at_least && took < WAIT, "{local}: {took:?}");
+                assert!(c.cmd("DATA").starts_with("354"));
+                c.send(b"Subject: hostile\r\n\r\nhi\r\n.\r\n");
+                queue_id(&c.reply());
+                c.cmd("QUIT");
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let took = started.elapsed();
+    // Every normal message, and each hostile transaction with its other
+    // recipient (and the hog's own: its policy is continue).
+    let want = CLIENTS * EACH + 3 * HOSTILE;
+    let got = sink.wait_for(want, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = if sink.messages().len() > got.len() {
+        sink.messages()
+    } else {
+        got
+    };
+    assert_eq!(got.len(), want, "each message once");
+    let rcpts: Vec<String> = got.iter().flat_map(|m| m.rcpts.clone()).collect();
+    assert_eq!(rcpts.len(), want + HOSTILE, "{rcpts:?}");
+    for local in ["trap", "loop"] {
+        let none = format!("{local}@dest.test");
+        assert!(!rcpts.contains(&none), "{none} was let through");
+    }
+    assert_eq!(
+        rcpts.iter().filter(|r| *r == "hog@dest.test").count(),
+        HOSTILE
+    );
+
+    let page = crate::support::http::get(&format!("http://127.0.0.1:{admin}/metrics"), None).body;
+    let errors = |plugin: &str, kind: &str| {
+        crate::ops::sample(
+            &page,
+            &format!(
+                "postern_plugin_errors_total{{plugin=\"{plugin}\",hook=\"rcpt\",kind=\"{kind}\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    for (plugin, kind) in [
+        ("testkit", "trap"),
+        ("looper", "timeout"),
+        ("hog", "memory"),
+    ] {
+        assert_eq!(
+            errors(plugin, kind),
+            HOSTILE as f64,
+            "{plugin} {kind}\n{page}"
+        );
+    }
+    for plugin in ["testkit", "looper", "hog"] {
+        let all: f64 = ["trap", "timeout", "memory", "invalid", "instantiate"]
+            .iter()
+            .map(|k| errors(plugin, k))
+            .sum();
+        assert_eq!(all, HOSTILE as f64, "{plugin} failed only its own calls");
+    }
+    eprintln!(
+        "{} normal messages from {CLIENTS} clients beside {} hostile sessions in {took:?} ({:.0} msg/s)",
+        CLIENTS * EACH,
+        3 * HOSTILE,
+        (CLIENTS * EACH) as f64 / took.as_secs_f64()
     );
 }

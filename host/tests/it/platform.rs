@@ -328,20 +328,23 @@ async fn delivered_hears_the_deferral_then_the_delivery() {
 
 /// A shadow runs beside the live plugin: it disagrees on one class of
 /// recipient (it also blocks `b.test`), which is counted in `postern plugin
-/// list` and logged, and never enforced.
+/// list` and in `/metrics`, and logged, and never enforced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_is_counted_and_logged_never_enforced() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let port = free_port();
+    let admin = free_port();
     let config = base_config(
         port,
         &format!(
             "{}[[plugin]]\nname = \"blocklist\"\npath = \"blocklist.wasm\"\nshadow = \"blocklist.wasm\"\n\
-             [plugin.config]\ndomains = [\"a.test\"]\n[plugin.shadow_config]\ndomains = [\"a.test\", \"b.test\"]\n",
+             [plugin.config]\ndomains = [\"a.test\"]\n[plugin.shadow_config]\ndomains = [\"a.test\", \"b.test\"]\n\
+             [admin]\naddress = \"127.0.0.1:{admin}\"\n",
             plugins_section(dir.path())
         ),
     );
     let relay = Relay::start_in(dir.clone(), port, &config);
+    let metrics = format!("http://127.0.0.1:{admin}/metrics");
     let mut c = crate::support::smtp::Raw::connect(relay.addr());
     assert!(c.cmd("EHLO client.test").starts_with("250"));
     assert!(c.cmd("MAIL FROM:<s@sender.test>").starts_with("250"));
@@ -367,6 +370,16 @@ async fn a_shadow_is_counted_and_logged_never_enforced() {
         listed.contains("  shadow blocklist@shadow  sha256:"),
         "{listed}"
     );
+    let page = crate::support::http::get(&metrics, None).body;
+    let series = |family: &str| format!("{family}{{plugin=\"blocklist\",hook=\"rcpt\"}}");
+    for (family, want) in [
+        ("postern_plugin_shadow_disagreements_total", 2.0),
+        ("postern_plugin_shadow_agreements_total", 2.0),
+    ] {
+        let got = crate::ops::sample(&page, &series(family));
+        assert_eq!(got, Some(want), "{family} in\n{page}");
+    }
+    crate::ops::promtool_is_silent(&page);
     let log = plain(&relay.log());
     let line = log
         .lines()

@@ -7,13 +7,16 @@
 //! data = { verdict = "continue", add_header = ["X-Test", "1"], remove_rcpt = "b@x.test" }
 //! route = { route = "local-folder", arg = "inbox" }   # or "folder-from-header" with arg = a header name,
 //!                                                # "pool", ...; sender = "x@y" sets the delivery's sender
-//! misbehave = { hook = "rcpt", how = "trap" }   # or "loop", "alloc"
+//! misbehave = { hook = "rcpt", how = "trap" }   # or "loop", "alloc"; local = "x" at rcpt:
+//!                                                # only for recipients whose local part is x
 //! count = true                                   # kv counter per hook (needs the kv grant)
 //! count_ttl_ms = 60000                           # the counters' TTL, set when one is created
 //! count_errors = true                            # a failed count answers 451 with the kv error
 //! tag_instance = true                            # data adds X-Testkit-Calls (hooks this instance ran since MAIL)
 //!                                                # and X-Testkit-Transactions (MAILs this instance has seen)
 //! inspect = true                                 # data adds X-Testkit-Inspect: subject, parts, text, attachments
+//! walk = true                                    # data reads every part and text body and adds X-Testkit-Walk:
+//!                                                # parts, containers, texts and bytes read
 //! set_metadata = [{ hook = "connect", scope = "session", key = "k", value = "v" }]
 //!                                                # set at that hook; data adds X-Testkit-Set-Error for a refused set there
 //! show_metadata = ["kit.session.k", "other.transaction.k"]
@@ -72,6 +75,9 @@ struct Answer {
 struct Misbehave {
     hook: String,
     how: String,
+    /// Only for a recipient with this local part (rcpt hook only).
+    #[serde(default)]
+    local: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -108,6 +114,8 @@ struct Testkit {
     tag_instance: bool,
     #[serde(default)]
     inspect: bool,
+    #[serde(default)]
+    walk: bool,
     /// Data hook: adds `X-Testkit-Context` with what the hook read of its
     /// session and envelope, and `rcpt` and `route` check their recipient.
     #[serde(default)]
@@ -173,9 +181,10 @@ impl Testkit {
             .join("; ")
     }
 
-    /// Counts and misbehaves as configured; `Some` is a verdict that ends
-    /// the hook (a failed count, with `count_errors`).
-    fn enter(&self, hook: &str) -> Option<Verdict> {
+    /// Counts and misbehaves as configured (`rcpt`: the local part of the
+    /// hook's recipient); `Some` is a verdict that ends the hook (a failed
+    /// count, with `count_errors`).
+    fn enter(&self, hook: &str, rcpt: Option<&str>) -> Option<Verdict> {
         if hook == "mail_from" {
             self.calls.set(0);
             self.transactions.set(self.transactions.get() + 1);
@@ -204,27 +213,29 @@ impl Testkit {
             }
         }
         match &self.misbehave {
-            Some(m) if m.hook == hook => match m.how.as_str() {
-                "trap" => panic!("testkit: trap in {hook}"),
-                // Asks for the envelope, which `connect` does not have.
-                "envelope" => {
-                    let _ = postern_sdk::envelope().sender.domain().len();
-                }
-                "loop" => {
-                    let mut n: u64 = 0;
-                    loop {
-                        n = std::hint::black_box(n.wrapping_add(1));
+            Some(m) if m.hook == hook && m.local.as_deref().is_none_or(|l| Some(l) == rcpt) => {
+                match m.how.as_str() {
+                    "trap" => panic!("testkit: trap in {hook}"),
+                    // Asks for the envelope, which `connect` does not have.
+                    "envelope" => {
+                        let _ = postern_sdk::envelope().sender.domain().len();
                     }
-                }
-                "alloc" => {
-                    let mut hoard: Vec<Vec<u8>> = Vec::new();
-                    loop {
-                        hoard.push(vec![1u8; 1 << 20]);
-                        std::hint::black_box(&hoard);
+                    "loop" => {
+                        let mut n: u64 = 0;
+                        loop {
+                            n = std::hint::black_box(n.wrapping_add(1));
+                        }
                     }
+                    "alloc" => {
+                        let mut hoard: Vec<Vec<u8>> = Vec::new();
+                        loop {
+                            hoard.push(vec![1u8; 1 << 20]);
+                            std::hint::black_box(&hoard);
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
-            },
+            }
             _ => {}
         }
         None
@@ -315,6 +326,34 @@ fn inspect(message: &Message) -> String {
     out
 }
 
+/// Reads the whole MIME tree through the message API, as a scanner would:
+/// every part's content (containers hold their raw body) and every text
+/// body; the counts on one line.
+fn walk(message: &Message) -> String {
+    use std::io::Read;
+    let parts = message.parts();
+    let mut containers = 0;
+    let mut bytes = 0u64;
+    let mut chunk = vec![0u8; 16 * 1024];
+    for p in &parts {
+        if p.content_type.starts_with("multipart/") {
+            containers += 1;
+        }
+        let mut reader = message.part_reader(p.index);
+        while let Ok(n @ 1..) = reader.read(&mut chunk) {
+            bytes += n as u64;
+        }
+    }
+    let mut texts = 0;
+    while message.text_body(texts).is_some() {
+        texts += 1;
+    }
+    format!(
+        "parts={}; containers={containers}; texts={texts}; bytes={bytes}",
+        parts.len()
+    )
+}
+
 #[postern_sdk::plugin]
 impl Plugin for Testkit {
     fn init(config: Config) -> Result<Self, ConfigError> {
@@ -322,7 +361,7 @@ impl Plugin for Testkit {
     }
 
     fn connect(&self, _session: &Session) -> Verdict {
-        if let Some(v) = self.enter("connect") {
+        if let Some(v) = self.enter("connect", None) {
             return v;
         }
         self.set_metadata("connect");
@@ -330,7 +369,7 @@ impl Plugin for Testkit {
     }
 
     fn helo(&self, session: &Session) -> Verdict {
-        if let Some(v) = self.enter("helo") {
+        if let Some(v) = self.enter("helo", None) {
             return v;
         }
         self.set_metadata("helo");
@@ -354,7 +393,7 @@ impl Plugin for Testkit {
     }
 
     fn mail_from(&self, _session: &Session, _envelope: &Envelope) -> Verdict {
-        if let Some(v) = self.enter("mail_from") {
+        if let Some(v) = self.enter("mail_from", None) {
             return v;
         }
         self.set_metadata("mail_from");
@@ -369,7 +408,7 @@ impl Plugin for Testkit {
     }
 
     fn rcpt(&self, _session: &Session, rcpt: &Recipient) -> Verdict {
-        if let Some(v) = self.enter("rcpt") {
+        if let Some(v) = self.enter("rcpt", Some(rcpt.local_part())) {
             return v;
         }
         if self.show_context && rcpt.domain() != "local.test" {
@@ -380,7 +419,7 @@ impl Plugin for Testkit {
     }
 
     fn data(&self, session: &Session, envelope: &Envelope, message: &Message) -> Verdict {
-        if let Some(v) = self.enter("data") {
+        if let Some(v) = self.enter("data", None) {
             return v;
         }
         if self.show_authentication
@@ -449,6 +488,13 @@ impl Plugin for Testkit {
         {
             return Verdict::reject(554, "5.6.0", "header edit refused");
         }
+        if self.walk
+            && message
+                .add_header("X-Testkit-Walk", &walk(message))
+                .is_err()
+        {
+            return Verdict::reject(554, "5.6.0", "header edit refused");
+        }
         if let Some(a) = self.hooks.get("data") {
             if let Some((name, value)) = &a.add_header {
                 if message.add_header(name, value).is_err() {
@@ -472,7 +518,7 @@ impl Plugin for Testkit {
     }
 
     fn delivered(&self, _envelope: &Envelope, report: &DeliveryReport) {
-        let _ = self.enter("delivered");
+        let _ = self.enter("delivered", None);
         // A report that cannot be written shows as a missing line.
         if self.record_delivered {
             let _ = self.record(report);
@@ -480,7 +526,7 @@ impl Plugin for Testkit {
     }
 
     fn route(&self, _envelope: &Envelope, _rcpt: &Recipient, headers: &Headers) -> Routing {
-        let _ = self.enter("route");
+        let _ = self.enter("route", None);
         let Some(a) = self.hooks.get("route") else {
             return Route::Default.into();
         };

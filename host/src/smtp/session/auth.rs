@@ -5,6 +5,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Flow, Session};
 use crate::admin::metrics::{metrics, Result_};
+use crate::auth::Checked;
 use crate::smtp::reply::Reply;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -29,11 +30,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let ip = self.info.peer.ip();
         if self.ctx.auth.is_throttled(ip) {
-            return self.error_reply(Reply::new(
-                454,
-                "4.7.0",
-                "Too many failed authentication attempts, try again later",
-            ));
+            return self.error_reply(Reply::AUTH_THROTTLED);
         }
         let credentials = match mechanism {
             smtp_proto::AUTH_PLAIN => self.plain(initial).await,
@@ -44,16 +41,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(c) => c,
             Err(reply) => return self.error_reply(reply),
         };
-        if self.ctx.auth.verify(ip, &user, &password).await {
-            tracing::info!(peer = %self.info.peer, user, "authenticated");
-            metrics().auth.inc(Result_::Ok);
-            self.info.auth_user = Some(user);
-            self.info.may_relay = true;
-            self.reply(Reply::AUTH_OK)
-        } else {
-            tracing::info!(peer = %self.info.peer, user, "authentication failed");
-            metrics().auth.inc(Result_::Failed);
-            self.error_reply(Reply::AUTH_FAILED)
+        match self.ctx.auth.check(ip, &user, &password).await {
+            Checked::Ok => {
+                tracing::info!(peer = %self.info.peer, user, "authenticated");
+                metrics().auth.inc(Result_::Ok);
+                self.info.auth_user = Some(user);
+                self.info.may_relay = true;
+                self.reply(Reply::AUTH_OK)
+            }
+            Checked::Failed => {
+                tracing::info!(peer = %self.info.peer, user, "authentication failed");
+                metrics().auth.inc(Result_::Failed);
+                self.error_reply(Reply::AUTH_FAILED)
+            }
+            // Other attempts from this address used up its tries meanwhile.
+            Checked::Throttled => self.error_reply(Reply::AUTH_THROTTLED),
         }
     }
 

@@ -97,3 +97,23 @@ pub fn assert_silent(out: &std::process::Output, what: &str) {
         "{what}: {said}"
     );
 }
+
+/// `promtool check metrics` passes the page and prints no warning.
+pub fn promtool_is_silent(page: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; host/scripts/test.sh installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_silent(&out, "promtool");
+}

@@ -47,6 +47,15 @@ fn ids(json: &str) -> Vec<String> {
     ids
 }
 
+/// The relay's queue empties within 10 s.
+async fn assert_queue_empties(dir: &Path) {
+    let empty = crate::support::eventually(Duration::from_secs(10), || {
+        ids(&ok(dir, &["list", "--json"])).is_empty().then_some(())
+    })
+    .await;
+    assert!(empty.is_some(), "the queue empties");
+}
+
 /// A suspended domain gets nothing, mail queued before or after; hold,
 /// release and delete pick by domain and sender; summary counts by
 /// destination; resume delivers what waited, and a restart keeps a
@@ -146,6 +155,16 @@ async fn selectors_suspend_and_summary_on_a_running_relay() {
     let suspended: serde_json::Value =
         serde_json::from_str(&ok(&dir, &["suspended", "--json"])).unwrap();
     assert_eq!(suspended[0]["domain"], "slow.test");
+    // The queue gauges count what was spooled before the restart, read
+    // once in the background.
+    let held = crate::support::eventually(Duration::from_secs(10), || {
+        let page = get(&format!("{base}/metrics"), Some(TOKEN)).body;
+        let series = |s: &str| format!("postern_queue_messages{{state=\"{s}\"}}");
+        let counts = ["queued", "deferred", "held"].map(|s| super::sample(&page, &series(s)));
+        (counts == [Some(0.0), Some(0.0), Some(3.0)]).then_some(())
+    })
+    .await;
+    assert!(held.is_some(), "three held after the restart");
 
     // Resumed, the held ones still wait; released (over HTTP), they go.
     let resumed = post_json(
@@ -180,14 +199,7 @@ async fn selectors_suspend_and_summary_on_a_running_relay() {
             "z@fast.test"
         ]
     );
-    assert!(
-        crate::support::eventually(Duration::from_secs(10), || {
-            ids(&ok(&dir, &["list", "--json"])).is_empty().then_some(())
-        })
-        .await
-        .is_some(),
-        "the queue empties"
-    );
+    assert_queue_empties(&dir).await;
     drop(relay);
 }
 
@@ -216,4 +228,79 @@ async fn a_timed_suspension_ends_by_itself() {
     let list: serde_json::Value =
         serde_json::from_str(&ok(&dir, &["suspended", "--json"])).unwrap();
     assert_eq!(list, serde_json::json!([]));
+}
+
+/// Suspension is checked before each message goes on a connection, not
+/// only when a message is taken in: with one slow connection working
+/// through a long queue for one domain, a suspend stops it after at most
+/// the message in flight; the rest stay queued and a resume delivers them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_suspend_stops_a_connection_working_through_its_queue() {
+    const N: usize = 30;
+    // Every reply 60 ms late: a transaction takes a few hundred ms.
+    let sink = Sink::start("127.0.0.1", Options::new(Behavior::Slow(60))).await;
+    let delivery = format!(
+        "smarthost = \"smtp://{}\"\nmax_per_destination = 1",
+        sink.addr
+    );
+    let (relay, _base) = start(&delivery, None, "");
+    let dir = relay.dir.path().to_path_buf();
+    let addr = relay.addr();
+    tokio::task::spawn_blocking(move || {
+        for i in 0..N {
+            let to = format!("r{i}@busy.test");
+            queue_id(&send_message(
+                addr,
+                "a@ours.test",
+                &[&to],
+                "Subject: t\r\n\r\nhi\r\n",
+            ));
+        }
+    })
+    .await
+    .unwrap();
+    sink.wait_for(3, Duration::from_secs(20)).await;
+    ok(&dir, &["suspend", "--domain", "busy.test"]);
+    let at_suspend = sink.messages().len();
+    assert!(
+        at_suspend < N / 2,
+        "too fast to suspend mid-way: {at_suspend}"
+    );
+    // Long enough for several more transactions, had the connection gone on.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = sink.messages().len();
+    assert!(
+        after <= at_suspend + 1,
+        "only the message in flight may finish: {at_suspend} then {after}"
+    );
+    let waiting = crate::support::eventually(Duration::from_secs(10), || {
+        let list = [
+            "list",
+            "--domain",
+            "busy.test",
+            "--state",
+            "queued",
+            "--json",
+        ];
+        let w = ids(&ok(&dir, &list));
+        (w.len() == N - after).then_some(w)
+    })
+    .await;
+    // Untried: queued, not deferred, with no attempt counted.
+    assert!(waiting.is_some(), "the rest stay queued");
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["list", "--domain", "busy.test", "--json"])).unwrap();
+    for e in all.as_array().unwrap() {
+        assert_eq!(e["attempts"], 0, "{e}");
+    }
+    assert_eq!(sink.messages().len(), after, "still nothing more");
+
+    ok(&dir, &["resume", "--domain", "busy.test"]);
+    let got = sink.wait_for(N, Duration::from_secs(60)).await;
+    let mut rcpts: Vec<String> = got.iter().flat_map(|m| m.rcpts.clone()).collect();
+    rcpts.sort();
+    rcpts.dedup();
+    assert_eq!(rcpts.len(), N, "each once");
+    assert_eq!(got.len(), N, "nothing twice");
+    assert_queue_empties(&dir).await;
 }
