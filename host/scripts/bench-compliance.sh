@@ -49,7 +49,7 @@ with open(sys.argv[1], 'w') as f:
             + att + '--m--\n')
 PY
 
-smtp-sink -c "127.0.0.1:$SPORT" 2000 & SINK_PID=$!
+smtp-sink -u nobody "127.0.0.1:$SPORT" 2000 & SINK_PID=$!
 
 run() { # label chain-toml n extra-smtp-source-args...
   local label=$1 chain=$2 n=$3; shift 3
