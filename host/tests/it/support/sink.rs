@@ -224,7 +224,7 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
                     "8BITMIME",
                     "SMTPUTF8",
                     "DSN",
-                    "SIZE 10000000",
+                    "SIZE 52428800",
                     "ENHANCEDSTATUSCODES",
                 ]
             };
