@@ -3,6 +3,7 @@
 //! Postfix's smtp-source and `postern queue`; and the footer corpus
 //! checked with a MIME parser nobody here wrote (Python's `email`).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -66,10 +67,11 @@ fn base64_lines(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// A relay (the binary) in `dir` delivering to `sink` through a smart host,
-/// with `extra` tables, these workspace plugins and the `[[plugin]]` chain.
+/// A relay (the binary) in `dir` delivering to the smart host `next_hop`
+/// (retrying after a second), with `extra` tables, these workspace plugins
+/// and the `[[plugin]]` chain.
 fn relay_to(
-    sink: &Sink,
+    next_hop: SocketAddr,
     dir: &Arc<tempfile::TempDir>,
     extra: &str,
     plugins: &[&str],
@@ -78,7 +80,7 @@ fn relay_to(
     let port = free_port();
     let config = config_with(
         port,
-        &format!("[delivery]\nsmarthost = \"smtp://{}\"\n", sink.addr),
+        &format!("[delivery]\nsmarthost = \"smtp://{next_hop}\"\nretry = [\"1s\"]\n"),
         &format!("{extra}{}{chain}", plugins_section(dir.path(), plugins)),
     );
     Relay::start_in(dir.clone(), port, &config)
@@ -93,7 +95,7 @@ async fn compliance_rejects_strips_and_adds_footers() {
     let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let relay = relay_to(
-        &sink,
+        sink.addr,
         &dir,
         "[smtp]\nreceived_hide_networks = [\"127.0.0.0/8\"]\n",
         &["compliance"],
@@ -511,7 +513,7 @@ async fn a_footered_message_is_signed_after_the_footer() {
         "[dkim]\n[[dkim.key]]\ndomain = \"corp.test\"\nselector = \"s1\"\nkey = \"{}\"\n",
         key.display()
     );
-    let relay = relay_to(&sink, &dir, &dkim, &["compliance"], COMPLIANCE);
+    let relay = relay_to(sink.addr, &dir, &dkim, &["compliance"], COMPLIANCE);
     let r = send_message(
         relay.addr(),
         "jo@corp.test",
@@ -562,7 +564,7 @@ async fn a_25_mb_message_is_scanned_footered_and_delivered_intact() {
                  ]\n";
     let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let relay = relay_to(&sink, &dir, "", &["compliance"], chain);
+    let relay = relay_to(sink.addr, &dir, "", &["compliance"], chain);
 
     let line = format!("{},{}\r\n", "7".repeat(40), "row of figures".repeat(3));
     let rows = 24 * 1024 * 1024 / line.len();
@@ -616,4 +618,64 @@ async fn a_25_mb_message_is_scanned_footered_and_delivered_intact() {
         "{text_part}"
     );
     assert!(text_part.len() < head.len() + 100, "{text_part}");
+}
+
+/// The archive plugin's journal mode: the journal address is added as an
+/// envelope recipient, so the copy reaches the next hop beside the original
+/// recipients' (a Bcc recipient included), and the original envelope is
+/// kept in the transaction metadata `envelope`, which `postern queue show`
+/// prints while the message waits, not in a header every recipient sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_recipient_gets_the_copy_with_the_original_envelope_recorded() {
+    let chain =
+        "[[plugin]]\nname = \"archive\"\npath = \"archive.wasm\"\ngrants = [\"recipients\"]\n\
+                 [plugin.config]\njournal = \"journal@vault.test\"\n";
+    // Nothing listens at the next hop at first, so the message waits in
+    // the queue where its record can be read.
+    let next_hop: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let relay = relay_to(next_hop, &dir, "", &["archive"], chain);
+    let r = send_message(
+        relay.addr(),
+        "jo@origin.test",
+        &["ann@partner.test", "bob@partner.test"],
+        "From: jo@origin.test\r\nTo: ann@partner.test\r\nSubject: journalled\r\n\r\nFor the record.\r\n",
+    );
+    let id = queue_id(&r);
+    let shown = queue_cmd(&dir.path().join("postern.toml"), &["show", &id]);
+    let line = shown
+        .lines()
+        .find(|l| l.contains("metadata archive.envelope = "))
+        .unwrap_or_else(|| panic!("no envelope in\n{shown}"));
+    let json = line.split_once(" = ").unwrap().1.replace("\\\"", "\"");
+    let envelope: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        envelope,
+        serde_json::json!({"sender": "jo@origin.test", "recipients": ["ann@partner.test", "bob@partner.test"]}),
+        "{shown}"
+    );
+
+    let sink = Sink::start_on(next_hop, Options::new(Behavior::Accept)).await;
+    let rcpts = eventually(Duration::from_secs(30), || {
+        let rcpts = sink.recipients();
+        (rcpts.len() >= 3).then_some(rcpts)
+    })
+    .await
+    .expect("the message for three recipients at the sink");
+    assert_eq!(
+        rcpts,
+        ["ann@partner.test", "bob@partner.test", "journal@vault.test"]
+    );
+    for m in &sink.messages() {
+        assert_eq!(m.from, "jo@origin.test");
+        let text = String::from_utf8_lossy(&m.data);
+        assert!(
+            text.contains("Subject: journalled") && text.contains("For the record."),
+            "{text}"
+        );
+        assert!(
+            !text.contains("bob@partner.test"),
+            "the Bcc recipient shows: {text}"
+        );
+    }
 }
