@@ -118,15 +118,84 @@ pub fn rsa_modulus_bits(der: &[u8]) -> Option<usize> {
     Some(n.len() * 8 - n[0].leading_zeros() as usize)
 }
 
-/// One configured key and what was last read from its file.
+/// A private key and the file it was read from, read again when the file
+/// changes (a renewal tool replacing it by rename or in place).
+pub struct KeyFile {
+    path: PathBuf,
+    stamp: Option<(SystemTime, u64)>,
+    key: Arc<Key>,
+}
+
+impl KeyFile {
+    /// Reads the key at `path`.
+    pub fn load(path: PathBuf) -> Result<KeyFile, Error> {
+        let key = load_key(&path)?;
+        Ok(KeyFile {
+            stamp: stamp(&path),
+            path,
+            key: Arc::new(key),
+        })
+    }
+
+    /// The key as last read.
+    pub fn key(&self) -> Arc<Key> {
+        self.key.clone()
+    }
+
+    /// Reads the file again if it changed since it was last read. A file
+    /// that no longer loads keeps the key it had, with a warning; `what`
+    /// names the key in the log.
+    pub fn reload_changed(&mut self, what: &str) {
+        let now = stamp(&self.path);
+        if now.is_none() || now == self.stamp {
+            return;
+        }
+        self.stamp = now;
+        match load_key(&self.path) {
+            Ok(key) => {
+                tracing::info!(key = what, path = %self.path.display(), "key reloaded");
+                self.key = Arc::new(key);
+            }
+            Err(e) => {
+                tracing::warn!(key = what, error = %e, "key file changed but does not load; the previous key stays in use");
+            }
+        }
+    }
+}
+
+/// Lets a file be looked at for changes at most once a [`RECHECK`].
+pub struct Recheck(Mutex<Instant>);
+
+impl Recheck {
+    /// Starts counting now.
+    pub fn new() -> Recheck {
+        Recheck(Mutex::new(Instant::now()))
+    }
+
+    /// True once a [`RECHECK`] has passed since it was last true.
+    pub fn due(&self) -> bool {
+        let mut checked = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if checked.elapsed() < RECHECK {
+            return false;
+        }
+        *checked = Instant::now();
+        true
+    }
+}
+
+impl Default for Recheck {
+    fn default() -> Recheck {
+        Recheck::new()
+    }
+}
+
+/// One configured key.
 struct Slot {
     /// Lowercase domain.
     domain: String,
     selector: String,
     subdomains: bool,
-    path: PathBuf,
-    stamp: Option<(SystemTime, u64)>,
-    key: Arc<Key>,
+    file: KeyFile,
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -142,7 +211,7 @@ pub struct Signer {
     header_canon: Canonicalization,
     body_canon: Canonicalization,
     slots: Mutex<Vec<Slot>>,
-    checked: Mutex<Instant>,
+    checked: Recheck,
 }
 
 /// Parses `relaxed/relaxed`, `simple/simple`, `relaxed` (for both) and the like.
@@ -176,7 +245,7 @@ impl Signer {
             header_canon,
             body_canon,
             slots: Mutex::new(slots),
-            checked: Mutex::new(Instant::now()),
+            checked: Recheck::new(),
         })
     }
 
@@ -194,33 +263,15 @@ impl Signer {
     pub fn reload_changed(&self) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         for s in slots.iter_mut() {
-            let now = stamp(&s.path);
-            if now.is_none() || now == s.stamp {
-                continue;
-            }
-            match load_key(&s.path) {
-                Ok(key) => {
-                    tracing::info!(domain = %s.domain, selector = %s.selector, path = %s.path.display(), "DKIM key reloaded");
-                    s.key = Arc::new(key);
-                    s.stamp = now;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "DKIM key file changed but does not load; signing with the previous key");
-                    s.stamp = now;
-                }
-            }
+            let what = format!("DKIM {}/{}", s.domain, s.selector);
+            s.file.reload_changed(&what);
         }
     }
 
     fn maybe_reload(&self) {
-        {
-            let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
-            if checked.elapsed() < RECHECK {
-                return;
-            }
-            *checked = Instant::now();
+        if self.checked.due() {
+            self.reload_changed();
         }
-        self.reload_changed();
     }
 
     /// The keys that sign for `domain`: its own, else those of the nearest
@@ -234,7 +285,7 @@ impl Signer {
             let found: Vec<_> = slots
                 .iter()
                 .filter(|s| s.domain == candidate && (exact || s.subdomains))
-                .map(|s| (s.domain.clone(), s.selector.clone(), s.key.clone()))
+                .map(|s| (s.domain.clone(), s.selector.clone(), s.file.key()))
                 .collect();
             if !found.is_empty() {
                 return found;
@@ -293,7 +344,7 @@ impl Signer {
 }
 
 /// A signing key used by reference.
-struct BorrowedKey<'a, K>(&'a K);
+pub struct BorrowedKey<'a, K>(pub &'a K);
 
 impl<K: SigningKey> SigningKey for BorrowedKey<'_, K> {
     type Hasher = K::Hasher;
@@ -308,15 +359,11 @@ impl<K: SigningKey> SigningKey for BorrowedKey<'_, K> {
 }
 
 fn slot(k: &DkimKeyConfig, resolve: &impl Fn(&Path) -> PathBuf) -> Result<Slot, Error> {
-    let path = resolve(&k.key);
-    let key = load_key(&path)?;
     Ok(Slot {
         domain: k.domain.trim_end_matches('.').to_ascii_lowercase(),
         selector: k.selector.clone(),
         subdomains: k.subdomains,
-        stamp: stamp(&path),
-        path,
-        key: Arc::new(key),
+        file: KeyFile::load(resolve(&k.key))?,
     })
 }
 
