@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use mail_auth::common::crypto::{Algorithm, Ed25519Key, RsaKey, Sha256, SigningKey};
+use mail_auth::common::crypto::{Algorithm, Ed25519Key, Sha256, SigningKey};
 use mail_auth::common::headers::{HeaderWriter, Writable};
 use mail_auth::dkim::{Canonicalization, DkimSigner};
 use rustls_pki_types::pem::PemObject;
@@ -21,10 +21,72 @@ pub const MIN_RSA_BITS: usize = 2048;
 /// How often key files are looked at for changes, at most.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// An RSA private key, signing with ring (RSASSA-PKCS1-v1_5 with SHA-256),
+/// the library rustls already uses: its assembly signs a message about
+/// three times faster than mail-auth's pure-Rust RSA.
+pub struct RsaKey {
+    pair: ring::signature::RsaKeyPair,
+    rng: ring::rand::SystemRandom,
+}
+
+impl RsaKey {
+    /// Reads a PKCS#1 or PKCS#8 DER key.
+    fn from_der(der: &PrivateKeyDer<'_>) -> Result<RsaKey, String> {
+        use ring::signature::RsaKeyPair;
+        let pair = match der {
+            PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()),
+            PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
+            _ => return Err("not an RSA key".into()),
+        };
+        let pair = pair.map_err(|e| match e.to_string().as_str() {
+            "TooSmall" => format!(
+                "an RSA key of fewer than {MIN_RSA_BITS} bits; DKIM needs at least {MIN_RSA_BITS}"
+            ),
+            other => format!("not a usable RSA key: {other}"),
+        })?;
+        Ok(RsaKey {
+            pair,
+            rng: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    /// The public key, DER `RSAPublicKey` (PKCS#1), as DKIM publishes it.
+    pub fn public_key(&self) -> &[u8] {
+        self.pair.public().as_ref()
+    }
+}
+
+impl SigningKey for RsaKey {
+    type Hasher = Sha256;
+
+    fn sign(&self, input: impl Writable) -> mail_auth::Result<Vec<u8>> {
+        let mut data = Vec::with_capacity(256);
+        input.write(&mut data);
+        let mut signature = vec![0; self.pair.public().modulus_len()];
+        self.pair
+            .sign(
+                &ring::signature::RSA_PKCS1_SHA256,
+                &self.rng,
+                &data,
+                &mut signature,
+            )
+            .map_err(|e| {
+                mail_auth::Error::Crypto(mail_auth::common::crypto::CryptoError::Library(
+                    e.to_string(),
+                ))
+            })?;
+        Ok(signature)
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::RsaSha256
+    }
+}
+
 /// A private key the relay signs with.
 pub enum Key {
     /// rsa-sha256.
-    Rsa(RsaKey<Sha256>),
+    Rsa(RsaKey),
     /// ed25519-sha256.
     Ed25519(Ed25519Key),
 }
@@ -71,17 +133,15 @@ pub fn load_key(path: &Path) -> Result<Key, Error> {
         PrivateKeyDer::Pkcs8(p8) => match Ed25519Key::from_pkcs8_der(p8.secret_pkcs8_der()) {
             Ok(k) => Key::Ed25519(k),
             Err(_) => Key::Rsa(
-                RsaKey::<Sha256>::from_key_der(der.clone_key())
+                RsaKey::from_der(&der)
                     .map_err(|e| bad(format!("neither an Ed25519 nor an RSA key: {e}")))?,
             ),
         },
-        PrivateKeyDer::Pkcs1(_) => Key::Rsa(
-            RsaKey::<Sha256>::from_key_der(der.clone_key()).map_err(|e| bad(e.to_string()))?,
-        ),
+        PrivateKeyDer::Pkcs1(_) => Key::Rsa(RsaKey::from_der(&der).map_err(bad)?),
         _ => return Err(bad("only RSA and Ed25519 keys can sign DKIM".into())),
     };
     if let Key::Rsa(rsa) = &key {
-        let bits = rsa_modulus_bits(&rsa.public_key()).unwrap_or(0);
+        let bits = rsa_modulus_bits(rsa.public_key()).unwrap_or(0);
         if bits < MIN_RSA_BITS {
             return Err(bad(format!(
                 "an RSA key of {bits} bits; DKIM needs at least {MIN_RSA_BITS}"
