@@ -173,7 +173,7 @@ mod tests {
         let Key::Rsa(k) = load_key(&rsa).unwrap() else {
             panic!("not RSA")
         };
-        assert_eq!(rsa_modulus_bits(&k.public_key()), Some(2048));
+        assert_eq!(rsa_modulus_bits(k.public_key()), Some(2048));
         assert!(
             keygen("example.test", "s1", Algorithm::Rsa(2048), &rsa).is_err(),
             "overwrote a key"

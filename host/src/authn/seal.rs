@@ -6,6 +6,7 @@
 
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Mutex;
 
 use mail_auth::arc::ArcSealer;
 use mail_auth::common::headers::HeaderWriter;
@@ -14,7 +15,7 @@ use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::{AuthenticatedMessage, AuthenticationResults, MessageAuthenticator};
 
 use super::config::ArcSealerConfig;
-use super::sign::{load_key, Key};
+use super::sign::{BorrowedKey, KeyFile, Recheck};
 use super::verify::{organizational_domain, spf_output};
 use super::{Error, Results};
 
@@ -37,9 +38,13 @@ const SIGNED: &[&str] = &[
     "List-Id",
 ];
 
-/// Seals with one key.
+/// Seals with one key, read again when its file changes (as DKIM keys are).
 pub struct Sealer {
-    sealer: ArcSealer<Key, Done>,
+    key: Mutex<KeyFile>,
+    checked: Recheck,
+    /// Lowercase signing domain.
+    domain: String,
+    selector: String,
     auth: MessageAuthenticator,
     /// The authserv-id of the ARC-Authentication-Results.
     hostname: String,
@@ -72,13 +77,11 @@ impl Sealer {
         auth: MessageAuthenticator,
         hostname: &str,
     ) -> Result<Sealer, Error> {
-        let key = load_key(&resolve(&config.key))?;
-        let sealer = ArcSealer::from_key(key)
-            .domain(config.domain.trim_end_matches('.').to_ascii_lowercase())
-            .selector(config.selector.clone())
-            .headers(SIGNED.iter().copied());
         Ok(Sealer {
-            sealer,
+            key: Mutex::new(KeyFile::load(resolve(&config.key))?),
+            checked: Recheck::new(),
+            domain: config.domain.trim_end_matches('.').to_ascii_lowercase(),
+            selector: config.selector.clone(),
             auth,
             hostname: hostname.to_string(),
         })
@@ -119,8 +122,19 @@ impl Sealer {
             .with_dkim_results(&dkim, parsed.from())
             .with_arc_result(&arc, client.ip)
             .with_dmarc_result(&dmarc);
-        let set = self
-            .sealer
+        let key = {
+            let mut file = self.key.lock().unwrap_or_else(|e| e.into_inner());
+            if self.checked.due() {
+                file.reload_changed("ARC sealing");
+            }
+            file.key()
+        };
+        // Sealers own their key: one per message, borrowing the current key.
+        let sealer: ArcSealer<_, Done> = ArcSealer::from_key(BorrowedKey(&*key))
+            .domain(&self.domain)
+            .selector(&self.selector)
+            .headers(SIGNED.iter().copied());
+        let set = sealer
             .seal(&parsed, &found, &arc)
             .map_err(|e| e.to_string())?;
         Ok(set.to_header())

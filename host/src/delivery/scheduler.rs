@@ -307,6 +307,38 @@ struct StsUse {
     outcome: String,
 }
 
+impl StsUse {
+    /// The log's words for a connection to `host`.
+    fn connected(&self, host: &str) -> String {
+        if self.policy.allows(host) {
+            format!("{}; matched {host}", self.outcome)
+        } else {
+            self.outcome.clone()
+        }
+    }
+
+    /// The log's words for a destination the policy refused.
+    fn refused(&self, why: &str) -> String {
+        format!("{}; refused: {why}", self.outcome)
+    }
+}
+
+/// A destination that could not be opened, with the MTA-STS outcome for
+/// the attempt's log record.
+struct Unopened {
+    error: Error,
+    mta_sts: Option<String>,
+}
+
+impl From<Error> for Unopened {
+    fn from(error: Error) -> Unopened {
+        Unopened {
+            error,
+            mta_sts: None,
+        }
+    }
+}
+
 impl Delivery {
     /// Starts delivery for a bound server, before it listens: opens the
     /// control socket, recovers the spool and listens for new messages. `own`
@@ -1214,7 +1246,8 @@ impl Shared {
     /// queued jobs (and `failed`, the one that found it down) with the same
     /// reason. A pool host's jobs go to the pool's next host at once instead,
     /// when one is up.
-    async fn destination_failed(self: &Arc<Self>, key: &str, e: &Error, failed: Option<Job>) {
+    async fn destination_failed(self: &Arc<Self>, key: &str, why: &Unopened, failed: Option<Job>) {
+        let e = &why.error;
         let jobs: Vec<Job> = {
             let mut s = self.lock();
             let retry = &self.config.delivery.retry;
@@ -1256,7 +1289,11 @@ impl Shared {
                 .iter()
                 .map(|&i| (i, Outcome::from_error(e, None)))
                 .collect();
-            self.complete_job(&job.id, results, &attempt_for(key)).await;
+            let attempt = Attempt {
+                mta_sts: why.mta_sts.as_deref(),
+                ..attempt_for(key)
+            };
+            self.complete_job(&job.id, results, &attempt).await;
         }
         self.timer.notify_one();
     }
@@ -1305,7 +1342,7 @@ impl Shared {
     /// host), each of their addresses, until one gets as far as MAIL.
     /// `skip` addresses are passed over (those tried by an earlier connection);
     /// returns the client and how many addresses are used up with it.
-    async fn open(&self, target: &Target, skip: usize) -> Result<(Client, usize), Error> {
+    async fn open(&self, target: &Target, skip: usize) -> Result<(Client, usize), Unopened> {
         let d = &self.config.delivery;
         let mut mta_sts = None;
         let (hosts, port, tls_use, credentials) = match &target.via {
@@ -1328,14 +1365,17 @@ impl Shared {
                         // never another host, never clear text.
                         hosts.retain(|h| sts.policy.allows(h));
                         if hosts.is_empty() {
-                            return Err(Error::MtaSts(format!(
-                                "no MX host of {domain} is in its policy ({})",
-                                sts.outcome
-                            )));
+                            return Err(Unopened {
+                                error: Error::MtaSts(format!(
+                                    "no MX host of {domain} is in its policy ({})",
+                                    sts.outcome
+                                )),
+                                mta_sts: Some(sts.refused("no MX host in the policy")),
+                            });
                         }
                         tls = TlsUse::Required;
                     }
-                    mta_sts = Some(sts.outcome);
+                    mta_sts = Some(sts);
                 }
                 (hosts, d.mx_port, tls, None)
             }
@@ -1366,6 +1406,8 @@ impl Shared {
             (tls_use, Some(config))
         };
         let mut last_error: Option<Error> = None;
+        // Hosts an enforced policy allowed that had no valid TLS for it.
+        let mut without_tls: Vec<&str> = Vec::new();
         let mut tried = 0;
         let mut looped = false;
         for host in &hosts {
@@ -1412,7 +1454,7 @@ impl Shared {
                 }
                 match connected {
                     Ok(mut c) => {
-                        c.mta_sts = mta_sts;
+                        c.mta_sts = mta_sts.as_ref().map(|sts| sts.connected(host));
                         metrics().outbound.inc(Result_::Ok);
                         if let Some(v) = c.tls {
                             metrics().tls_session(Direction::Outbound, v);
@@ -1422,20 +1464,35 @@ impl Shared {
                     Err(e) => {
                         metrics().outbound.inc(Result_::Failed);
                         tracing::debug!(host = %host, %addr, error = %e, "next hop failed; trying the next");
+                        let enforced = mta_sts.as_ref().is_some_and(|sts| sts.enforce);
+                        if enforced
+                            && matches!(e, Error::Tls(_))
+                            && !without_tls.contains(&host.as_str())
+                        {
+                            without_tls.push(host);
+                        }
                         last_error = Some(e);
                     }
                 }
             }
         }
-        match last_error {
-            Some(e) => Err(e),
-            None if looped => Err(Error::Loop(target.key())),
-            None => Err(Error::Dns {
+        let error = match last_error {
+            Some(e) => e,
+            None if looped => Error::Loop(target.key()),
+            None => Error::Dns {
                 name: target.key(),
                 message: "no address to connect to".into(),
                 transient: true,
-            }),
-        }
+            },
+        };
+        let mta_sts = mta_sts.map(|sts| {
+            if without_tls.is_empty() {
+                sts.outcome
+            } else {
+                sts.refused(&format!("no valid TLS at {}", without_tls.join(" ")))
+            }
+        });
+        Err(Unopened { error, mta_sts })
     }
 
     /// The MTA-STS policy of an MX destination, and the words for the log:

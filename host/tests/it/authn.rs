@@ -757,4 +757,30 @@ async fn arc_sets_sealed_by_the_relay_validate_with_dkimpy() {
         let sets = if instance == "i=1" { 1 } else { 2 };
         assert_eq!(out["sets"], sets, "{subject}: {out}");
     }
+
+    // The sealing key replaced on disk (by rename) seals the next message,
+    // no restart: only the new key is published now.
+    let renewed = make_key(keys.path(), "seal-new", "rsa");
+    std::fs::rename(
+        keys.path().join("seal-new.pem"),
+        keys.path().join("seal.pem"),
+    )
+    .unwrap();
+    s.dns
+        .remove("arc._domainkey.relay.test")
+        .txt("arc._domainkey.relay.test", &key_record(&renewed, "rsa"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let m = message("a@list.test", "resealed", "");
+    let (_, end) = send_from("127.0.0.2", s.relay.addr, "list.test", "x@list.test", m).await;
+    assert!(end.starts_with("250"), "{end}");
+    let got = s.sink.wait_for(3, Duration::from_secs(20)).await;
+    let m = by_subject(&got, "resealed");
+    let out: serde_json::Value =
+        serde_json::from_slice(&mailauth(&["arc-verify", "--dns", &port], &m.data)).unwrap();
+    assert_eq!(
+        out["cv"],
+        "pass",
+        "sealed with the replaced key: {out}\n{}",
+        headers(m)
+    );
 }

@@ -1,11 +1,12 @@
 //! Inbound certificates: several per listener chosen by the name the client
 //! asks for (SNI), and a certificate replaced on disk served to the next
-//! STARTTLS without a restart, while a session already in TLS goes on.
+//! STARTTLS without a restart, while a session already in TLS goes on, and
+//! SIGHUP taking up a certificate the config names anew.
 //! Python's ssl module is the client.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -65,6 +66,38 @@ fn write_cert(dir: &Path, stem: &str, names: &[&str]) -> String {
     hex::encode(Sha256::digest(ck.cert.der()))
 }
 
+/// A session in TLS held open across a change.
+struct Held {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Held {
+    /// STARTTLS as `name`; returns the session and the SHA-256 of the
+    /// certificate it got.
+    fn open(port: u16, name: &str) -> (Held, String) {
+        let mut child = Command::new("python3")
+            .args(["-c", CLIENT, &port.to_string(), name, "hold"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        (Held { child, out }, line.trim().to_string())
+    }
+
+    /// The session is still there: NOOP gets its 250.
+    fn goes_on(mut self) {
+        self.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "250", "the session in TLS was dropped");
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
 fn path(dir: &Path, file: &str) -> PathBuf {
     dir.join(file)
 }
@@ -103,16 +136,8 @@ async fn sni_picks_the_certificate_and_a_replaced_one_is_served_next() {
     assert_eq!(got, [a.as_str(), &b, &default, &default]);
 
     // A session in TLS with the old certificate, held open over the change.
-    let mut held = Command::new("python3")
-        .args(["-c", CLIENT, &port.to_string(), "mail.a.test", "hold"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(held.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), a);
+    let (held, got) = Held::open(port, "mail.a.test");
+    assert_eq!(got, a);
 
     let renewed = write_cert(&certs, "a", &["mail.a.test"]);
     assert_ne!(renewed, a);
@@ -132,12 +157,7 @@ async fn sni_picks_the_certificate_and_a_replaced_one_is_served_next() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // The held session goes on.
-    held.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "250", "the session in TLS was dropped");
-    assert!(held.wait().unwrap().success());
+    held.goes_on();
 
     // A key that does not match its certificate is not taken: the renewed
     // pair stays in use.
@@ -151,4 +171,60 @@ async fn sni_picks_the_certificate_and_a_replaced_one_is_served_next() {
         .await
         .unwrap();
     assert_eq!(got, [renewed.as_str(), &default]);
+}
+
+/// SIGHUP reloads the certificates from the files the config names now:
+/// the config is changed to a new pair (files the watcher does not look
+/// at, so only the signal can bring them in), the next STARTTLS gets the
+/// new certificate, and a session already in TLS carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_serves_the_certificate_the_config_names_now() {
+    use crate::support::relay::{free_port, Relay as Process};
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let old = write_cert(&certs, "old", &["relay.test"]);
+    let port = free_port();
+    let config = |stem: &str| {
+        format!(
+            "hostname = \"relay.test\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+             tls_cert = \"certs/{stem}.pem\"\ntls_key = \"certs/{stem}.key\"\n\
+             [spool]\npath = \"spool\"\n[delivery]\nsmarthost = \"smtp://127.0.0.1:9\"\n"
+        )
+    };
+    let relay = Process::start_in(dir.clone(), port, &config("old"));
+    let served =
+        |names: &'static [&'static str]| tokio::task::spawn_blocking(move || client(port, names));
+    assert_eq!(served(&["-"]).await.unwrap(), [old.as_str()]);
+
+    let (held, got) = Held::open(port, "-");
+    assert_eq!(got, old);
+
+    let new = write_cert(&certs, "new", &["relay.test"]);
+    std::fs::write(dir.path().join("postern.toml"), config("new")).unwrap();
+    // The changed config alone changes nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(served(&["-"]).await.unwrap(), [old.as_str()]);
+
+    relay.signal(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = served(&["-"]).await.unwrap();
+        if got == [new.as_str()] {
+            break;
+        }
+        assert_eq!(
+            got,
+            [old.as_str()],
+            "neither the old nor the new certificate"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no new certificate within 10 s of SIGHUP: {}",
+            relay.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    held.goes_on();
 }

@@ -3,6 +3,7 @@
 //! Postfix's smtp-source and `postern queue`; and the footer corpus
 //! checked with a MIME parser nobody here wrote (Python's `email`).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -66,6 +67,25 @@ fn base64_lines(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// A relay (the binary) in `dir` delivering to the smart host `next_hop`
+/// (retrying after a second), with `extra` tables, these workspace plugins
+/// and the `[[plugin]]` chain.
+fn relay_to(
+    next_hop: SocketAddr,
+    dir: &Arc<tempfile::TempDir>,
+    extra: &str,
+    plugins: &[&str],
+    chain: &str,
+) -> Relay {
+    let port = free_port();
+    let config = config_with(
+        port,
+        &format!("[delivery]\nsmarthost = \"smtp://{next_hop}\"\nretry = [\"1s\"]\n"),
+        &format!("{extra}{}{chain}", plugins_section(dir.path(), plugins)),
+    );
+    Relay::start_in(dir.clone(), port, &config)
+}
+
 /// A card number refused; an `.exe` inside a zip stripped with the
 /// explanation part in its place; the disclaimer in both alternatives of
 /// mail from corp.test; internal headers gone; our `Received:` without the
@@ -74,16 +94,13 @@ fn base64_lines(bytes: &[u8]) -> String {
 async fn compliance_rejects_strips_and_adds_footers() {
     let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let port = free_port();
-    let config = config_with(
-        port,
-        &format!("[delivery]\nsmarthost = \"smtp://{}\"\n", sink.addr),
-        &format!(
-            "[smtp]\nreceived_hide_networks = [\"127.0.0.0/8\"]\n{}{COMPLIANCE}",
-            plugins_section(dir.path(), &["compliance"])
-        ),
+    let relay = relay_to(
+        sink.addr,
+        &dir,
+        "[smtp]\nreceived_hide_networks = [\"127.0.0.0/8\"]\n",
+        &["compliance"],
+        COMPLIANCE,
     );
-    let relay = Relay::start_in(dir.clone(), port, &config);
 
     let r = send_message(
         relay.addr(),
@@ -476,5 +493,189 @@ print(json.dumps(out))
             let kept = orig.trim_end().replace("</body></html>", "");
             assert!(b.contains(kept.trim_end()), "{name}: {orig:?} not in {b:?}");
         }
+    }
+}
+
+/// Signing comes after the data hook's edits: mail from corp.test gets the
+/// disclaimer from the compliance plugin and a DKIM signature from the
+/// relay, and dkimpy at the sink finds the signature good over the
+/// footered body (and bad once the footer is taken out again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_footered_message_is_signed_after_the_footer() {
+    use crate::dkim::{as_str, dkimpy_verify, keygen};
+    let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let dns = crate::support::dns::DnsServer::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let key = dir.path().join("corp.pem");
+    let record = keygen("corp.test", "s1", "rsa", &key);
+    dns.txt_strings("s1._domainkey.corp.test", &as_str(&record));
+    let dkim = format!(
+        "[dkim]\n[[dkim.key]]\ndomain = \"corp.test\"\nselector = \"s1\"\nkey = \"{}\"\n",
+        key.display()
+    );
+    let relay = relay_to(sink.addr, &dir, &dkim, &["compliance"], COMPLIANCE);
+    let r = send_message(
+        relay.addr(),
+        "jo@corp.test",
+        &["ann@partner.test"],
+        "From: Jo <jo@corp.test>\r\nTo: <ann@partner.test>\r\nSubject: terms\r\n\
+         Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <terms@corp.test>\r\n\r\n\
+         The terms are agreed.\r\n",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let got = sink.wait_for(1, Duration::from_secs(30)).await;
+    let text = String::from_utf8_lossy(&got[0].data).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase().contains("dkim-signature:") && head.contains("d=corp.test"),
+        "{head}"
+    );
+    assert!(
+        body.starts_with("The terms are agreed.") && body.contains("Confidential: corp.test"),
+        "{body}"
+    );
+    let verdict = dkimpy_verify(dns.addr.port(), &got[0]);
+    assert_eq!(verdict, (1, vec![true]), "dkimpy on\n{text}");
+
+    // The same signature over the body without the footer does not verify:
+    // it covers the footer.
+    let mut unfootered = got[0].clone();
+    let cut = body.find("Confidential").unwrap();
+    unfootered.data = format!("{head}\r\n\r\n{}", &body[..cut]).into_bytes();
+    assert_eq!(
+        dkimpy_verify(dns.addr.port(), &unfootered),
+        (1, vec![false])
+    );
+}
+
+/// A message near the 25 MB limit, a 24 MB CSV attachment: the plugin reads
+/// it in ranges within its 64 MB memory cap and its 20 s deadline. The card
+/// numbers rule wants three, placed at the start, the middle and the end,
+/// so a refusal shows the whole attachment was read; with the last one
+/// spoiled the message is accepted and reaches the sink as sent, but for
+/// the disclaimer in its text part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_25_mb_message_is_scanned_footered_and_delivered_intact() {
+    let chain = "[[plugin]]\nname = \"compliance\"\npath = \"compliance.wasm\"\nmemory_mb = 64\n\
+                 timeouts = { data = 20000 }\n[plugin.config]\n\
+                 rules = [\n\
+                 { name = \"cards\", data = \"cards\", min_count = 3, action = \"reject\" },\n\
+                 { name = \"disclaimer\", sender_domains = [\"corp.test\"], action = \"footer\", text = \"Confidential: corp.test\" },\n\
+                 ]\n";
+    let sink = Sink::start("127.0.0.1", Options::new(Behavior::Accept)).await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let relay = relay_to(sink.addr, &dir, "", &["compliance"], chain);
+
+    let line = format!("{},{}\r\n", "7".repeat(40), "row of figures".repeat(3));
+    let rows = 24 * 1024 * 1024 / line.len();
+    let mut csv = String::with_capacity(rows * line.len() + 200);
+    csv.push_str("card 4111111111111111\r\n");
+    for i in 0..rows {
+        if i == rows / 2 {
+            csv.push_str("middle 5555555555554444\r\n");
+        }
+        csv.push_str(&line);
+    }
+    csv.push_str("last 378282246310005\r\n");
+    let message = |csv: &str| {
+        format!(
+            "Subject: figures\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"m\"\r\n\r\n\
+             --m\r\nContent-Type: text/plain\r\n\r\nfigures attached\r\n\
+             --m\r\nContent-Type: text/csv; name=\"figures.csv\"\r\n\
+             Content-Disposition: attachment; filename=\"figures.csv\"\r\n\r\n{csv}--m--\r\n"
+        )
+    };
+    let three = message(&csv);
+    assert!(three.len() > 24 * 1024 * 1024, "{}", three.len());
+    let started = std::time::Instant::now();
+    let r = send_message(relay.addr(), "jo@corp.test", &["ann@partner.test"], &three);
+    assert!(r.starts_with("550 5.7.1"), "{r}");
+    let two = message(&csv.replace("last 378282246310005", "last 378282246310006"));
+    drop(three);
+    let r = send_message(relay.addr(), "jo@corp.test", &["ann@partner.test"], &two);
+    assert!(r.starts_with("250"), "{r}");
+    eprintln!("both 25 MB messages answered in {:?}", started.elapsed());
+
+    let got = sink.wait_for(1, Duration::from_secs(60)).await;
+    let text = String::from_utf8_lossy(&got[0].data);
+    assert_eq!(got[0].rcpts, ["ann@partner.test"]);
+    // Our Received: first, then the message as sent but for the footer.
+    let delivered = &text[text.find("Subject: figures").expect("the message")..];
+    let (head, tail) = two.split_at(two.find("--m\r\nContent-Type: text/csv").unwrap());
+    assert!(
+        delivered.ends_with(tail),
+        "the attachment changed on the way"
+    );
+    // The text part (its Content-Type may gain a charset) with the footer
+    // after its text, and nothing else added.
+    let text_part = &delivered[..delivered.len() - tail.len()];
+    let part_head = "--m\r\nContent-Type: text/plain";
+    let top = &head[..head.find(part_head).unwrap() + part_head.len()];
+    assert!(text_part.starts_with(top), "{text_part}");
+    let text_at = text_part.find("\r\n\r\nfigures attached\r\n").unwrap();
+    assert!(
+        text_part[text_at..].contains("Confidential: corp.test"),
+        "{text_part}"
+    );
+    assert!(text_part.len() < head.len() + 100, "{text_part}");
+}
+
+/// The archive plugin's journal mode: the journal address is added as an
+/// envelope recipient, so the copy reaches the next hop beside the original
+/// recipients' (a Bcc recipient included), and the original envelope is
+/// kept in the transaction metadata `envelope`, which `postern queue show`
+/// prints while the message waits, not in a header every recipient sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_recipient_gets_the_copy_with_the_original_envelope_recorded() {
+    let chain =
+        "[[plugin]]\nname = \"archive\"\npath = \"archive.wasm\"\ngrants = [\"recipients\"]\n\
+                 [plugin.config]\njournal = \"journal@vault.test\"\n";
+    // Nothing listens at the next hop at first, so the message waits in
+    // the queue where its record can be read.
+    let next_hop: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let relay = relay_to(next_hop, &dir, "", &["archive"], chain);
+    let r = send_message(
+        relay.addr(),
+        "jo@origin.test",
+        &["ann@partner.test", "bob@partner.test"],
+        "From: jo@origin.test\r\nTo: ann@partner.test\r\nSubject: journalled\r\n\r\nFor the record.\r\n",
+    );
+    let id = queue_id(&r);
+    let shown = queue_cmd(&dir.path().join("postern.toml"), &["show", &id]);
+    let line = shown
+        .lines()
+        .find(|l| l.contains("metadata archive.envelope = "))
+        .unwrap_or_else(|| panic!("no envelope in\n{shown}"));
+    let json = line.split_once(" = ").unwrap().1.replace("\\\"", "\"");
+    let envelope: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        envelope,
+        serde_json::json!({"sender": "jo@origin.test", "recipients": ["ann@partner.test", "bob@partner.test"]}),
+        "{shown}"
+    );
+
+    let sink = Sink::start_on(next_hop, Options::new(Behavior::Accept)).await;
+    let rcpts = eventually(Duration::from_secs(30), || {
+        let rcpts = sink.recipients();
+        (rcpts.len() >= 3).then_some(rcpts)
+    })
+    .await
+    .expect("the message for three recipients at the sink");
+    assert_eq!(
+        rcpts,
+        ["ann@partner.test", "bob@partner.test", "journal@vault.test"]
+    );
+    for m in &sink.messages() {
+        assert_eq!(m.from, "jo@origin.test");
+        let text = String::from_utf8_lossy(&m.data);
+        assert!(
+            text.contains("Subject: journalled") && text.contains("For the record."),
+            "{text}"
+        );
+        assert!(
+            !text.contains("bob@partner.test"),
+            "the Bcc recipient shows: {text}"
+        );
     }
 }

@@ -12,7 +12,7 @@ use crate::support::sink::{Behavior, Captured, Options, Sink};
 
 /// Runs `postern dkim keygen` and returns the record's character-strings as
 /// printed (each at most 255 octets).
-fn keygen(domain: &str, selector: &str, algorithm: &str, out: &Path) -> Vec<String> {
+pub(crate) fn keygen(domain: &str, selector: &str, algorithm: &str, out: &Path) -> Vec<String> {
     let run = Command::new(env!("CARGO_BIN_EXE_postern"))
         .args(["dkim", "keygen", "--domain", domain, "--selector", selector])
         .args(["--algorithm", algorithm, "--out"])
@@ -40,7 +40,7 @@ fn keygen(domain: &str, selector: &str, algorithm: &str, out: &Path) -> Vec<Stri
 }
 
 /// dkimpy's verdict on each signature of a message, asking the test DNS.
-fn dkimpy_verify(dns_port: u16, m: &Captured) -> (usize, Vec<bool>) {
+pub(crate) fn dkimpy_verify(dns_port: u16, m: &Captured) -> (usize, Vec<bool>) {
     let out = mailauth(&["dkim-verify", "--dns", &dns_port.to_string()], &m.data);
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let results = v["results"]
@@ -78,7 +78,7 @@ fn signature_domains(m: &Captured) -> Vec<String> {
         .collect()
 }
 
-fn as_str(v: &[String]) -> Vec<&str> {
+pub(crate) fn as_str(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 

@@ -3,7 +3,9 @@
 //! test CA serves the policies; the mail hosts are a TLS sink whose
 //! certificate that CA issued for `mx.good.test`. Enforce delivers only to
 //! listed hosts with a valid certificate, testing delivers and says what
-//! enforce would refuse, and a failed refresh keeps the cached policy.
+//! enforce would refuse, and a failed refresh keeps the cached policy. Each
+//! attempt's log record carries the outcome: the mode, and the host
+//! matched or why the policy refused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -196,7 +198,10 @@ async fn enforce_testing_and_a_failed_refresh() {
     send("a@enforced.test");
     let line = attempt(&relay, "a@enforced.test").await;
     assert!(line.contains("outcome=\"delivered\""), "{line}");
-    assert!(line.contains("enforce (fetched)"), "{line}");
+    assert!(
+        line.contains("mta_sts=\"enforce (fetched); matched mx.good.test\""),
+        "{line}"
+    );
     // The only MX is not in the policy: deferred, nothing sent.
     send("b@wrongmx.test");
     let line = attempt(&relay, "b@wrongmx.test").await;
@@ -205,11 +210,20 @@ async fn enforce_testing_and_a_failed_refresh() {
         line.contains("4.7.5 MTA-STS: no MX host of wrongmx.test"),
         "{line}"
     );
+    // The attempt's record says which policy refused it and why.
+    assert!(
+        line.contains("mta_sts=\"enforce (fetched); refused: no MX host in the policy\""),
+        "{line}"
+    );
     // Listed, but its certificate is for another name: deferred, never clear.
     send("c@badcert.test");
     let line = attempt(&relay, "c@badcert.test").await;
     assert!(
         line.contains("deferred") && line.contains("4.7.5 TLS"),
+        "{line}"
+    );
+    assert!(
+        line.contains("mta_sts=\"enforce (fetched); refused: no valid TLS at mx.badcert.test\""),
         "{line}"
     );
     // Testing: delivered, with what enforce would have refused.
@@ -248,13 +262,8 @@ async fn enforce_testing_and_a_failed_refresh() {
     );
 
     let got = sink.messages();
-    let mut rcpts: Vec<&str> = got
-        .iter()
-        .flat_map(|m| m.rcpts.iter().map(String::as_str))
-        .collect();
-    rcpts.sort();
     assert_eq!(
-        rcpts,
+        sink.recipients(),
         [
             "a@enforced.test",
             "d@testing.test",

@@ -163,6 +163,13 @@ impl Sink {
         self.messages.lock().unwrap().clone()
     }
 
+    /// The forward-paths of every message received so far, sorted.
+    pub fn recipients(&self) -> Vec<String> {
+        let mut rcpts: Vec<String> = self.messages().into_iter().flat_map(|m| m.rcpts).collect();
+        rcpts.sort();
+        rcpts
+    }
+
     /// Waits until at least `n` messages arrived.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Captured> {
         let got = super::eventually(timeout, || {
@@ -224,7 +231,7 @@ async fn session(stream: Box<dyn Io>, sh: Shared) -> std::io::Result<()> {
                     "8BITMIME",
                     "SMTPUTF8",
                     "DSN",
-                    "SIZE 10000000",
+                    "SIZE 52428800",
                     "ENHANCEDSTATUSCODES",
                 ]
             };
