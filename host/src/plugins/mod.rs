@@ -189,6 +189,7 @@ impl Chain {
             chain: self.clone(),
             held: (0..self.plugins.len()).map(|_| None).collect(),
             trail: Vec::new(),
+            shadows: Vec::new(),
         }
     }
 }
@@ -203,8 +204,11 @@ pub struct Lease {
     /// By chain position.
     held: Vec<Option<Instance>>,
     /// Each plugin's verdict at each hook since [`Lease::take_verdicts`],
-    /// for the transaction's log record.
-    trail: Vec<(Arc<LoadedPlugin>, HookName, &'static str)>,
+    /// for the transaction's log record, the plugin by chain position.
+    trail: Vec<(usize, HookName, &'static str)>,
+    /// Shadow calls of the session's hooks still to run: the session runs
+    /// them once the client has the reply ([`Lease::run_shadows`]).
+    shadows: Vec<shadow::Pending>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -219,6 +223,9 @@ impl std::fmt::Debug for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.end();
+        // A session that ended before flushing its last reply still has its
+        // shadows compared, in a task of their own.
+        shadow::spawn(std::mem::take(&mut self.shadows));
     }
 }
 
@@ -244,20 +251,30 @@ impl Lease {
         let words: Vec<String> = self
             .trail
             .drain(..)
-            .map(|(p, hook, kind)| format!("{}:{hook}={kind}", p.name()))
+            .map(|(i, hook, kind)| format!("{}:{hook}={kind}", self.chain.plugins[i].name()))
             .collect();
         words.join(" ")
     }
 
+    /// Runs the shadow calls of the hooks called so far and counts their
+    /// answers. The session calls this once the client has its reply, so a
+    /// shadow adds no latency; it runs inline, as a second plugin in the
+    /// chain would, rather than in a task of its own per call.
+    pub async fn run_shadows(&mut self) {
+        for pending in std::mem::take(&mut self.shadows) {
+            pending.compare().await;
+        }
+    }
+
     /// Runs a verdict hook: the first answer other than `Continue` ends it.
-    /// A plugin with a shadow has the shadow run on the same call, on a copy
-    /// of its inputs, once the live answer is known.
+    /// A plugin with a shadow has the shadow's call kept, on a copy of its
+    /// inputs, for [`Lease::run_shadows`].
     async fn verdict(&mut self, call: Call) -> Verdict {
         let hook = call.hook();
         let Some(mut pass) = self.chain.pass() else {
             return Verdict::Continue;
         };
-        for (p, held) in self.chain.plugins.iter().zip(&mut self.held) {
+        for (i, (p, held)) in self.chain.plugins.iter().zip(&mut self.held).enumerate() {
             if !p.handles(hook) {
                 continue;
             }
@@ -272,10 +289,13 @@ impl Lease {
                 ),
                 Err(e) => on_error(p, hook, e),
             };
-            self.trail
-                .push((p.clone(), hook, instance::verdict_kind(&v)));
-            if let Some(shadow_call) = shadow_call {
-                shadow::spawn(p.clone(), shadow_call, Answer::Verdict(v.clone()));
+            self.trail.push((i, hook, instance::verdict_kind(&v)));
+            if let Some(call) = shadow_call {
+                self.shadows.push(shadow::Pending {
+                    live: p.clone(),
+                    call,
+                    live_answer: Answer::Verdict(v.clone()),
+                });
             }
             if v != Verdict::Continue {
                 return v;
@@ -426,8 +446,8 @@ impl Lease {
                 .into(),
                 Err(e) => route_error(p, e).into(),
             };
-            if let Some(shadow_call) = shadow_call {
-                shadow::spawn(p.clone(), shadow_call, Answer::Route(routing.clone()));
+            if let Some(call) = shadow_call {
+                shadow::compare(p, &call, &Answer::Route(routing.clone())).await;
             }
             sender = sender.or(routing.sender);
             if routing.route != Route::Default {
@@ -467,8 +487,8 @@ impl Lease {
                         Answer::Done
                     }
                 };
-                if let Some(shadow_call) = shadow_call {
-                    shadow::spawn(p.clone(), shadow_call, answer);
+                if let Some(call) = shadow_call {
+                    shadow::compare(p, &call, &answer).await;
                 }
             }
         }

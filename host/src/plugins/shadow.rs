@@ -1,7 +1,8 @@
 //! Shadow mode: a new version of a plugin (`[[plugin]] shadow = "v2.wasm"`)
 //! runs on the same calls as the live one, on copies of the inputs the live
-//! one saw, after the live answer is known (so after the client has its
-//! reply: it adds no latency). Its answers are counted against the live ones
+//! one saw, after the live answer is known: a session's shadow calls wait
+//! until the client has its reply (so they add no latency), delivery's run
+//! right after the live call. Its answers are counted against the live ones
 //! per hook and never enforced; its message edits and metadata writes go to
 //! copies that are dropped, its kv space is `<name>@shadow` and its archive
 //! folder a scratch one. Promoting it is copying its file over the live one.
@@ -14,13 +15,40 @@ use crate::plugins::instance::{Answer, Call, LoadedPlugin, Pass};
 use crate::plugins::{convert, on_error, route_error};
 use crate::policy::{Route, Verdict};
 
-/// Runs `live`'s shadow on `call` in a task of its own and counts whether it
-/// answers as the live plugin did (`live_answer`).
-pub(crate) fn spawn(live: Arc<LoadedPlugin>, call: Call, live_answer: Answer) {
-    tokio::spawn(async move { compare(&live, &call, &live_answer).await });
+/// A shadow call to make: the live plugin, the call on copies of its
+/// inputs, and what the live plugin answered.
+pub(crate) struct Pending {
+    pub live: Arc<LoadedPlugin>,
+    pub call: Call,
+    pub live_answer: Answer,
 }
 
-async fn compare(live: &LoadedPlugin, call: &Call, live_answer: &Answer) {
+/// Compares `pending` shadow calls in a task of their own (those a session
+/// left when it ended before its last reply went out).
+pub(crate) fn spawn(pending: Vec<Pending>) {
+    if pending.is_empty() {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            for p in pending {
+                p.compare().await;
+            }
+        });
+    }
+}
+
+impl Pending {
+    /// Runs the shadow on the call and counts whether it answers as the
+    /// live plugin did.
+    pub async fn compare(self) {
+        compare(&self.live, &self.call, &self.live_answer).await;
+    }
+}
+
+/// Runs `live`'s shadow on `call` and counts whether it answers as the live
+/// plugin did (`live_answer`).
+pub(crate) async fn compare(live: &LoadedPlugin, call: &Call, live_answer: &Answer) {
     let Some(shadow) = live.shadow.as_deref() else {
         return;
     };

@@ -394,12 +394,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// Sends the replies queued so far; then, with the client served, the
+    /// shadow calls of the hooks behind them.
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.output.is_empty() {
             self.stream.write_all(&self.output).await?;
             self.stream.flush().await?;
             self.output.clear();
         }
+        self.hooks.run_shadows().await;
         Ok(())
     }
 
