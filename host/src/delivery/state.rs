@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::{Error, Place, QueueId, QueuedMeta, Spool};
+use crate::queue::{Error, Place, QueueId, QueuedMeta, Shape, Spool};
 
 /// Where a recipient stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +157,15 @@ impl DeliveryState {
         } else {
             Place::Queued
         }
+    }
+
+    /// Where the message stands and its shape, for the queue's index.
+    pub fn standing(&self, meta: &QueuedMeta) -> (Place, Shape) {
+        let recipients = meta.envelope.recipients.iter().zip(&self.recipients);
+        let shape = Shape::of(
+            recipients.map(|(r, s)| (r.address.as_str(), s.is_open(), s.last_reply.as_deref())),
+        );
+        (self.place(meta), shape)
     }
 
     /// When the message's time in the queue started for `max_age` and the

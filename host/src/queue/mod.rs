@@ -14,14 +14,15 @@
 //!   blocks are allocated already, which makes the fsync cheap). Bytes past a
 //!   record's `size` are the old tail of such a file.
 //!
-//! [`index`] keeps the messages by state in memory, for `/metrics`.
+//! [`index`] keeps the messages by state in memory, for `/metrics` and the
+//! queue summary.
 
 mod id;
 pub mod index;
 mod spool;
 
 pub use id::QueueId;
-pub use index::{Index, Place};
+pub use index::{Index, Place, Shape};
 pub use spool::{
     list_ids, load as spool_load, off_runtime, Error, QueuedMeta, Spool, Spooled, StoredMessage,
 };
