@@ -10,6 +10,8 @@
 //!   A file shorter than its record (damaged) does not load and is moved to
 //!   `corrupt/` when delivery first meets it.
 //! - `queue/<id>.state`: delivery state, once a message has been tried.
+//! - `index.saved`: the [`index`] as a clean stop left it, taken in (and
+//!   removed) by the next start, so it answers before the spool is read.
 //! - `pool/<n>`: files of finished messages, written over by new ones (their
 //!   blocks are allocated already, which makes the fsync cheap). Bytes past a
 //!   record's `size` are the old tail of such a file.
