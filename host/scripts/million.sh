@@ -53,7 +53,12 @@ start() {
   "$BIN" serve --config "$work/postern.toml" 2>> "$work/log" & pid=$!
 }
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
-sink_count() { tail -c 300 "$1" | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1 | sed 's/mesg=//;s/^$/0/'; }
+# Messages a sink has counted so far (0 before its first count line).
+sink_count() {
+  local n
+  n=$(tail -c 300 "$1" | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1 | sed 's/mesg=//')
+  echo "${n:-0}"
+}
 
 start
 until listening; do sleep 0.1; done

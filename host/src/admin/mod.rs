@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_rustls::TlsAcceptor;
 
-use crate::delivery::control::{self, Entry};
+use crate::delivery::control;
 use crate::delivery::Delivery;
 use crate::server::Context;
 
@@ -96,8 +96,6 @@ pub struct State {
     listening: AtomicBool,
     /// Browser sessions opened with the token: id to expiry.
     sessions: Mutex<std::collections::HashMap<String, Instant>>,
-    /// The last reading of the whole queue, for scrapes and the status page.
-    queue: tokio::sync::Mutex<Option<QueueReading>>,
     /// Injection's idempotency keys.
     keys: inject::Keys,
     /// Messages per second for the status page's chart.
@@ -108,13 +106,6 @@ pub struct State {
 
 /// How often idempotency keys past their window are removed.
 const KEY_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
-
-/// One reading of the queue folder.
-struct QueueReading {
-    taken: Instant,
-    cost: Duration,
-    entries: Arc<Vec<Entry>>,
-}
 
 /// A handle on the running admin side.
 #[derive(Clone)]
@@ -184,7 +175,6 @@ impl Admin {
             http_address,
             listening: AtomicBool::new(false),
             sessions: Mutex::default(),
-            queue: tokio::sync::Mutex::new(None),
             keys: self.keys,
             rates: status::Rates::default(),
             started: Instant::now(),
@@ -218,27 +208,6 @@ impl Admin {
 }
 
 impl State {
-    /// The whole queue as last read, read again when the reading is older
-    /// than `max_age`, or than ten times what the reading cost (so a large
-    /// queue is not read over and over by frequent scrapes).
-    pub async fn queue(&self, max_age: Duration) -> Result<Arc<Vec<Entry>>, crate::queue::Error> {
-        let mut cached = self.queue.lock().await;
-        if let Some(r) = cached.as_ref() {
-            if r.taken.elapsed() < max_age.max(r.cost * 10) {
-                return Ok(r.entries.clone());
-            }
-        }
-        let dir = self.delivery.queue_dir().to_path_buf();
-        let started = Instant::now();
-        let entries = Arc::new(crate::queue::off_runtime(move || control::list(&dir)).await?);
-        *cached = Some(QueueReading {
-            taken: Instant::now(),
-            cost: started.elapsed(),
-            entries: entries.clone(),
-        });
-        Ok(entries)
-    }
-
     /// The SMTP listeners accept connections.
     pub fn listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::metrics::{metrics, DeliveryOutcome, RecentDelivery, Source};
 use super::State;
-use crate::delivery::control::Summary;
+use crate::delivery::control::{Selector, Summary};
 use crate::delivery::state::unix_now;
 
 /// The page.
@@ -25,8 +25,6 @@ const PAGE: &str = include_str!("status.html");
 const RATE_SAMPLES: usize = 300;
 /// Destinations shown.
 const TOP_DESTINATIONS: usize = 10;
-/// How old a reading of the queue the page may show.
-const QUEUE_READING_AGE: Duration = Duration::from_secs(2);
 
 /// Messages in (received by SMTP or the API) and out (delivered recipients)
 /// per second, one sample a second.
@@ -138,8 +136,18 @@ pub async fn page() -> Html<&'static str> {
 /// `GET /api/v1/status`.
 pub async fn status(AxState(state): AxState<Arc<State>>) -> Response {
     let m = metrics();
-    let entries = match state.queue(QUEUE_READING_AGE).await {
-        Ok(e) => e,
+    // The counts and the destinations from the spool's index, exact now
+    // (while the start-up scan reads the spool, of what it has read).
+    let now = unix_now();
+    let index = state.ctx.spool.index().counts(now);
+    let counts = index.messages;
+    let spool = state.ctx.spool.clone();
+    let summary = crate::queue::off_runtime(move || {
+        Ok(Summary::of_index(spool.index(), &Selector::default()))
+    })
+    .await;
+    let summary = match summary {
+        Ok(summary) => summary,
         Err(e) => {
             return super::guard::error(
                 axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -147,12 +155,6 @@ pub async fn status(AxState(state): AxState<Arc<State>>) -> Response {
             )
         }
     };
-    // The counts from the spool's index, exact now; the destinations from
-    // the reading of the queue.
-    let now = unix_now();
-    let index = state.ctx.spool.index().counts(now);
-    let counts = index.messages;
-    let summary = Summary::of(&entries);
     let (in_, out) = state.rates.series();
     let (outbound, _) = state.delivery.load();
     let status = Status {

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use super::state::{self, unix_now, Status};
 use super::suspend::{Suspension, Suspensions};
 use super::Delivery;
-use crate::queue::{self, Place, QueueId, Spool};
+use crate::queue::index::Known;
+use crate::queue::{self, Place, QueueId, Shape, Spool};
 use crate::record::Record;
 
 /// The socket's name inside the spool folder.
@@ -37,7 +38,8 @@ pub struct Selector {
     /// A sender address, `<>`, or `@domain`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<String>,
-    /// Only messages that arrived at least this many seconds ago.
+    /// Only messages that arrived at least this many seconds ago (as their
+    /// queue id says: it is made as the message ends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub older_than: Option<u64>,
     /// `queued`, `deferred`, `held` or `quarantine`.
@@ -95,8 +97,12 @@ impl Selector {
         if self.state.as_deref().is_some_and(|s| s != e.state) {
             return false;
         }
-        if self.older_than.is_some_and(|secs| e.age < secs) {
-            return false;
+        // The age of the id, as the queue's index has it.
+        let arrival = QueueId::parse(&e.id).map(|id| Known::arrival_of(queue::index::key(&id)));
+        if let (Some(secs), Some(arrival)) = (self.older_than, arrival) {
+            if unix_now().saturating_sub(arrival) < secs {
+                return false;
+            }
         }
         if let Some(sender) = &self.sender {
             let ok = if sender == "<>" {
@@ -367,25 +373,13 @@ pub fn list(queue_dir: &Path) -> Result<Vec<Entry>, queue::Error> {
     Ok(out)
 }
 
-/// Where every message in a spool `queue/` folder stands (messages that
-/// vanish meanwhile, or do not load, are left out).
-pub fn places(queue_dir: &Path) -> Result<Vec<(QueueId, Place)>, queue::Error> {
-    let mut out = Vec::new();
-    for id in queue::list_ids(queue_dir)? {
-        let Ok(stored) = queue::spool_load(&queue_dir.join(id.as_str()), &id) else {
-            continue;
-        };
-        let meta = stored.meta;
-        let st =
-            state::load(queue_dir, &meta, &id).unwrap_or_else(|_| state::DeliveryState::new(&meta));
-        out.push((id, st.place(&meta)));
-    }
-    Ok(out)
-}
-
 /// Sets or clears the operator hold in a message's state file; returns
 /// where the message stands then.
-pub fn set_hold(queue_dir: &Path, id: &QueueId, hold: bool) -> Result<Place, queue::Error> {
+pub fn set_hold(
+    queue_dir: &Path,
+    id: &QueueId,
+    hold: bool,
+) -> Result<(Place, Shape), queue::Error> {
     let stored = queue::spool_load(&queue_dir.join(id.as_str()), id)?;
     let mut st = state::load(queue_dir, &stored.meta, id)
         .unwrap_or_else(|_| state::DeliveryState::new(&stored.meta));
@@ -398,21 +392,21 @@ pub fn set_hold(queue_dir: &Path, id: &QueueId, hold: bool) -> Result<Place, que
         st.next_attempt = 0;
     }
     state::store(queue_dir, id, &st)?;
-    Ok(st.place(&stored.meta))
+    Ok(st.standing(&stored.meta))
 }
 
 /// Makes a message due now (its retry time passed); returns where it stands then.
-pub(super) fn flush_file(queue_dir: &Path, id: &QueueId) -> Result<Place, queue::Error> {
+pub(super) fn flush_file(queue_dir: &Path, id: &QueueId) -> Result<(Place, Shape), queue::Error> {
     let stored = queue::spool_load(&queue_dir.join(id.as_str()), id)?;
     // A damaged state is started over at the next attempt.
     let Ok(mut st) = state::load(queue_dir, &stored.meta, id) else {
-        return Ok(Place::Queued);
+        return Ok(state::DeliveryState::new(&stored.meta).standing(&stored.meta));
     };
     if st.next_attempt != 0 {
         st.next_attempt = 0;
         state::store(queue_dir, id, &st)?;
     }
-    Ok(st.place(&stored.meta))
+    Ok(st.standing(&stored.meta))
 }
 
 impl Entry {
@@ -462,11 +456,12 @@ pub struct SummaryRow {
     pub messages: u64,
     /// Messages per age column.
     pub counts: Vec<u64>,
-    /// Messages deferred at least once.
+    /// Messages deferred now (tried, their retry time still to come).
     pub deferred: u64,
     /// Messages held.
     pub held: u64,
-    /// The last reply about one of its recipients (the newest message's).
+    /// The newest message's reply about one of its recipients still to be
+    /// delivered there (for the total: the message's most recent reply).
     pub last_error: Option<String>,
 }
 
@@ -481,53 +476,111 @@ impl SummaryRow {
             last_error: None,
         }
     }
-
-    fn add(&mut self, e: &Entry, column: usize, last_error: Option<&String>) {
-        self.messages += 1;
-        self.counts[column] += 1;
-        self.deferred += u64::from(e.state == "deferred");
-        self.held += u64::from(e.state == "held");
-        if let Some(err) = last_error {
-            self.last_error = Some(err.clone());
-        }
-    }
 }
 
-impl Summary {
-    /// The summary of `entries` (oldest first, as [`list`] gives them).
-    pub fn of(entries: &[Entry]) -> Summary {
-        let mut total = SummaryRow::new("TOTAL".into());
-        let mut rows: std::collections::HashMap<String, SummaryRow> = Default::default();
-        for e in entries {
-            let column = AGE_BUCKETS_MIN
-                .iter()
-                .position(|m| e.age <= m * 60)
-                .unwrap_or(AGE_BUCKETS_MIN.len());
-            total.add(e, column, e.last_reply.as_ref());
-            for domain in e.open_domains() {
-                let last = e
-                    .recipients
-                    .iter()
-                    .filter(|r| {
-                        r.address
-                            .to_ascii_lowercase()
-                            .ends_with(&format!("@{domain}"))
-                    })
-                    .find_map(|r| r.last_reply.as_ref());
-                rows.entry(domain.clone())
-                    .or_insert_with(|| SummaryRow::new(domain))
-                    .add(e, column, last);
-            }
+/// A [`Summary`] being counted, from the files or from the queue's index:
+/// each message as [`Known`] to the index.
+struct Tally {
+    now: u64,
+    /// Each row with the key of the message its `last_error` is from.
+    total: (SummaryRow, u128),
+    rows: std::collections::HashMap<String, (SummaryRow, u128)>,
+}
+
+impl Tally {
+    fn new(now: u64) -> Tally {
+        Tally {
+            now,
+            total: (SummaryRow::new("TOTAL".into()), 0),
+            rows: Default::default(),
         }
-        let mut destinations: Vec<SummaryRow> = rows.into_values().collect();
+    }
+
+    fn add(&mut self, m: Known<'_>) {
+        let age = self.now.saturating_sub(m.arrival());
+        let column = AGE_BUCKETS_MIN
+            .iter()
+            .position(|b| age <= b * 60)
+            .unwrap_or(AGE_BUCKETS_MIN.len());
+        let count = |(row, newest): &mut (SummaryRow, u128), reply: Option<&String>| {
+            row.messages += 1;
+            row.counts[column] += 1;
+            row.deferred += u64::from(m.state == "deferred");
+            row.held += u64::from(m.state == "held");
+            if let Some(reply) = reply.filter(|_| m.key >= *newest) {
+                row.last_error = Some(reply.clone());
+                *newest = m.key;
+            }
+        };
+        count(&mut self.total, m.shape.reply.as_ref());
+        for (domain, reply) in &m.shape.open {
+            let row = self
+                .rows
+                .entry(domain.clone())
+                .or_insert_with(|| (SummaryRow::new(domain.clone()), 0));
+            count(row, reply.as_ref());
+        }
+    }
+
+    fn summary(self) -> Summary {
+        let mut destinations: Vec<SummaryRow> = self.rows.into_values().map(|r| r.0).collect();
         destinations.sort_by(|a, b| b.messages.cmp(&a.messages).then(a.domain.cmp(&b.domain)));
         let mut buckets: Vec<String> = AGE_BUCKETS_MIN.iter().map(|m| format!("{m}m")).collect();
         buckets.push(format!("{}m+", AGE_BUCKETS_MIN[AGE_BUCKETS_MIN.len() - 1]));
         Summary {
             buckets,
-            total,
+            total: self.total.0,
             destinations,
         }
+    }
+}
+
+impl Summary {
+    /// The summary of `entries`, read from the files. A message's age is
+    /// its id's, as in [`Summary::of_index`].
+    pub fn of(entries: &[Entry]) -> Summary {
+        let mut tally = Tally::new(unix_now());
+        for e in entries {
+            let Some(id) = QueueId::parse(&e.id) else {
+                continue;
+            };
+            let shape = Shape::of(e.recipients.iter().map(|r| {
+                let open = matches!(r.state, Status::Pending | Status::Deferred);
+                (r.address.as_str(), open, r.last_reply.as_deref())
+            }));
+            tally.add(Known {
+                key: queue::index::key(&id),
+                state: STATES.iter().find(|s| **s == e.state).unwrap_or(&STATES[0]),
+                shape: &shape,
+            });
+        }
+        tally.summary()
+    }
+
+    /// The summary of what a selector picks (its `sender` aside), from the
+    /// queue's index: no file is read.
+    pub fn of_index(index: &queue::Index, selector: &Selector) -> Summary {
+        let now = unix_now();
+        let mut tally = Tally::new(now);
+        let id = selector.id.as_ref().and_then(|id| QueueId::parse(id));
+        let id = id.as_ref().map(queue::index::key);
+        index.each(now, |m| {
+            let picked = id.is_none_or(|k| k == m.key)
+                && selector.state.as_deref().is_none_or(|s| s == m.state)
+                && selector
+                    .older_than
+                    .is_none_or(|secs| now.saturating_sub(m.arrival()) >= secs)
+                && selector.domain.as_deref().is_none_or(|domain| {
+                    m.shape
+                        .open
+                        .iter()
+                        .any(|(d, _)| d.eq_ignore_ascii_case(domain))
+                });
+            if picked {
+                tally.add(m);
+            }
+        });
+        tally.summary()
     }
 }
 
@@ -587,9 +640,19 @@ pub async fn handle(d: &Delivery, req: Request) -> Result<Answer, Failure> {
         }
         Request::Summary(selector) => {
             selector.check()?;
-            Ok(Answer::Summary(Summary::of(
-                &select(&dir, &selector).await?,
-            )))
+            if selector.sender.is_some() {
+                let entries = select(&dir, &selector).await?;
+                return Ok(Answer::Summary(Summary::of(&entries)));
+            }
+            // The index knows the rest: once the start-up scan has seeded
+            // it, a summary of a million messages reads no file.
+            let spool = d.spool().clone();
+            let summary = queue::off_runtime(move || {
+                spool.index().wait_complete();
+                Ok(Summary::of_index(spool.index(), &selector))
+            })
+            .await?;
+            Ok(Answer::Summary(summary))
         }
         Request::Act { action, selector } => {
             check_act(action, &selector)?;
@@ -699,6 +762,8 @@ fn handle_direct(spool: &Spool, req: Request) -> Result<Answer, Failure> {
         Request::Summary(selector) => Ok(Answer::Summary(Summary::of(&selected(&selector)?))),
         Request::Act { action, selector } => {
             check_act(action, &selector)?;
+            // The books the relay saved at its stop would not know of this.
+            let _ = std::fs::remove_file(spool.root().join(queue::index::SAVED_FILE));
             let ids: Vec<QueueId> = match (&selector.id, only_id(&selector)) {
                 (Some(id), true) => {
                     let id = parse_id(id)?;
@@ -826,4 +891,166 @@ fn run_once(spool_root: &Path, sock: &Path, req: &Request) -> Result<Answer, Att
         e => Attempt::Failed(e.to_string()),
     })?;
     handle_direct(&spool, req.clone()).map_err(|e| Attempt::Failed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::envelope::{Address, Envelope, MailParams, Recipient};
+
+    /// An id of a message that arrived `minutes` ago.
+    fn id(minutes: u64, n: u16) -> QueueId {
+        let micros = (unix_now() - minutes * 60) * 1_000_000;
+        QueueId::parse(&format!("{micros:013X}{n:04X}")).unwrap()
+    }
+
+    /// Tried once, due again in an hour: `(recipient, status, reply)`.
+    fn tried(st: &mut state::DeliveryState, outcomes: &[(usize, Status, &str)]) {
+        st.attempts = 1;
+        st.next_attempt = unix_now() + 3600;
+        st.last_attempt = unix_now();
+        for &(i, status, reply) in outcomes {
+            st.recipients[i].status = status;
+            st.recipients[i].attempts = 1;
+            st.recipients[i].last_reply = Some(reply.into());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_index_summarises_the_queue_as_its_files_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let queue_dir = dir.path().join("queue");
+        type Change = fn(&mut state::DeliveryState);
+        let messages: [(u64, &[&str], Option<&str>, Change); 8] = [
+            (2, &["x@a.test"], None, |_| {}),
+            (7, &["y@a.test", "z@B.test"], None, |st| {
+                tried(
+                    st,
+                    &[
+                        (0, Status::Deferred, "451 4.4.1 a down"),
+                        (1, Status::Deferred, "452 b full"),
+                    ],
+                )
+            }),
+            (30, &["w@A.test"], None, |st| {
+                tried(st, &[(0, Status::Deferred, "451 a was down")])
+            }),
+            (100, &["v@b.test", "u@c.test"], None, |st| {
+                tried(
+                    st,
+                    &[
+                        (0, Status::Delivered, "250 ok"),
+                        (1, Status::Deferred, "421 c busy"),
+                    ],
+                );
+                st.next_attempt = unix_now() - 1;
+            }),
+            (700, &["t@c.test"], None, |st| st.held = true),
+            (2000, &["s@d.test"], Some("quarantined by a plugin"), |_| {}),
+            (3, &["r@b.test"], None, |st| {
+                tried(st, &[(0, Status::Failed, "550 no such user")])
+            }),
+            (3, &["q@e.test", "p@e.test"], None, |st| {
+                tried(
+                    st,
+                    &[
+                        (0, Status::Delivered, "250 ok"),
+                        (1, Status::Deferred, "451 e greylisted"),
+                    ],
+                )
+            }),
+        ];
+        let mut ids = Vec::new();
+        for (n, (minutes, rcpts, hold, change)) in messages.into_iter().enumerate() {
+            let id = id(minutes, n as u16);
+            let mut envelope = Envelope::new(Address("a@ours.test".into()), MailParams::default());
+            envelope
+                .recipients
+                .extend(rcpts.iter().map(|r| Recipient::new(*r)));
+            let message = Arc::new(b"Subject: t\r\n\r\nhi\r\n".to_vec());
+            let hold = hold.map(String::from);
+            let spooled = spool
+                .store(&id, &envelope, None, hold, Default::default(), message)
+                .await
+                .unwrap();
+            // As delivery notes the end of a pass.
+            let mut st = state::DeliveryState::new(&spooled.meta);
+            change(&mut st);
+            if st != state::DeliveryState::new(&spooled.meta) {
+                state::store(&queue_dir, &id, &st).unwrap();
+                let (place, shape) = st.standing(&spooled.meta);
+                spool.index().note(&id, place, shape);
+            }
+            ids.push(id);
+        }
+        let selectors = [
+            Selector::default(),
+            Selector {
+                domain: Some("B.test".into()),
+                ..Selector::default()
+            },
+            Selector {
+                domain: Some("c.test".into()),
+                state: Some("queued".into()),
+                ..Selector::default()
+            },
+            Selector {
+                state: Some("deferred".into()),
+                ..Selector::default()
+            },
+            Selector {
+                state: Some("held".into()),
+                ..Selector::default()
+            },
+            Selector {
+                state: Some("quarantine".into()),
+                ..Selector::default()
+            },
+            Selector {
+                older_than: Some(20 * 60),
+                ..Selector::default()
+            },
+            Selector {
+                id: Some(ids[1].to_string()),
+                ..Selector::default()
+            },
+        ];
+        let all = list(&queue_dir).unwrap();
+        for selector in &selectors {
+            let mut files = all.clone();
+            files.retain(|e| selector.matches(e));
+            assert_eq!(
+                Summary::of_index(spool.index(), selector),
+                Summary::of(&files),
+                "{selector:?}"
+            );
+        }
+        // And what it says.
+        let s = Summary::of_index(spool.index(), &Selector::default());
+        assert_eq!(s.total.messages, 8);
+        assert_eq!(s.total.counts, [3, 1, 0, 1, 0, 1, 0, 0, 1, 1]);
+        assert_eq!((s.total.deferred, s.total.held), (4, 1));
+        let row = |d: &str| s.destinations.iter().find(|r| r.domain == d).unwrap();
+        let a = row("a.test");
+        assert_eq!((a.messages, a.deferred), (3, 2));
+        assert_eq!(
+            a.last_error.as_deref(),
+            Some("451 4.4.1 a down"),
+            "the newest"
+        );
+        assert_eq!(
+            row("b.test").messages,
+            1,
+            "the delivered and the failed are done"
+        );
+        assert_eq!(row("c.test").last_error.as_deref(), Some("421 c busy"));
+        assert_eq!(
+            row("e.test").last_error.as_deref(),
+            Some("451 e greylisted")
+        );
+        assert_eq!(s.destinations[0].domain, "a.test");
+    }
 }

@@ -36,7 +36,7 @@ use crate::envelope::Address;
 use crate::plugins::delivered::{self, Reporter};
 use crate::plugins::ChainHandle;
 use crate::policy::{Queued, RouteQuery};
-use crate::queue::{off_runtime, Place, QueueId, QueuedMeta, Spool, Spooled};
+use crate::queue::{off_runtime, Place, QueueId, QueuedMeta, Shape, Spool, Spooled, StoredMessage};
 use crate::server::Context;
 use crate::smtp::reply::Reply;
 
@@ -53,6 +53,8 @@ const SCAN_INTERVAL: Duration = Duration::from_secs(10);
 /// How long an operator command waits for a pass over its message to settle
 /// (the remover may run seconds behind under load).
 const EDIT_WAIT: Duration = Duration::from_secs(30);
+/// Records the start-up scan reads in one trip to the blocking pool.
+const SCAN_BATCH: usize = 512;
 
 /// The running delivery side; cheap to clone.
 #[derive(Clone)]
@@ -100,12 +102,22 @@ enum Destination {
     Pool { name: String, require_tls: bool },
 }
 
+/// What admission gets along with a message's id.
+enum Given {
+    /// Nothing: the record is read from the spool.
+    Nothing,
+    /// Just spooled: handed over by the session, record and bytes.
+    Fresh(Box<Spooled>),
+    /// Read by the start-up scan: the record and its delivery state.
+    Read(Box<(StoredMessage, DeliveryState)>),
+}
+
 /// Where the bytes of a message being admitted are.
 enum Body {
     /// Just spooled: handed over by the session.
     InMemory(Arc<Vec<u8>>),
     /// Found in the spool: read when it is due.
-    OnDisk(Box<crate::queue::StoredMessage>),
+    OnDisk(Box<StoredMessage>),
 }
 
 /// A thread that unlinks finished messages. An ext4 unlink can wait on the
@@ -185,6 +197,8 @@ struct Sched {
     timed: HashSet<QueueId>,
     /// Some messages are in the spool but neither active nor timed.
     scan_needed: bool,
+    /// The start-up scan is reading the spool: no other scan runs meanwhile.
+    starting: bool,
     /// ... because the active set was full: scan again soon, not every
     /// `SCAN_INTERVAL`.
     scan_soon: bool,
@@ -356,7 +370,7 @@ impl Delivery {
         let suspended = Suspensions::load(ctx.spool.root())?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Spooled>();
         let sched = Arc::new(Mutex::new(Sched {
-            scan_needed: true,
+            starting: true,
             ..Default::default()
         }));
         let shared = Arc::new(Shared {
@@ -389,18 +403,9 @@ impl Delivery {
         if removed > 0 {
             tracing::info!(removed, "removed delivery states of messages already gone");
         }
-        // The messages spooled before the start, by state, for `/metrics`:
-        // read once, off the runtime, while delivery starts on them.
-        let (spool, dir) = (ctx.spool.clone(), delivery.shared.queue_dir.clone());
-        tokio::spawn(async move {
-            match off_runtime(move || super::control::places(&dir)).await {
-                Ok(found) => spool.index().seed(found),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the spool's messages by state");
-                    spool.index().seed(Vec::new());
-                }
-            }
-        });
+        // The messages spooled before the start: each record read once,
+        // for the queue's index and for delivery, while SMTP is served.
+        tokio::spawn(delivery.shared.clone().start_up_scan());
         let admitter = delivery.shared.clone();
         tokio::spawn(async move {
             while let Some(spooled) = rx.recv().await {
@@ -438,6 +443,19 @@ impl Delivery {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Every outcome is on disk: the queue's books hold what the files
+        // say, and the next start can answer from them at once.
+        let spool = self.shared.spool.clone();
+        let saved = off_runtime(move || {
+            let path = spool.root().join(crate::queue::index::SAVED_FILE);
+            spool
+                .index()
+                .save(&path)
+                .map_err(|source| crate::queue::Error::Io { path, source })
+        });
+        if let Err(e) = saved.await {
+            tracing::warn!(error = %e, "cannot save the queue's books");
+        }
     }
 
     /// The spool folder.
@@ -454,6 +472,11 @@ impl Delivery {
     /// The spool's `queue/` folder.
     pub(crate) fn queue_dir(&self) -> &std::path::Path {
         &self.shared.queue_dir
+    }
+
+    /// The spool.
+    pub(crate) fn spool(&self) -> &Spool {
+        &self.shared.spool
     }
 
     /// Puts a message on hold (a delivery in flight finishes; nothing new starts).
@@ -504,7 +527,7 @@ impl Delivery {
         &self,
         id: &QueueId,
         on_active: impl FnOnce(&mut Active),
-        edit: impl FnOnce(&Path, &QueueId) -> Result<Option<Place>, crate::queue::Error>
+        edit: impl FnOnce(&Path, &QueueId) -> Result<Option<(Place, Shape)>, crate::queue::Error>
             + Send
             + 'static,
     ) -> Result<(), crate::queue::Error> {
@@ -534,8 +557,8 @@ impl Delivery {
         }
         let (dir, eid) = (self.shared.queue_dir.clone(), id.clone());
         let edited = off_runtime(move || edit(&dir, &eid)).await;
-        if let Ok(Some(place)) = edited {
-            self.shared.spool.index().set(id, place);
+        if let Ok(Some((place, shape))) = &edited {
+            self.shared.spool.index().note(id, *place, shape.clone());
         }
         self.shared.lock().editing.remove(id);
         edited.map(drop)
@@ -667,7 +690,7 @@ impl Shared {
 
     /// [`Shared::admit`], for a message that may have just been spooled: its
     /// record and bytes come along, so nothing is read back from disk.
-    async fn admit_with(self: Arc<Self>, id: QueueId, force: bool, mut fresh: Option<Spooled>) {
+    async fn admit_with(self: Arc<Self>, id: QueueId, force: bool, fresh: Option<Spooled>) {
         {
             let mut s = self.lock();
             if s.stopping || s.in_hand(&id) {
@@ -682,10 +705,19 @@ impl Shared {
             }
             s.admitting.insert(id.clone());
         }
-        if let Some(f) = fresh.as_mut() {
-            f.taken_in();
-        }
-        let result = self.clone().admit_inner(&id, force, fresh).await;
+        let given = match fresh {
+            Some(mut f) => {
+                f.taken_in();
+                Given::Fresh(Box::new(f))
+            }
+            None => Given::Nothing,
+        };
+        self.admit_claimed(id, force, given).await;
+    }
+
+    /// Admits a message already put in `admitting`, and takes it out.
+    async fn admit_claimed(self: Arc<Self>, id: QueueId, force: bool, given: Given) {
+        let result = self.clone().admit_inner(&id, force, given).await;
         self.lock().admitting.remove(&id);
         if let Err(e) = result {
             tracing::warn!(queue_id = %id, error = %e, "cannot load spooled message");
@@ -696,16 +728,25 @@ impl Shared {
         self: Arc<Self>,
         id: &QueueId,
         force: bool,
-        fresh: Option<Spooled>,
+        given: Given,
     ) -> Result<(), Error> {
         // A message just spooled has no delivery state yet, and its bytes
         // are at hand; one found in the spool is read only if it is due.
-        let (meta, mut dstate, body) = match fresh {
-            Some(f) => {
+        let (meta, mut dstate, body) = match given {
+            Given::Fresh(f) => {
+                let f = *f;
                 let dstate = DeliveryState::new(&f.meta);
                 (Arc::new(f.meta), dstate, Body::InMemory(f.message))
             }
-            None => {
+            Given::Read(read) => {
+                let (stored, dstate) = *read;
+                (
+                    Arc::new(stored.meta.clone()),
+                    dstate,
+                    Body::OnDisk(Box::new(stored)),
+                )
+            }
+            Given::Nothing => {
                 let (spool, dir, qid) = (self.spool.clone(), self.queue_dir.clone(), id.clone());
                 let loaded = off_runtime(move || {
                     let stored = spool.load(&qid)?;
@@ -1710,7 +1751,8 @@ impl Shared {
         if let Err(e) = saved {
             tracing::warn!(queue_id = %id, error = %e, "cannot save delivery state");
         }
-        self.spool.index().set(id, a.state.place(&meta));
+        let (place, shape) = a.state.standing(&meta);
+        self.spool.index().note(id, place, shape);
         if a.state.held {
             return Settled::Done;
         }
@@ -1826,6 +1868,129 @@ impl Shared {
         Ok(Some(spooled))
     }
 
+    /// True for a message that a scan need not read, as the queue's index
+    /// has it: held, or deferred to a time still to come (it gets its retry
+    /// timer, as admission would give it). After a flush of everything,
+    /// deferred messages may be due before their time: they are read.
+    fn waits(&self, id: &QueueId) -> bool {
+        match self.spool.index().place(id) {
+            Some(Place::Held | Place::Quarantine) => true,
+            Some(Place::Deferred(at)) if at > unix_now() => {
+                let mut s = self.lock();
+                if s.flushed_at != 0 {
+                    return false;
+                }
+                self.push_deferred(&mut s, at, id.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Reads every message spooled before the start, once: each record
+    /// seeds the queue's index and, while the active set has room, is
+    /// admitted as read; a message not due gets its retry timer, one that
+    /// is due and finds no room is left to a later scan. Batches are read
+    /// on the blocking pool, each in two halves at once.
+    ///
+    /// The books the last clean stop saved answer at once meanwhile: they
+    /// are taken in first, and what the reading finds stands over them.
+    async fn start_up_scan(self: Arc<Self>) {
+        let spool = self.spool.clone();
+        let listed = off_runtime(move || {
+            let saved = spool.root().join(crate::queue::index::SAVED_FILE);
+            let saved = spool.index().load_saved(&saved);
+            let ids = spool.list()?;
+            if saved {
+                spool.index().forget_unlisted(&ids);
+            }
+            Ok(ids)
+        });
+        let ids = match listed.await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the spool at start");
+                Vec::new()
+            }
+        };
+        let max_active = self.config.delivery.max_active;
+        for batch in ids.chunks(SCAN_BATCH) {
+            // Claimed before the reading, as `admit` does: no other path
+            // delivers a message whose record is in hand here.
+            let claimed: Vec<bool> = {
+                let mut s = self.lock();
+                if s.stopping {
+                    break;
+                }
+                batch
+                    .iter()
+                    .map(|id| {
+                        let room = s.active.len() + s.admitting.len() < max_active;
+                        let claim = room && !s.in_hand(id);
+                        if claim {
+                            s.admitting.insert(id.clone());
+                        }
+                        claim
+                    })
+                    .collect()
+            };
+            let (first, second) = batch.split_at(batch.len() / 2);
+            let (first, second) = tokio::join!(self.read_all(first), self.read_all(second));
+            let read = first.into_iter().chain(second);
+            let mut seed = Vec::with_capacity(batch.len());
+            let mut admit = Vec::new();
+            {
+                let mut s = self.lock();
+                let now = unix_now();
+                for ((id, record), claim) in batch.iter().zip(read).zip(claimed) {
+                    let Some((stored, st)) = record else {
+                        if claim {
+                            s.admitting.remove(id);
+                        }
+                        continue;
+                    };
+                    let (place, shape) = st.standing(&stored.meta);
+                    seed.push((id.clone(), place, shape));
+                    if claim {
+                        admit.push((id.clone(), Given::Read(Box::new((stored, st)))));
+                    } else if !st.is_held(&stored.meta) {
+                        if st.next_attempt > now && st.last_attempt >= s.flushed_at {
+                            self.push_deferred(&mut s, st.next_attempt, id.clone());
+                        } else {
+                            s.scan_needed = true;
+                            s.scan_soon = true;
+                        }
+                    }
+                }
+            }
+            self.spool.index().seed(seed);
+            for (id, given) in admit {
+                self.clone().admit_claimed(id, false, given).await;
+            }
+        }
+        self.spool.index().seeded();
+        self.lock().starting = false;
+        self.timer.notify_one();
+    }
+
+    /// The records and delivery states of `ids`, read on the blocking pool
+    /// (`None` for a message gone, or damaged: that one is set aside).
+    async fn read_all(&self, ids: &[QueueId]) -> Vec<Option<(StoredMessage, DeliveryState)>> {
+        let (spool, dir, owned) = (self.spool.clone(), self.queue_dir.clone(), ids.to_vec());
+        let read = off_runtime(move || {
+            Ok(owned
+                .iter()
+                .map(|id| read_record(&spool, &dir, id))
+                .collect::<Vec<_>>())
+        })
+        .await;
+        // One answer per id, so the caller's ids and records stay paired.
+        read.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the spool at start");
+            ids.iter().map(|_| None).collect()
+        })
+    }
+
     async fn timer_loop(self: Arc<Self>) {
         loop {
             let (due, wait, scan) = {
@@ -1854,6 +2019,7 @@ impl Shared {
                     .min(every);
                 let scan = s.scan_needed
                     && !s.stopping
+                    && !s.starting
                     && s.active.len() < self.config.delivery.max_active / 2 + 1
                     && s.last_scan.is_none_or(|t| t.elapsed() >= every);
                 if scan {
@@ -1877,7 +2043,9 @@ impl Shared {
                 match self.spool.list() {
                     Ok(ids) => {
                         for id in ids {
-                            self.clone().admit(id, false).await;
+                            if !self.waits(&id) {
+                                self.clone().admit(id, false).await;
+                            }
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot scan the spool"),
@@ -1896,6 +2064,30 @@ impl Shared {
             }
         }
     }
+}
+
+/// A message's record and delivery state, as admission reads them: a
+/// damaged state is started over, a damaged record set aside.
+fn read_record(spool: &Spool, dir: &Path, id: &QueueId) -> Option<(StoredMessage, DeliveryState)> {
+    let stored = match spool.load(id) {
+        Ok(stored) => stored,
+        Err(crate::queue::Error::NotFound(_)) => return None,
+        Err(crate::queue::Error::Damaged { reason, .. }) => {
+            if let Err(e) = spool.set_aside(id, &reason) {
+                tracing::warn!(queue_id = %id, error = %e, "cannot set a damaged message aside");
+            }
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(queue_id = %id, error = %e, "cannot load spooled message");
+            return None;
+        }
+    };
+    let st = state::load(dir, &stored.meta, id).unwrap_or_else(|e| {
+        tracing::warn!(queue_id = %id, error = %e, "damaged delivery state; starting over");
+        DeliveryState::new(&stored.meta)
+    });
+    Some((stored, st))
 }
 
 /// When the first of several suspensions ends: `held` so far (`None`: no

@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::{Error, Place, QueueId, QueuedMeta, Spool};
+use crate::queue::{Error, Place, QueueId, QueuedMeta, Shape, Spool};
 
 /// Where a recipient stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +159,15 @@ impl DeliveryState {
         }
     }
 
+    /// Where the message stands and its shape, for the queue's index.
+    pub fn standing(&self, meta: &QueuedMeta) -> (Place, Shape) {
+        let recipients = meta.envelope.recipients.iter().zip(&self.recipients);
+        let shape = Shape::of(
+            recipients.map(|(r, s)| (r.address.as_str(), s.is_open(), s.last_reply.as_deref())),
+        );
+        (self.place(meta), shape)
+    }
+
     /// When the message's time in the queue started for `max_age` and the
     /// delay notice: its arrival, or its release from quarantine.
     pub fn age_from(&self, meta: &QueuedMeta) -> u64 {
@@ -237,22 +246,34 @@ pub fn remove_message(spool: &Spool, id: &QueueId) -> Result<(), Error> {
     }
 }
 
-/// Removes state files whose message is gone (a crash between the two removals).
+/// Removes state files whose message is gone (a crash between the two
+/// removals). One listing of the folder tells both apart, with no lookup
+/// per file: a spool of a million messages is listed, not stat'ed, before
+/// the relay serves SMTP.
 pub fn remove_orphans(queue_dir: &Path) -> Result<usize, Error> {
-    let mut removed = 0;
     let entries = fs::read_dir(queue_dir).map_err(|source| Error::Io {
         path: queue_dir.into(),
         source,
     })?;
+    let mut messages = std::collections::HashSet::new();
+    let mut states = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".state")) else {
+        let Some(name) = name.to_str() else {
             continue;
         };
-        if QueueId::parse(id).is_some() && !queue_dir.join(id).exists() {
-            let _ = fs::remove_file(entry.path());
-            removed += 1;
+        match name.strip_suffix(".state").map(QueueId::parse) {
+            Some(Some(id)) => states.push(id),
+            Some(None) => {}
+            None => {
+                messages.insert(name.to_string());
+            }
         }
+    }
+    let mut removed = 0;
+    for id in states.iter().filter(|id| !messages.contains(id.as_str())) {
+        let _ = fs::remove_file(path(queue_dir, id));
+        removed += 1;
     }
     Ok(removed)
 }

@@ -10,18 +10,21 @@
 //!   A file shorter than its record (damaged) does not load and is moved to
 //!   `corrupt/` when delivery first meets it.
 //! - `queue/<id>.state`: delivery state, once a message has been tried.
+//! - `index.saved`: the [`index`] as a clean stop left it, taken in (and
+//!   removed) by the next start, so it answers before the spool is read.
 //! - `pool/<n>`: files of finished messages, written over by new ones (their
 //!   blocks are allocated already, which makes the fsync cheap). Bytes past a
 //!   record's `size` are the old tail of such a file.
 //!
-//! [`index`] keeps the messages by state in memory, for `/metrics`.
+//! [`index`] keeps the messages by state in memory, for `/metrics` and the
+//! queue summary.
 
 mod id;
 pub mod index;
 mod spool;
 
 pub use id::QueueId;
-pub use index::{Index, Place};
+pub use index::{Index, Place, Shape};
 pub use spool::{
     list_ids, load as spool_load, off_runtime, Error, QueuedMeta, Spool, Spooled, StoredMessage,
 };

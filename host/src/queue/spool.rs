@@ -416,7 +416,9 @@ impl Spool {
             Some(_) => super::Place::Quarantine,
             None => super::Place::Queued,
         };
-        self.inner.index.set(id, place);
+        let recipients = meta.envelope.recipients.iter();
+        let shape = super::Shape::of(recipients.map(|r| (r.address.as_str(), true, None)));
+        self.inner.index.note(id, place, shape);
         Ok(Spooled {
             id: id.clone(),
             meta,
