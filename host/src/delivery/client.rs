@@ -767,7 +767,7 @@ pub fn encode_data(message: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(message.len() + message.len() / 50 + 5);
     let mut rest = message;
     while !rest.is_empty() {
-        let (line, next) = match rest.windows(2).position(|w| w == b"\r\n") {
+        let (line, next) = match crate::smtp::codec::find_crlf(rest) {
             Some(p) => (&rest[..p], &rest[p + 2..]),
             None => (rest, &rest[rest.len()..]),
         };

@@ -97,12 +97,15 @@ impl Lines {
         }
     }
 
-    fn push_byte(&mut self, b: u8) {
-        self.line_len += 1;
-        if self.line_len > self.limits.max_line {
+    /// Adds bytes of the current line; past the ceiling they are only counted.
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        let room = self.limits.max_line.saturating_sub(self.line_len);
+        self.line_len += bytes.len();
+        if bytes.len() > room {
             self.flags.line_too_long = true;
+            self.line.extend_from_slice(&bytes[..room]);
         } else {
-            self.line.push(b);
+            self.line.extend_from_slice(bytes);
         }
     }
 
@@ -114,14 +117,17 @@ impl Lines {
 
     /// Feeds bytes; calls `on_line` with each complete line and its end. Stops
     /// early (returning the bytes consumed) when `on_line` returns true.
+    ///
+    /// The bytes between line ends go in a run at a time, found with a SIMD
+    /// search: a byte-by-byte loop here was a quarter of the relay's CPU
+    /// with 100 KiB messages.
     fn feed(&mut self, input: &[u8], mut on_line: impl FnMut(&mut Lines, Eol) -> bool) -> usize {
         let mut i = 0;
         while i < input.len() {
-            let b = input[i];
-            i += 1;
             if self.pending_cr {
                 self.pending_cr = false;
-                if b == b'\n' {
+                if input[i] == b'\n' {
+                    i += 1;
                     if on_line(self, Eol::Crlf) {
                         return i;
                     }
@@ -129,15 +135,21 @@ impl Lines {
                 }
                 self.stray_cr();
             }
-            match b {
-                b'\r' => self.pending_cr = true,
-                b'\n' => {
-                    self.flags.bare_newline = true;
-                    if on_line(self, Eol::BareLf) {
-                        return i;
-                    }
+            let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
+            if run > 0 {
+                self.push_bytes(&input[i..i + run]);
+                i += run;
+                continue;
+            }
+            let b = input[i];
+            i += 1;
+            if b == b'\r' {
+                self.pending_cr = true;
+            } else {
+                self.flags.bare_newline = true;
+                if on_line(self, Eol::BareLf) {
+                    return i;
                 }
-                _ => self.push_byte(b),
             }
         }
         input.len()
@@ -297,6 +309,19 @@ pub fn count_received_headers(message: &[u8]) -> usize {
     count
 }
 
+/// Where the first CRLF in `bytes` begins.
+pub fn find_crlf(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(p) = memchr::memchr(b'\n', &bytes[from..]) {
+        let lf = from + p;
+        if lf > 0 && bytes[lf - 1] == b'\r' {
+            return Some(lf - 1);
+        }
+        from = lf + 1;
+    }
+    None
+}
+
 /// Longest line SMTP carries, without its CRLF (RFC 5321 4.5.3.1.6).
 pub const MAX_LINE: usize = 998;
 
@@ -306,16 +331,21 @@ pub const MAX_LINE: usize = 998;
 /// and spooled: nothing may change its bytes after a DKIM signature covers
 /// them. A message without such lines comes back as it is.
 pub fn fold_long_lines(message: Vec<u8>) -> Vec<u8> {
-    let too_long = message
-        .split(|&b| b == b'\n')
-        .any(|l| l.len() > MAX_LINE - usize::from(l.first() == Some(&b'.')));
+    let mut start = 0;
+    let too_long = memchr::memchr_iter(b'\n', &message)
+        .chain(std::iter::once(message.len()))
+        .any(|end| {
+            let line = &message[start..end];
+            start = end + 1;
+            line.len() > MAX_LINE - usize::from(line.first() == Some(&b'.'))
+        });
     if !too_long {
         return message;
     }
     let mut out = Vec::with_capacity(message.len() + message.len() / 300 + 3);
     let mut rest = &message[..];
     while !rest.is_empty() {
-        let (line, next, ended) = match rest.windows(2).position(|w| w == b"\r\n") {
+        let (line, next, ended) = match find_crlf(rest) {
             Some(p) => (&rest[..p], &rest[p + 2..], true),
             None => (rest, &rest[rest.len()..], false),
         };
@@ -503,6 +533,39 @@ mod tests {
         let (msg, flags) = r.finish();
         assert!(flags.line_too_long && !flags.too_big);
         assert!(msg.ends_with(b"\r\nshort\r\n"));
+    }
+
+    /// A line past the ceiling keeps exactly the ceiling's bytes, whether
+    /// it comes in one piece, in two, or byte by byte.
+    #[test]
+    fn a_long_line_keeps_the_ceiling_however_it_is_cut() {
+        let line = [vec![b'x'; 600], vec![b'y'; 450]].concat();
+        let mut pieces: Vec<Vec<&[u8]>> = vec![vec![&line], vec![&line[..600], &line[600..]]];
+        pieces.push(line.chunks(1).collect());
+        for cut in pieces {
+            let mut r = DataReceiver::new(LIMITS);
+            for piece in cut {
+                r.feed(piece);
+            }
+            r.feed(b"\r\n.\r\n");
+            assert!(r.is_done());
+            let (msg, flags) = r.finish();
+            assert!(flags.line_too_long);
+            assert_eq!(msg, [&line[..1000], b"\r\n"].concat());
+        }
+    }
+
+    #[test]
+    fn crlf_found_past_bare_line_ends() {
+        for (input, expected) in [
+            (&b""[..], None),
+            (b"\r\n", Some(0)),
+            (b"ab\ncd\rx\r\n", Some(7)),
+            (b"\n\n\r", None),
+            (b"a\rb", None),
+        ] {
+            assert_eq!(find_crlf(input), expected, "{input:?}");
+        }
     }
 
     #[test]
