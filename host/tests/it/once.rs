@@ -48,14 +48,22 @@ fn config(dir: &Path, addr: SocketAddr, sink: SocketAddr) -> PathBuf {
 async fn serve(config: &Path, addr: SocketAddr, log: &Path) -> Binary {
     let bin = Binary::serve(config, addr, log).await;
     let tasks = PathBuf::from(format!("/proc/{}/task", bin.child.id()));
-    let remover = std::fs::read_dir(&tasks)
-        .unwrap()
-        .flatten()
-        .find(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|c| c.trim() == "postern-remover")
-        })
-        .expect("the relay has a remover thread");
+    let named = |t: &std::fs::DirEntry| {
+        std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "postern-remover")
+    };
+    // A new thread names itself once it first runs, which on a busy
+    // machine may be after the relay listens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let remover = loop {
+        if let Some(t) = std::fs::read_dir(&tasks).unwrap().flatten().find(named) {
+            break t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay has a remover thread"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let status = Command::new("chrt")
         .args(["--idle", "-p", "0"])
         .arg(remover.file_name())
