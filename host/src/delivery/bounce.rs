@@ -138,11 +138,7 @@ pub fn build(
             BodyPart::Binary(Cow::Owned(message.to_vec())),
         )
     };
-    let eight_bit = if message.iter().any(|&b| b >= 0x80) {
-        "8bit"
-    } else {
-        "7bit"
-    };
+    let eight_bit = if !message.is_ascii() { "8bit" } else { "7bit" };
     let report = MimePart::new(
         ContentType::new("multipart/report").attribute("report-type", "delivery-status"),
         BodyPart::Multipart(vec![
@@ -178,7 +174,7 @@ fn all_failed_or_some(items: &[(&Recipient, &RcptState)]) -> bool {
 /// The envelope of the report: null sender, to the original sender.
 pub fn envelope(meta: &QueuedMeta, to: &str, report: &[u8]) -> Envelope {
     let mut params = crate::envelope::MailParams::default();
-    if report.iter().any(|&b| b >= 0x80) {
+    if !report.is_ascii() {
         params.body = crate::envelope::Body::EightBitMime;
     }
     params.smtputf8 = meta.envelope.params.smtputf8 || !to.is_ascii();

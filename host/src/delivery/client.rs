@@ -354,7 +354,7 @@ impl Client {
     /// `Err` applies to every recipient (MAIL refused, connection lost, a
     /// capability the message needs is missing).
     pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<Result<Reply, Error>>, Error> {
-        let eight_bit = msg.message.iter().any(|&b| b >= 0x80);
+        let eight_bit = !msg.message.is_ascii();
         if self.has(EXT_SIZE) && self.caps.size > 0 && msg.message.len() > self.caps.size {
             return Err(Error::Unsupported(Reply::new(
                 552,
