@@ -127,25 +127,40 @@ enum Body {
 /// load it runs seconds behind; each message stays `settling` until its files
 /// are gone, so no scan, timer or flush meets it in between.
 struct Remover {
-    tx: std::sync::mpsc::Sender<QueueId>,
+    /// Each message with whether it may have a state file.
+    tx: std::sync::mpsc::Sender<(QueueId, bool)>,
     /// Removals handed over and not yet done (shutdown waits for them).
     pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// How long the remover lets removals gather after a batch: a wake-up per
+/// message cost more CPU than the removal itself at a few thousand a second.
+const REMOVER_PAUSE: Duration = Duration::from_millis(5);
+
 impl Remover {
     fn start(spool: Spool, sched: Arc<Mutex<Sched>>) -> Remover {
-        let (tx, rx) = std::sync::mpsc::channel::<QueueId>();
+        let (tx, rx) = std::sync::mpsc::channel::<(QueueId, bool)>();
         let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let p = pending.clone();
         std::thread::Builder::new()
             .name("postern-remover".into())
             .spawn(move || {
-                for id in rx {
-                    if let Err(e) = state::remove_message(&spool, &id) {
-                        tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
+                while let Ok(first) = rx.recv() {
+                    let batch: Vec<_> = std::iter::once(first).chain(rx.try_iter()).collect();
+                    for (id, state_file) in &batch {
+                        if let Err(e) = state::remove_files(&spool, id, *state_file) {
+                            tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
+                        }
                     }
-                    lock(&sched).settling.remove(&id);
-                    p.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    let mut s = lock(&sched);
+                    for (id, _) in &batch {
+                        s.settling.remove(id);
+                    }
+                    drop(s);
+                    p.fetch_sub(batch.len(), std::sync::atomic::Ordering::AcqRel);
+                    // Let the next removals gather: while this thread is not
+                    // waiting on the channel, handing one over wakes nothing.
+                    std::thread::sleep(REMOVER_PAUSE);
                 }
             })
             .expect("spawning the spool remover thread");
@@ -153,14 +168,14 @@ impl Remover {
     }
 
     /// Hands over a message that is `settling`; the remover ends that.
-    fn remove(&self, id: QueueId) -> Result<(), QueueId> {
+    fn remove(&self, id: QueueId, state_file: bool) -> Result<(), QueueId> {
         self.pending
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.tx.send(id).map_err(|e| {
+        self.tx.send((id, state_file)).map_err(|e| {
             self.pending
                 .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            tracing::warn!(queue_id = %e.0, "spool remover gone; removing the message directly");
-            e.0
+            tracing::warn!(queue_id = %e.0.0, "spool remover gone; removing the message directly");
+            e.0 .0
         })
     }
 
@@ -246,6 +261,9 @@ struct Active {
     /// Some recipient of this pass has an outcome: false while every job
     /// found its recipients' domains suspended at the connection.
     tried: bool,
+    /// The message may have a state file: it was read from the spool, not
+    /// handed over from memory just after it was stored.
+    state_file: bool,
 }
 
 struct Dest {
@@ -732,6 +750,7 @@ impl Shared {
     ) -> Result<(), Error> {
         // A message just spooled has no delivery state yet, and its bytes
         // are at hand; one found in the spool is read only if it is due.
+        let state_file = !matches!(given, Given::Fresh(_));
         let (meta, mut dstate, body) = match given {
             Given::Fresh(f) => {
                 let f = *f;
@@ -910,6 +929,7 @@ impl Shared {
             cancel: None,
             body,
             tried: settled_here || groups.is_empty(),
+            state_file,
         };
         if groups.is_empty() {
             self.lock().settling.insert(id.clone());
@@ -1717,14 +1737,16 @@ impl Shared {
             a.state.held = true;
         }
         if !a.state.has_work() {
-            let Err(id) = self.remover.remove(id.clone()) else {
+            let state_file = a.state_file;
+            let Err(id) = self.remover.remove(id.clone(), state_file) else {
                 return Settled::Removing;
             };
             // No remover thread (it cannot fail, but the message must not
             // stay on disk as undelivered): remove it here.
             let spool = self.spool.clone();
             let qid = id.clone();
-            if let Err(e) = off_runtime(move || state::remove_message(&spool, &qid)).await {
+            if let Err(e) = off_runtime(move || state::remove_files(&spool, &qid, state_file)).await
+            {
                 tracing::warn!(queue_id = %id, error = %e, "cannot remove delivered message");
             }
             return Settled::Done;

@@ -234,9 +234,22 @@ pub fn store(queue_dir: &Path, id: &QueueId, state: &DeliveryState) -> Result<()
 /// (removed at start) rather than a message without its state (which would
 /// be delivered again from scratch).
 pub fn remove_message(spool: &Spool, id: &QueueId) -> Result<(), Error> {
+    remove_files(spool, id, true)
+}
+
+/// [`remove_message`] for a message that may never have had a state file
+/// (`state_file` false: one delivered in its first pass, from memory). Not
+/// looking for it matters: each failed lookup of a new name leaves a
+/// negative entry in the kernel's dentry cache, a million of them after a
+/// million messages, and every path lookup on the machine walks longer
+/// hash chains for them.
+pub fn remove_files(spool: &Spool, id: &QueueId, state_file: bool) -> Result<(), Error> {
     match spool.remove(id) {
         Ok(()) | Err(Error::NotFound(_)) => {}
         Err(e) => return Err(e),
+    }
+    if !state_file {
+        return Ok(());
     }
     let st = path(&spool.root().join("queue"), id);
     match fs::remove_file(&st) {
