@@ -138,7 +138,7 @@ pub fn build(
             BodyPart::Binary(Cow::Owned(message.to_vec())),
         )
     };
-    let eight_bit = if !message.is_ascii() { "8bit" } else { "7bit" };
+    let eight_bit = if message.is_ascii() { "7bit" } else { "8bit" };
     let report = MimePart::new(
         ContentType::new("multipart/report").attribute("report-type", "delivery-status"),
         BodyPart::Multipart(vec![

@@ -171,12 +171,14 @@ impl Remover {
     fn remove(&self, id: QueueId, state_file: bool) -> Result<(), QueueId> {
         self.pending
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.tx.send((id, state_file)).map_err(|e| {
-            self.pending
-                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            tracing::warn!(queue_id = %e.0.0, "spool remover gone; removing the message directly");
-            e.0 .0
-        })
+        self.tx
+            .send((id, state_file))
+            .map_err(|std::sync::mpsc::SendError((id, _))| {
+                self.pending
+                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                tracing::warn!(queue_id = %id, "spool remover gone; removing the message directly");
+                id
+            })
     }
 
     fn pending(&self) -> usize {
