@@ -119,11 +119,7 @@ impl Selector {
             }
         }
         if let Some(domain) = &self.domain {
-            if !e
-                .open_domains()
-                .iter()
-                .any(|d| d.eq_ignore_ascii_case(domain))
-            {
+            if !e.shape().is_open_at(domain) {
                 return false;
             }
         }
@@ -410,23 +406,12 @@ pub(super) fn flush_file(queue_dir: &Path, id: &QueueId) -> Result<(Place, Shape
 }
 
 impl Entry {
-    /// The domains of the recipients still to be delivered, lowercase, each once.
-    pub fn open_domains(&self) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        for r in &self.recipients {
-            if !matches!(r.state, Status::Pending | Status::Deferred) {
-                continue;
-            }
-            let d = r
-                .address
-                .rsplit_once('@')
-                .map(|(_, d)| d.to_ascii_lowercase())
-                .unwrap_or_default();
-            if !out.contains(&d) {
-                out.push(d);
-            }
-        }
-        out
+    /// Its shape, as the queue's index keeps it for a message.
+    pub fn shape(&self) -> Shape {
+        Shape::of(self.recipients.iter().map(|r| {
+            let open = matches!(r.state, Status::Pending | Status::Deferred);
+            (r.address.as_str(), open, r.last_reply.as_deref())
+        }))
     }
 }
 
@@ -544,10 +529,7 @@ impl Summary {
             let Some(id) = QueueId::parse(&e.id) else {
                 continue;
             };
-            let shape = Shape::of(e.recipients.iter().map(|r| {
-                let open = matches!(r.state, Status::Pending | Status::Deferred);
-                (r.address.as_str(), open, r.last_reply.as_deref())
-            }));
+            let shape = e.shape();
             tally.add(Known {
                 key: queue::index::key(&id),
                 state: STATES.iter().find(|s| **s == e.state).unwrap_or(&STATES[0]),
@@ -570,12 +552,10 @@ impl Summary {
                 && selector
                     .older_than
                     .is_none_or(|secs| now.saturating_sub(m.arrival()) >= secs)
-                && selector.domain.as_deref().is_none_or(|domain| {
-                    m.shape
-                        .open
-                        .iter()
-                        .any(|(d, _)| d.eq_ignore_ascii_case(domain))
-                });
+                && selector
+                    .domain
+                    .as_deref()
+                    .is_none_or(|domain| m.shape.is_open_at(domain));
             if picked {
                 tally.add(m);
             }

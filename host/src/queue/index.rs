@@ -104,6 +104,13 @@ impl Shape {
             .find_map(|(_, _, reply)| reply.map(String::from));
         Shape { open, reply }
     }
+
+    /// Some recipient still to be delivered is at `domain` (any case).
+    pub fn is_open_at(&self, domain: &str) -> bool {
+        self.open
+            .iter()
+            .any(|(d, _)| d.eq_ignore_ascii_case(domain))
+    }
 }
 
 /// Messages by state at one moment: how many, and the arrival of the
