@@ -753,49 +753,26 @@ impl Shared {
         // A message just spooled has no delivery state yet, and its bytes
         // are at hand; one found in the spool is read only if it is due.
         let state_file = !matches!(given, Given::Fresh(_));
+        let on_disk = |(stored, dstate): (StoredMessage, DeliveryState)| {
+            (
+                Arc::new(stored.meta.clone()),
+                dstate,
+                Body::OnDisk(Box::new(stored)),
+            )
+        };
         let (meta, mut dstate, body) = match given {
             Given::Fresh(f) => {
                 let f = *f;
                 let dstate = DeliveryState::new(&f.meta);
                 (Arc::new(f.meta), dstate, Body::InMemory(f.message))
             }
-            Given::Read(read) => {
-                let (stored, dstate) = *read;
-                (
-                    Arc::new(stored.meta.clone()),
-                    dstate,
-                    Body::OnDisk(Box::new(stored)),
-                )
-            }
+            Given::Read(read) => on_disk(*read),
             Given::Nothing => {
                 let (spool, dir, qid) = (self.spool.clone(), self.queue_dir.clone(), id.clone());
-                let loaded = off_runtime(move || {
-                    let stored = spool.load(&qid)?;
-                    let dstate = state::load(&dir, &stored.meta, &qid);
-                    Ok((stored, dstate))
-                })
-                .await;
-                let (stored, dstate) = match loaded {
-                    Ok(s) => s,
-                    Err(crate::queue::Error::NotFound(_)) => return Ok(()),
-                    // Never acknowledged (see `queue::spool_load`): not ours to deliver.
-                    Err(crate::queue::Error::Damaged { reason, .. }) => {
-                        self.spool.set_aside(id, &reason)?;
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                let meta = Arc::new(stored.meta.clone());
-                let dstate = match dstate {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Starting over may deliver some recipients twice;
-                        // refusing to deliver at all would lose the message.
-                        tracing::warn!(queue_id = %id, error = %e, "damaged delivery state; starting over");
-                        DeliveryState::new(&meta)
-                    }
-                };
-                (meta, dstate, Body::OnDisk(Box::new(stored)))
+                match off_runtime(move || Ok(read_record(&spool, &dir, &qid))).await? {
+                    Some(read) => on_disk(read),
+                    None => return Ok(()),
+                }
             }
         };
         if dstate.is_held(&meta) {
@@ -2096,6 +2073,7 @@ fn read_record(spool: &Spool, dir: &Path, id: &QueueId) -> Option<(StoredMessage
     let stored = match spool.load(id) {
         Ok(stored) => stored,
         Err(crate::queue::Error::NotFound(_)) => return None,
+        // Never acknowledged (see `queue::spool_load`): not ours to deliver.
         Err(crate::queue::Error::Damaged { reason, .. }) => {
             if let Err(e) = spool.set_aside(id, &reason) {
                 tracing::warn!(queue_id = %id, error = %e, "cannot set a damaged message aside");
@@ -2107,6 +2085,8 @@ fn read_record(spool: &Spool, dir: &Path, id: &QueueId) -> Option<(StoredMessage
             return None;
         }
     };
+    // Starting over may deliver some recipients twice; refusing to deliver
+    // at all would lose the message.
     let st = state::load(dir, &stored.meta, id).unwrap_or_else(|e| {
         tracing::warn!(queue_id = %id, error = %e, "damaged delivery state; starting over");
         DeliveryState::new(&stored.meta)
