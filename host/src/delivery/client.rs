@@ -113,6 +113,8 @@ const MAX_REPLY: usize = 64 * 1024;
 pub struct Client {
     io: Box<dyn Io>,
     buf: Vec<u8>,
+    /// Kept from message to message: see [`DataBlocks`].
+    block: Vec<u8>,
     caps: EhloResponse<String>,
     timeouts: Timeouts,
     /// The address connected to.
@@ -149,6 +151,7 @@ impl Client {
         let mut client = Client {
             io: Box::new(tcp),
             buf: Vec::new(),
+            block: Vec::new(),
             caps: EhloResponse::default(),
             timeouts,
             peer: hop.addr,
@@ -526,11 +529,13 @@ impl Client {
                         .await?;
                     self.rset().await;
                 } else {
-                    let data = encode_data(msg.message);
-                    for block in data.chunks(64 * 1024) {
+                    let mut blocks = DataBlocks::new(msg.message);
+                    let mut scratch = std::mem::take(&mut self.block);
+                    while let Some(block) = blocks.next(&mut scratch) {
                         self.write_timed(block, self.timeouts.data_block, "data block")
                             .await?;
                     }
+                    self.block = scratch;
                     let reply = self
                         .read_reply(self.timeouts.final_dot, "end of data")
                         .await?;
@@ -758,33 +763,116 @@ fn is_enhanced(s: &str, code: u16) -> bool {
             .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// The message as DATA content: dot-stuffed (RFC 5321 4.5.2), a final CRLF
-/// added when missing, and the terminating `.` line. Lines over 998 octets
-/// were folded before the message was signed and spooled
-/// ([`crate::smtp::codec::fold_long_lines`]): nothing here may change a
-/// byte a DKIM signature covers.
-pub fn encode_data(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + message.len() / 50 + 5);
-    let mut rest = message;
-    while !rest.is_empty() {
-        let (line, next) = match crate::smtp::codec::find_crlf(rest) {
-            Some(p) => (&rest[..p], &rest[p + 2..]),
-            None => (rest, &rest[rest.len()..]),
+/// Largest block of message data written under one timeout.
+const DATA_BLOCK: usize = 64 * 1024;
+
+/// A message as DATA carries it (RFC 5321 4.5.2): a dot added to each line
+/// that starts with one, CRLF after a last line without one, and ".\r\n" to
+/// end, handed out in blocks of at most [`DATA_BLOCK`] bytes. Runs of that
+/// size with no line to stuff are lent straight from the message; the rest
+/// (short runs, the added dots, the end) is copied into a scratch buffer
+/// that the connection keeps, so no message is ever copied whole.
+pub struct DataBlocks<'a> {
+    message: &'a [u8],
+    /// How much of the message has been handed out.
+    pos: usize,
+    /// Where the next line starting with a dot starts.
+    next_dot: Option<usize>,
+    dots: memchr::memmem::FindIter<'a, 'static>,
+    ended: bool,
+}
+
+impl<'a> DataBlocks<'a> {
+    pub fn new(message: &'a [u8]) -> DataBlocks<'a> {
+        let mut dots = memchr::memmem::find_iter(message, b"\r\n.");
+        let next_dot = match message.first() {
+            Some(b'.') => Some(0),
+            _ => dots.next().map(|p| p + 2),
         };
-        if line.first() == Some(&b'.') {
-            out.push(b'.');
+        DataBlocks {
+            message,
+            pos: 0,
+            next_dot,
+            dots,
+            ended: false,
         }
-        out.extend_from_slice(line);
-        out.extend_from_slice(b"\r\n");
-        rest = next;
     }
-    out.extend_from_slice(b".\r\n");
-    out
+
+    /// The next block, or `None` once the end of data was handed out.
+    pub fn next<'r>(&'r mut self, scratch: &'r mut Vec<u8>) -> Option<&'r [u8]> {
+        if self.ended {
+            return None;
+        }
+        scratch.clear();
+        loop {
+            if self.next_dot == Some(self.pos) {
+                if scratch.len() == DATA_BLOCK {
+                    break;
+                }
+                scratch.push(b'.');
+                self.next_dot = self.dots.next().map(|p| p + 2);
+            }
+            let run = &self.message[self.pos..self.next_dot.unwrap_or(self.message.len())];
+            if run.is_empty() {
+                let open_line = !self.message.is_empty() && !self.message.ends_with(b"\r\n");
+                let end: &[u8] = if open_line { b"\r\n.\r\n" } else { b".\r\n" };
+                if scratch.len() + end.len() <= DATA_BLOCK {
+                    scratch.extend_from_slice(end);
+                    self.ended = true;
+                }
+                break;
+            }
+            if scratch.is_empty() && run.len() >= DATA_BLOCK {
+                self.pos += DATA_BLOCK;
+                return Some(&run[..DATA_BLOCK]);
+            }
+            let take = run.len().min(DATA_BLOCK - scratch.len());
+            scratch.extend_from_slice(&run[..take]);
+            self.pos += take;
+            if scratch.len() == DATA_BLOCK {
+                break;
+            }
+        }
+        Some(&scratch[..])
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// All the blocks of a message, joined, and how many there were.
+    fn encoded(message: &[u8]) -> (Vec<u8>, usize) {
+        let mut blocks = DataBlocks::new(message);
+        let mut scratch = Vec::new();
+        let (mut out, mut n) = (Vec::new(), 0);
+        while let Some(block) = blocks.next(&mut scratch) {
+            assert!(!block.is_empty() && block.len() <= DATA_BLOCK);
+            out.extend_from_slice(block);
+            n += 1;
+        }
+        (out, n)
+    }
+
+    /// Dot-stuffing as RFC 5321 4.5.2 states it, a line at a time.
+    fn stuffed_line_by_line(message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = message;
+        while !rest.is_empty() {
+            let (line, next) = match crate::smtp::codec::find_crlf(rest) {
+                Some(p) => (&rest[..p], &rest[p + 2..]),
+                None => (rest, &rest[rest.len()..]),
+            };
+            if line.first() == Some(&b'.') {
+                out.push(b'.');
+            }
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+            rest = next;
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
 
     #[test]
     fn data_encoding() {
@@ -794,14 +882,55 @@ mod tests {
             ("a\r\n", "a\r\n.\r\n".into()),
             ("a", "a\r\n.\r\n".into()),
             (".\r\n", "..\r\n.\r\n".into()),
+            (".", "..\r\n.\r\n".into()),
             ("a\r\n.b\r\n..\r\n", "a\r\n..b\r\n...\r\n.\r\n".into()),
+            ("a\r\n.", "a\r\n..\r\n.\r\n".into()),
             (long.as_str(), format!("{long}\r\n.\r\n")),
         ] {
-            assert_eq!(
-                String::from_utf8(encode_data(input.as_bytes())).unwrap(),
-                expected,
-                "{input:?}"
+            let (out, _) = encoded(input.as_bytes());
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{input:?}");
+        }
+    }
+
+    /// Around and across block boundaries: lent runs, copied runs, dots at
+    /// a block's last and first byte, and an end that needs a block of its own.
+    #[test]
+    fn data_blocks_agree_with_line_by_line_stuffing() {
+        let block = DATA_BLOCK;
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        for len in [
+            block - 5,
+            block - 4,
+            block - 3,
+            block - 1,
+            block,
+            block + 1,
+            3 * block + 7,
+        ] {
+            let mut m = vec![b'x'; len];
+            m.extend_from_slice(b"\r\n");
+            cases.push(m.clone());
+            m.truncate(len);
+            cases.push(m);
+        }
+        for at in [block - 3, block - 2, block - 1, block, block + 1] {
+            let mut m = vec![b'x'; 2 * block];
+            m[at - 2..at].copy_from_slice(b"\r\n");
+            m[at] = b'.';
+            m.extend_from_slice(b"\r\n");
+            cases.push(m);
+        }
+        // Every line a dot: nothing can be lent.
+        cases.push(b".\r\n".repeat(block / 2));
+        cases.push(b"..\r\n.a\r\n".repeat(block / 3));
+        for m in &cases {
+            let (out, n) = encoded(m);
+            assert!(
+                out == stuffed_line_by_line(m),
+                "message of {} bytes",
+                m.len()
             );
+            assert_eq!(n, out.len().div_ceil(block).max(1), "blocks are filled");
         }
     }
 

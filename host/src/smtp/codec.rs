@@ -68,11 +68,19 @@ enum Eol {
 
 /// Splits content into lines, normalizes their ends to CRLF, and applies the
 /// limits. Shared by DATA (with dot handling) and BDAT (without).
+///
+/// Lines are written straight into the message: the line being read is the
+/// message's tail from `line_start`, so its bytes are copied once, not once
+/// into a line buffer and again into the message.
 #[derive(Debug)]
 struct Lines {
     limits: ContentLimits,
-    /// The current line's content so far (without its end).
-    line: Vec<u8>,
+    /// The message so far, then the current line's content (without its end).
+    /// Once the message is refused (too big, no memory), only the current
+    /// line: it is still needed to find the end of data.
+    out: Vec<u8>,
+    /// Where the current line starts in `out`.
+    line_start: usize,
     /// Length of the current line including bytes dropped past the ceiling.
     line_len: usize,
     /// A CR was the last byte seen; whether it is part of CRLF depends on the next byte.
@@ -80,7 +88,6 @@ struct Lines {
     /// The current line had a stray CR removed, so it is not what the client
     /// sent byte for byte (and cannot be the end-of-data line).
     line_dirty: bool,
-    out: Vec<u8>,
     flags: ContentFlags,
 }
 
@@ -88,13 +95,23 @@ impl Lines {
     fn new(limits: ContentLimits) -> Lines {
         Lines {
             limits,
-            line: Vec::with_capacity(256),
+            out: Vec::with_capacity(8192),
+            line_start: 0,
             line_len: 0,
             pending_cr: false,
             line_dirty: false,
-            out: Vec::with_capacity(8192),
             flags: ContentFlags::default(),
         }
+    }
+
+    /// The current line's content so far, up to the ceiling.
+    fn line(&self) -> &[u8] {
+        &self.out[self.line_start..]
+    }
+
+    /// The message is refused; only the current line is kept.
+    fn refused(&self) -> bool {
+        self.flags.too_big || self.flags.no_memory
     }
 
     /// Adds bytes of the current line; past the ceiling they are only counted.
@@ -103,9 +120,9 @@ impl Lines {
         self.line_len += bytes.len();
         if bytes.len() > room {
             self.flags.line_too_long = true;
-            self.line.extend_from_slice(&bytes[..room]);
+            self.out.extend_from_slice(&bytes[..room]);
         } else {
-            self.line.extend_from_slice(bytes);
+            self.out.extend_from_slice(bytes);
         }
     }
 
@@ -155,29 +172,57 @@ impl Lines {
         input.len()
     }
 
-    /// Appends a finished line to the output as `line` + CRLF and starts the next.
+    /// Ends the current line with CRLF, without its first `skip` bytes, and
+    /// starts the next.
     fn emit_line(&mut self, skip: usize) {
-        if !self.flags.too_big && !self.flags.no_memory {
-            let content = &self.line[skip.min(self.line.len())..];
-            if self.out.len() + content.len() + 2 > self.limits.max_size {
-                self.flags.too_big = true;
-                // Nothing more is kept; the rest is only read and counted.
-                self.out = Vec::new();
-            } else {
-                self.out.extend_from_slice(content);
-                self.out.extend_from_slice(b"\r\n");
-            }
+        let skip = skip.min(self.line().len());
+        if self.refused() {
+            self.out.clear();
+        } else if self.out.len() - skip + 2 > self.limits.max_size {
+            self.flags.too_big = true;
+            // Nothing more is kept; the rest is only read and counted.
+            self.out = Vec::new();
+        } else {
+            self.out.drain(self.line_start..self.line_start + skip);
+            self.out.extend_from_slice(b"\r\n");
         }
-        self.line.clear();
+        self.start_line();
+    }
+
+    /// Drops the current line: it was not content (the end of data).
+    fn drop_line(&mut self) {
+        self.out.truncate(self.line_start);
+        self.start_line();
+    }
+
+    fn start_line(&mut self) {
+        self.line_start = self.out.len();
         self.line_len = 0;
         self.line_dirty = false;
     }
-}
 
-impl Lines {
+    /// Drops what was kept but the current line, and keeps nothing more.
     fn abandon(&mut self) {
         self.flags.no_memory = true;
-        self.out = Vec::new();
+        self.out = self.line().to_vec();
+        self.line_start = 0;
+    }
+
+    /// Bytes of message kept so far; nothing once it is refused.
+    fn kept(&self) -> usize {
+        if self.refused() {
+            0
+        } else {
+            self.line_start
+        }
+    }
+
+    /// The message (CRLF line ends), empty if it was refused.
+    fn finish(mut self) -> (Vec<u8>, ContentFlags) {
+        if self.refused() {
+            self.out = Vec::new();
+        }
+        (self.out, self.flags)
     }
 }
 
@@ -212,13 +257,14 @@ impl DataReceiver {
                 && *prev_eol == Eol::Crlf
                 && !lines.line_dirty
                 && lines.line_len == 1
-                && lines.line[0] == b'.'
+                && lines.line() == b"."
             {
+                lines.drop_line();
                 *done = true;
                 return true;
             }
             // Dot-stuffing: a line starting with "." had one added by the client.
-            let skip = usize::from(lines.line.first() == Some(&b'.'));
+            let skip = usize::from(lines.line().first() == Some(&b'.'));
             lines.emit_line(skip);
             *prev_eol = eol;
             false
@@ -232,7 +278,7 @@ impl DataReceiver {
 
     /// Bytes of message kept so far.
     pub fn kept(&self) -> usize {
-        self.lines.out.len()
+        self.lines.kept()
     }
 
     /// Drops what was kept and keeps nothing more: the rest is only read to
@@ -243,7 +289,7 @@ impl DataReceiver {
 
     /// The message (CRLF line ends) and what went wrong with it.
     pub fn finish(self) -> (Vec<u8>, ContentFlags) {
-        (self.lines.out, self.lines.flags)
+        self.lines.finish()
     }
 }
 
@@ -272,7 +318,7 @@ impl BdatReceiver {
 
     /// Bytes of message kept so far.
     pub fn kept(&self) -> usize {
-        self.lines.out.len()
+        self.lines.kept()
     }
 
     /// As [`DataReceiver::abandon`].
@@ -290,7 +336,7 @@ impl BdatReceiver {
         if self.lines.line_len > 0 {
             self.lines.emit_line(0);
         }
-        (self.lines.out, self.lines.flags)
+        self.lines.finish()
     }
 }
 
@@ -524,6 +570,24 @@ mod tests {
         assert!(r.is_done());
         let (msg, flags) = r.finish();
         assert!(flags.no_memory && msg.is_empty());
+
+        // Abandoned with the end of data half read: the line is kept to the end.
+        let mut r = DataReceiver::new(LIMITS);
+        r.feed(b"kept\r\n.");
+        r.abandon();
+        assert_eq!(r.kept(), 0);
+        r.feed(b"\r\n");
+        assert!(r.is_done());
+        assert!(r.finish().0.is_empty());
+
+        // Refused as too big mid-message: still ends at the end of data only.
+        let mut r = DataReceiver::new(small);
+        r.feed(b"0123456789\r\n..\r\n.");
+        assert!(!r.is_done());
+        r.feed(b"\r\n");
+        assert!(r.is_done());
+        let (msg, flags) = r.finish();
+        assert!(flags.too_big && msg.is_empty());
 
         let mut r = DataReceiver::new(LIMITS);
         let long = vec![b'x'; 1001];
