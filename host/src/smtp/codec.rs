@@ -377,15 +377,7 @@ pub const MAX_LINE: usize = 998;
 /// and spooled: nothing may change its bytes after a DKIM signature covers
 /// them. A message without such lines comes back as it is.
 pub fn fold_long_lines(message: Vec<u8>) -> Vec<u8> {
-    let mut start = 0;
-    let too_long = memchr::memchr_iter(b'\n', &message)
-        .chain(std::iter::once(message.len()))
-        .any(|end| {
-            let line = &message[start..end];
-            start = end + 1;
-            line.len() > MAX_LINE - usize::from(line.first() == Some(&b'.'))
-        });
-    if !too_long {
+    if !has_long_line(&message) {
         return message;
     }
     let mut out = Vec::with_capacity(message.len() + message.len() / 300 + 3);
@@ -410,6 +402,40 @@ pub fn fold_long_lines(message: Vec<u8>) -> Vec<u8> {
         rest = next;
     }
     out
+}
+
+/// Whether a line (up to its LF) is longer than [`fold_long_lines`] lets
+/// it be. From a line's start it looks back from the farthest end allowed
+/// for the last LF before it: every line between is shorter still, so one
+/// search covers a dozen lines of ordinary text rather than one.
+fn has_long_line(message: &[u8]) -> bool {
+    let mut start = 0;
+    loop {
+        let limit = MAX_LINE - usize::from(message.get(start) == Some(&b'.'));
+        if message.len() - start <= limit {
+            return false;
+        }
+        match memchr::memrchr(b'\n', &message[start..=start + limit]) {
+            Some(p) => start += p + 1,
+            None => return true,
+        }
+    }
+}
+
+/// `message` with `head` in front, moved within its own buffer: the receiver
+/// leaves it room to spare, and a new buffer would cost a second copy of the
+/// whole message and fresh pages to put it in.
+pub fn prepend(mut message: Vec<u8>, head: &[&[u8]]) -> Vec<u8> {
+    let head_len: usize = head.iter().map(|h| h.len()).sum();
+    let len = message.len();
+    message.resize(len + head_len, 0);
+    message.copy_within(..len, head_len);
+    let mut at = 0;
+    for h in head {
+        message[at..at + h.len()].copy_from_slice(h);
+        at += h.len();
+    }
+    message
 }
 
 #[cfg(test)]
@@ -682,6 +708,56 @@ mod tests {
         let msg =
             b"Received: a\r\nreceived: b\r\n\tcontinued\r\nSubject: x\r\n\r\nReceived: body\r\n";
         assert_eq!(count_received_headers(msg), 2);
+    }
+
+    /// Line by line, as the rule reads.
+    fn has_long_line_by_lines(message: &[u8]) -> bool {
+        message.split(|&b| b == b'\n').any(|line| {
+            line.len() > MAX_LINE - usize::from(line.first() == Some(&b'.'))
+        })
+    }
+
+    #[test]
+    fn long_lines_are_found_as_line_by_line() {
+        // Lines of lengths around the limit, with and without a leading
+        // dot, in a deterministic pseudo-random mix.
+        let mut seed = 0x2545_f491_u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for _ in 0..2000 {
+            let mut m = Vec::new();
+            for _ in 0..next() % 6 {
+                let len = match next() % 4 {
+                    0 => (next() % 80) as usize,
+                    _ => MAX_LINE - 3 + (next() % 5) as usize,
+                };
+                let mut line = vec![b'x'; len];
+                if len > 0 && next() % 2 == 0 {
+                    line[0] = b'.';
+                }
+                if len > 1 && next() % 2 == 0 {
+                    line[len - 1] = b'\r';
+                }
+                m.extend_from_slice(&line);
+                if next() % 5 != 0 {
+                    m.push(b'\n');
+                }
+            }
+            assert_eq!(has_long_line(&m), has_long_line_by_lines(&m), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn prepend_puts_every_head_in_order_before_the_message() {
+        let mut message = Vec::with_capacity(64);
+        message.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n");
+        let out = prepend(message, &[b"Received: a\r\n", b"", b"X-B: b\r\n"]);
+        assert_eq!(out, b"Received: a\r\nX-B: b\r\nSubject: x\r\n\r\nbody\r\n");
+        assert_eq!(prepend(Vec::new(), &[b"A"]), b"A");
     }
 
     #[test]

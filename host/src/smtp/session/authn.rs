@@ -15,7 +15,7 @@ use crate::authn::results::{Policy, SpfResult};
 use crate::authn::seal::{Client, Sealer};
 use crate::authn::{Checks, Results, Signer};
 use crate::envelope::Address;
-use crate::smtp::codec::fold_long_lines;
+use crate::smtp::codec::{fold_long_lines, prepend};
 use crate::smtp::reply::Reply;
 
 /// What the end of a message leaves: the message without forged results,
@@ -183,7 +183,5 @@ pub(super) async fn sign_outbound(
     if signatures.is_empty() {
         return message;
     }
-    let mut signed = signatures;
-    signed.extend_from_slice(&message);
-    signed
+    prepend(message, &[&signatures])
 }

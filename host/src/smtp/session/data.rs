@@ -201,7 +201,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             &self.ctx.config.smtp,
         );
         let results_header = authenticated.header.unwrap_or_default();
-        let full = prepend(message, &[received.as_bytes(), results_header.as_bytes()]);
+        let full = codec::prepend(message, &[received.as_bytes(), results_header.as_bytes()]);
 
         let mut tx = DataTransaction::new(envelope, full);
         tx.quarantine = authenticated.quarantine;
@@ -275,22 +275,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
     }
-}
-
-/// `message` with `head` in front, moved within its own buffer: the receiver
-/// leaves it room to spare, and a new buffer would cost a second copy of the
-/// whole message and fresh pages to put it in.
-fn prepend(mut message: Vec<u8>, head: &[&[u8]]) -> Vec<u8> {
-    let head_len: usize = head.iter().map(|h| h.len()).sum();
-    let len = message.len();
-    message.resize(len + head_len, 0);
-    message.copy_within(..len, head_len);
-    let mut at = 0;
-    for h in head {
-        message[at..at + h.len()].copy_from_slice(h);
-        at += h.len();
-    }
-    message
 }
 
 /// Recipients a data-hook plugin added face the access rules that RCPT
@@ -437,16 +421,3 @@ impl MemoryReservation {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::prepend;
-
-    #[test]
-    fn prepend_puts_every_head_in_order_before_the_message() {
-        let mut message = Vec::with_capacity(64);
-        message.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n");
-        let out = prepend(message, &[b"Received: a\r\n", b"", b"X-B: b\r\n"]);
-        assert_eq!(out, b"Received: a\r\nX-B: b\r\nSubject: x\r\n\r\nbody\r\n");
-        assert_eq!(prepend(Vec::new(), &[b"A"]), b"A");
-    }
-}
