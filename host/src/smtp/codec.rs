@@ -712,9 +712,9 @@ mod tests {
 
     /// Line by line, as the rule reads.
     fn has_long_line_by_lines(message: &[u8]) -> bool {
-        message.split(|&b| b == b'\n').any(|line| {
-            line.len() > MAX_LINE - usize::from(line.first() == Some(&b'.'))
-        })
+        message
+            .split(|&b| b == b'\n')
+            .any(|line| line.len() > MAX_LINE - usize::from(line.first() == Some(&b'.')))
     }
 
     #[test]
