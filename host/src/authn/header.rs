@@ -16,6 +16,17 @@ pub fn header_end(message: &[u8]) -> usize {
         .unwrap_or(message.len())
 }
 
+/// Where the body starts: past the empty line that ends the header section,
+/// or the whole message when there is none.
+pub fn body_start(message: &[u8]) -> usize {
+    let end = header_end(message);
+    if message[end..].starts_with(b"\r\n") {
+        end + 2
+    } else {
+        end
+    }
+}
+
 /// Each field of the header section as `(start, end)` offsets, folded lines
 /// included, CRLF included.
 pub fn fields(message: &[u8]) -> Vec<(usize, usize)> {
@@ -142,6 +153,9 @@ mod tests {
         let m = b"A: 1\r\n\t2\r\nB: 3\r\n\r\nC: body\r\n";
         assert_eq!(fields(m), vec![(0, 10), (10, 16)]);
         assert_eq!(header_end(b"\r\nbody"), 0);
+        assert_eq!(body_start(b"\r\nbody"), 2);
+        assert_eq!(body_start(b"A: 1\r\n\r\nbody"), 8);
+        assert_eq!(body_start(b"A: 1\r\nB: 2"), 10);
         assert_eq!(fields(b"A: 1"), vec![(0, 4)]);
     }
 }

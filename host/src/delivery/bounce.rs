@@ -13,6 +13,7 @@ use mail_builder::mime::{BodyPart, MimePart};
 use mail_builder::MessageBuilder;
 
 use super::state::{RcptState, Status};
+use crate::authn::header::header_end;
 use crate::envelope::{Envelope, Recipient, Ret};
 use crate::queue::QueuedMeta;
 
@@ -188,14 +189,6 @@ pub fn envelope(meta: &QueuedMeta, to: &str, report: &[u8]) -> Envelope {
     });
     env.recipients.push(rcpt);
     env
-}
-
-fn header_end(message: &[u8]) -> usize {
-    message
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 2)
-        .unwrap_or(message.len())
 }
 
 /// ORCPT as `addr-type;address`: the session keeps only the address when the

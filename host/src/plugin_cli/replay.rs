@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 
+use postern::authn::header::{body_start, header_end};
 use postern::authn::Results;
 use postern::config::{Config, Grant, HookName};
 use postern::envelope::{Address, Envelope, MailParams, Recipient, SessionInfo};
@@ -261,12 +262,7 @@ async fn replay(lease: &mut Lease, t: &Transaction, limit: usize) -> Answers {
         return done(calls, metadata);
     }
     let stored = Arc::new(metadata.clone());
-    let end = tx
-        .message
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 4)
-        .unwrap_or(tx.message.len());
+    let end = body_start(&tx.message);
     for rcpt in &tx.envelope.recipients {
         let r = lease
             .route(RouteQuery {
@@ -415,14 +411,11 @@ fn print_detailed(a: &Answers) {
         if let Some(q) = &tx.quarantine {
             println!("  quarantined: {q}");
         }
-        let end = tx
-            .message
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .unwrap_or(tx.message.len());
+        let section = &tx.message[..header_end(&tx.message)];
+        let section = section.strip_suffix(b"\r\n").unwrap_or(section);
         println!(
             "  headers:\n    {}",
-            String::from_utf8_lossy(&tx.message[..end]).replace("\r\n", "\n    ")
+            String::from_utf8_lossy(section).replace("\r\n", "\n    ")
         );
     }
     for (plugin, key, value) in a.metadata.iter() {

@@ -15,6 +15,7 @@ use mail_parser::{MessageParser, MimeHeaders, PartType};
 use wasmtime::component::Resource;
 
 use super::body::{self, BodyEdits, Footer, Refusal};
+use crate::authn::header::body_start;
 use crate::envelope::{Address, Recipient};
 use crate::plugins::bindings::message::{
     BodyEdits as WitBodyEdits, BodyError, EditError, Host, HostMessage, Part,
@@ -256,23 +257,11 @@ impl MessageState {
     }
 }
 
-/// The end of the header section: the index after the empty line (or the
-/// whole message when there is none).
-fn header_end(raw: &[u8]) -> usize {
-    if raw.starts_with(b"\r\n") {
-        return 2;
-    }
-    raw.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4)
-        .unwrap_or(raw.len())
-}
-
 /// The header section as logical fields: (name, raw lines including CRLF).
 /// Lines without a colon keep their bytes with no name, so the pieces add up to
 /// the section and nothing is lost in a rewrite.
 pub(super) fn fields(raw: &[u8]) -> Vec<(Option<&str>, &[u8])> {
-    let section = &raw[..header_end(raw)];
+    let section = &raw[..body_start(raw)];
     let mut out = Vec::new();
     let mut start = 0;
     let mut i = 0;
