@@ -66,6 +66,9 @@ enum Eol {
     BareLf,
 }
 
+/// Most a declared message size reserves ahead of the content.
+const EXPECT_AT_MOST: usize = 4 << 20;
+
 /// Splits content into lines, normalizes their ends to CRLF, and applies the
 /// limits. Shared by DATA (with dot handling) and BDAT (without).
 ///
@@ -102,6 +105,15 @@ impl Lines {
             line_dirty: false,
             flags: ContentFlags::default(),
         }
+    }
+
+    /// Makes room for a message of the size the client declared (SIZE=),
+    /// so a large one is not copied each time its buffer doubles. Capped: a
+    /// declared size is the client's word, and what is reserved is not
+    /// counted as kept until written.
+    fn expect(&mut self, declared: usize) {
+        let want = declared.min(self.limits.max_size).min(EXPECT_AT_MOST);
+        self.out.reserve(want.saturating_sub(self.out.len()));
     }
 
     /// The current line's content so far, up to the ceiling.
@@ -271,6 +283,11 @@ impl DataReceiver {
         })
     }
 
+    /// Makes room for the size the client declared in MAIL FROM.
+    pub fn expect(&mut self, declared: usize) {
+        self.lines.expect(declared);
+    }
+
     /// True once the end of data was seen.
     pub fn is_done(&self) -> bool {
         self.done
@@ -306,6 +323,11 @@ impl BdatReceiver {
         BdatReceiver {
             lines: Lines::new(limits),
         }
+    }
+
+    /// As [`DataReceiver::expect`].
+    pub fn expect(&mut self, declared: usize) {
+        self.lines.expect(declared);
     }
 
     /// Feeds chunk bytes (all of them are content).
@@ -596,6 +618,14 @@ mod tests {
         assert!(r.is_done());
         let (msg, flags) = r.finish();
         assert!(flags.no_memory && msg.is_empty());
+
+        // A declared size is reserved up to a cap, whatever the client says.
+        let mut r = DataReceiver::new(LIMITS);
+        r.expect(usize::MAX);
+        r.feed(b"a\r\n.\r\n");
+        let (msg, _) = r.finish();
+        assert_eq!(msg, b"a\r\n");
+        assert!(msg.capacity() >= LIMITS.max_size && msg.capacity() < 2 * EXPECT_AT_MOST);
 
         // Abandoned with the end of data half read: the line is kept to the end.
         let mut r = DataReceiver::new(LIMITS);

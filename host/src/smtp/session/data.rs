@@ -50,6 +50,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.reply(Reply::START_DATA);
         let mut receiver = DataReceiver::new(self.content_limits());
+        if let Some(tx) = &self.tx {
+            receiver.expect(tx.params.size);
+        }
         let data_timeout = self.ctx.config.limits.data_timeout.0;
         let mut memory = MemoryReservation::new(self.ctx.message_memory.clone());
         loop {
@@ -78,7 +81,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some(_) => None,
         };
         if refusal.is_none() && self.bdat.is_none() {
-            self.bdat = Some(BdatReceiver::new(self.content_limits()));
+            let mut receiver = BdatReceiver::new(self.content_limits());
+            if let Some(tx) = &self.tx {
+                receiver.expect(tx.params.size);
+            }
+            self.bdat = Some(receiver);
             self.bdat_memory = Some(MemoryReservation::new(self.ctx.message_memory.clone()));
         }
         let data_timeout = self.ctx.config.limits.data_timeout.0;
