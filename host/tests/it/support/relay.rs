@@ -215,7 +215,8 @@ pub struct Spooled {
     pub message: Vec<u8>,
 }
 
-/// Reads every message file in a spool folder.
+/// Reads every message file in a spool folder. A running relay may remove a
+/// file between the listing and the read: that message is no longer spooled.
 pub fn spooled(spool: &Path) -> Vec<Spooled> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(spool.join("queue")) else {
@@ -227,7 +228,11 @@ pub fn spooled(spool: &Path) -> Vec<Spooled> {
         if name.contains('.') {
             continue;
         }
-        let bytes = std::fs::read(&path).unwrap();
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("{}: {e}", path.display()),
+        };
         let nl = bytes.iter().position(|&b| b == b'\n').expect("record line");
         let meta: serde_json::Value = serde_json::from_slice(&bytes[..nl]).expect("record is JSON");
         // A file written over a longer pooled one keeps that one's tail.
