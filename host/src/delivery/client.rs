@@ -772,7 +772,7 @@ const DATA_BLOCK: usize = 64 * 1024;
 /// size with no line to stuff are lent straight from the message; the rest
 /// (short runs, the added dots, the end) is copied into a scratch buffer
 /// that the connection keeps, so no message is ever copied whole.
-pub struct DataBlocks<'a> {
+struct DataBlocks<'a> {
     message: &'a [u8],
     /// How much of the message has been handed out.
     pos: usize,
@@ -783,7 +783,7 @@ pub struct DataBlocks<'a> {
 }
 
 impl<'a> DataBlocks<'a> {
-    pub fn new(message: &'a [u8]) -> DataBlocks<'a> {
+    fn new(message: &'a [u8]) -> DataBlocks<'a> {
         let mut dots = memchr::memmem::find_iter(message, b"\r\n.");
         let next_dot = match message.first() {
             Some(b'.') => Some(0),
@@ -799,7 +799,7 @@ impl<'a> DataBlocks<'a> {
     }
 
     /// The next block, or `None` once the end of data was handed out.
-    pub fn next<'r>(&'r mut self, scratch: &'r mut Vec<u8>) -> Option<&'r [u8]> {
+    fn next<'r>(&'r mut self, scratch: &'r mut Vec<u8>) -> Option<&'r [u8]> {
         if self.ended {
             return None;
         }
