@@ -444,12 +444,20 @@ fn has_long_line(message: &[u8]) -> bool {
     }
 }
 
-/// `message` with `head` in front, moved within its own buffer: the receiver
-/// leaves it room to spare, and a new buffer would cost a second copy of the
-/// whole message and fresh pages to put it in.
+/// `message` with `head` in front, moved within its own buffer when it has
+/// the room (the receiver's usually does), which spares a new buffer and the
+/// fresh pages to put it in; else copied once into a new one.
 pub fn prepend(mut message: Vec<u8>, head: &[&[u8]]) -> Vec<u8> {
     let head_len: usize = head.iter().map(|h| h.len()).sum();
     let len = message.len();
+    if message.capacity() - len < head_len {
+        let mut out = Vec::with_capacity(len + head_len);
+        for h in head {
+            out.extend_from_slice(h);
+        }
+        out.extend_from_slice(&message);
+        return out;
+    }
     message.resize(len + head_len, 0);
     message.copy_within(..len, head_len);
     let mut at = 0;
@@ -787,7 +795,9 @@ mod tests {
         message.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n");
         let out = prepend(message, &[b"Received: a\r\n", b"", b"X-B: b\r\n"]);
         assert_eq!(out, b"Received: a\r\nX-B: b\r\nSubject: x\r\n\r\nbody\r\n");
+        // Without the room: a new buffer, the same bytes.
         assert_eq!(prepend(Vec::new(), &[b"A"]), b"A");
+        assert_eq!(prepend(b"body".to_vec(), &[b"H: 1\r\n"]), b"H: 1\r\nbody");
     }
 
     #[test]
