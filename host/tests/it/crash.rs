@@ -172,8 +172,8 @@ fn a_file_cut_short_is_set_aside_after_a_restart() {
     assert_eq!(ids, vec![whole], "only the whole message stays queued");
 }
 
-/// The files of unfinished writes (`.tmp`) in a spool folder.
-/// The `.tmp` files in `dir`, each with its [`identity`].
+/// The files of unfinished writes (`.tmp`) in a spool folder, each with its
+/// [`identity`].
 fn tmp_files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, (u64, i64, i64))> {
     std::fs::read_dir(dir)
         .unwrap()
