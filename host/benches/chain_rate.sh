@@ -37,6 +37,7 @@ sunk() { tail -c 200 "$WORK/sink.cnt" | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | t
 mkdir -p "$WORK/plugins"
 cp "$WASM" "$WORK/plugins/"
 run() { # $1 = the chain's name
+    "$(dirname "$0")/../scripts/fresh-caches.sh"
     rm -rf "$WORK/spool"
     {
         printf '[[listener]]\naddress = "127.0.0.1:2598"\n[relay]\nnetworks = ["127.0.0.0/8"]\n'

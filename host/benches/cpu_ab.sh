@@ -25,6 +25,7 @@ printf '[[listener]]\naddress = "127.0.0.1:2598"\n[relay]\nnetworks = ["127.0.0.
 ticks() { awk "{ print \$$1 }" "/proc/$PID/stat"; } # 14 user, 15 system, in 1/100 s
 switches() { cat /proc/$PID/task/*/status | awk '/ctxt_switches/ { s += $2 } END { print s }'; }
 run() { # $1 = label, $2 = binary
+    "$(dirname "$0")/../scripts/fresh-caches.sh"
     rm -rf "$WORK/spool"
     (cd "$WORK" && exec "$2" serve --config postern.toml 2> "$WORK/log") & PID=$!
     until smtp-source -m 1 -f a@b.test -t c@d.test 127.0.0.1:2598 2>/dev/null; do sleep 0.2; done

@@ -31,6 +31,7 @@ mkdir -p "$WORK/plugins"
 smtp-sink -c -u nobody -m 1000 127.0.0.1:2629 1024 > "$WORK/sink.cnt" & SINK=$!
 sunk() { tail -c 200 "$WORK/sink.cnt" | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1 | sed 's/mesg=//;s/^$/0/'; }
 run() { # $1 = none or plugin
+    "$HERE/../scripts/fresh-caches.sh"
     rm -rf "$WORK/spool"
     {
         printf '[[listener]]\naddress = "127.0.0.1:2599"\n[relay]\nnetworks = ["127.0.0.0/8"]\n'

@@ -62,6 +62,7 @@ retry = ["5s", "30s"]
 $keys
 CONF
 
+"$HERE/fresh-caches.sh"
 "$BIN" serve --config "$work/postern.toml" 2> "$work/postern.log" & PID=$!
 VPID=""; DPID=""
 cleanup() {
@@ -117,5 +118,6 @@ grep -E " (WARN|ERROR) " "$work/postern.log" | tail -5 || true
 
 if [ "${PEER:-}" = postfix ]; then
   kill -TERM "$PID"; wait "$PID" 2>/dev/null || true
+  "$HERE/fresh-caches.sh"
   "$BENCH/peer-postfix.sh" "$N" "$S" "$KB" "$R"
 fi

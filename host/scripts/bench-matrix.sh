@@ -52,6 +52,7 @@ count() { # kb rcpts
 # Postern with `chain` (none or five) for one cell; prints "SUMMARY ... | rss KiB".
 postern_cell() { # chain n s kb r
   local chain=$1 n=$2 s=$3 kb=$4 r=$5 work pid i
+  "$HERE/fresh-caches.sh"
   work=$(mktemp -d /tmp/postern-matrix.XXXXXX)
   mkdir -p "$work/plugins"
   cp "$WASM" "$work/plugins/"
@@ -81,6 +82,7 @@ postern_cell() { # chain n s kb r
 peer_cell() { # peer n s kb r
   local peer=$1 tmp
   tmp=$(mktemp)
+  "$HERE/fresh-caches.sh"
   RESULTS=$tmp "$BENCH/peer-$peer.sh" "$2" "$3" "$4" "$5" >&2
   tail -1 "$tmp" | cut -d' ' -f2-
   rm -f "$tmp"
