@@ -68,6 +68,10 @@ enum Eol {
 
 /// Most a declared message size reserves ahead of the content.
 const EXPECT_AT_MOST: usize = 4 << 20;
+/// Reserved beyond a declared size for the trace and authentication headers
+/// put in front at the end of data, so [`prepend`] finds the room and does
+/// not copy the message into a larger buffer.
+const HEAD_ROOM: usize = 2048;
 
 /// Splits content into lines, normalizes their ends to CRLF, and applies the
 /// limits. Shared by DATA (with dot handling) and BDAT (without).
@@ -112,7 +116,7 @@ impl Lines {
     /// declared size is the client's word, and what is reserved is not
     /// counted as kept until written.
     fn expect(&mut self, declared: usize) {
-        let want = declared.min(self.limits.max_size).min(EXPECT_AT_MOST);
+        let want = declared.min(self.limits.max_size).min(EXPECT_AT_MOST) + HEAD_ROOM;
         self.out.reserve(want.saturating_sub(self.out.len()));
     }
 
@@ -634,6 +638,26 @@ mod tests {
         let (msg, _) = r.finish();
         assert_eq!(msg, b"a\r\n");
         assert!(msg.capacity() >= LIMITS.max_size && msg.capacity() < 2 * EXPECT_AT_MOST);
+
+        // A message of exactly its declared size is never moved: not when the
+        // end-of-data line is read past it, not when the headers are put in
+        // front at the end of data.
+        let mut body = b"Subject: s\r\n\r\n".to_vec();
+        for _ in 0..300 {
+            body.extend_from_slice(&[b'a'; 70]);
+            body.extend_from_slice(b"\r\n");
+        }
+        let mut r = DataReceiver::new(LIMITS);
+        r.expect(body.len());
+        let reserved = r.lines.out.capacity();
+        r.feed(&body);
+        r.feed(b".\r\n");
+        let (msg, _) = r.finish();
+        assert_eq!(msg, body);
+        assert_eq!(msg.capacity(), reserved);
+        let full = prepend(msg, &[b"Received: from a by b\r\n", &[b'x'; 1500]]);
+        assert_eq!(full.capacity(), reserved);
+        assert!(full.ends_with(&body) && full.starts_with(b"Received: "));
 
         // Abandoned with the end of data half read: the line is kept to the end.
         let mut r = DataReceiver::new(LIMITS);

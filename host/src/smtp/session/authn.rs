@@ -74,7 +74,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// DKIM, ARC and DMARC into the transaction's results.
     pub(super) async fn authenticate_message(&mut self, message: Vec<u8>) -> Authenticated {
         let hostname = &self.ctx.config.hostname;
-        let (message, forged) = strip_authentication_results(&message, hostname);
+        let (message, forged) = strip_authentication_results(message, hostname);
         if forged > 0 {
             tracing::info!(peer = %self.info.peer, removed = forged, "removed Authentication-Results claiming our authserv-id");
         }
