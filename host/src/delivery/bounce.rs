@@ -230,6 +230,7 @@ mod tests {
             client: None,
             hold: None,
             size: 0,
+            crc32: None,
             metadata: Default::default(),
         }
     }

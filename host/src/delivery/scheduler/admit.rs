@@ -114,7 +114,22 @@ impl Shared {
         }
         let body = match body {
             Body::InMemory(body) => body,
-            Body::OnDisk(stored) => Arc::new(off_runtime(move || stored.read_message()).await?),
+            Body::OnDisk(stored) => {
+                let (spool, qid) = (self.spool.clone(), id.clone());
+                // Bytes that do not match their record's checksum were never
+                // acknowledged, or the disk damaged them: set aside, as a
+                // damaged record is.
+                let read = off_runtime(move || match stored.read_message() {
+                    Err(crate::queue::Error::Damaged { reason, .. }) => {
+                        spool.set_aside(&qid, &reason).map(|()| None)
+                    }
+                    other => other.map(Some),
+                });
+                match read.await? {
+                    Some(bytes) => Arc::new(bytes),
+                    None => return Ok(()),
+                }
+            }
         };
         let expired =
             now.saturating_sub(dstate.age_from(&meta)) >= self.config.delivery.max_age.0.as_secs();
