@@ -242,17 +242,22 @@ impl ListenerConfig {
 
 /// `[spool]`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     /// The spool folder (created if missing).
-    #[serde(default = "default_spool_path")]
     pub path: PathBuf,
+    /// On ext2/3/4 and XFS, a message written over a pooled file's allocated
+    /// blocks is written back without a disk cache flush of its own, and the
+    /// folder fsync after its rename flushes it. `false`: fdatasync every
+    /// message, as on other filesystems.
+    pub write_back: bool,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
             path: default_spool_path(),
+            write_back: true,
         }
     }
 }
@@ -1595,6 +1600,11 @@ mod tests {
             PathBuf::from("/etc/postern/spool")
         );
         assert_eq!(c.delivery.mx_port, 25);
+        assert!(c.spool.write_back);
+        let strict = format!("{MINIMAL}[spool]\nwrite_back = false\n");
+        let c = Config::parse(&strict, Path::new("/etc/postern/postern.toml")).unwrap();
+        assert!(!c.spool.write_back);
+        assert_eq!(c.spool.path, PathBuf::from("spool"));
     }
 
     #[test]

@@ -99,7 +99,7 @@ impl Context {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Context, Error> {
         let config = Arc::new(config);
-        let spool = Spool::open(&config.resolve(&config.spool.path))?;
+        let spool = Spool::open_with(&config.resolve(&config.spool.path), config.spool.write_back)?;
         let access = AccessRules::from_config(&config)?;
         let auth = Authenticator::new(
             &config.users,

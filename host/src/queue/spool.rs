@@ -321,6 +321,13 @@ impl Spool {
     /// Opens (creating if needed) and locks the spool, and removes debris of
     /// writes that a crash interrupted.
     pub fn open(root: &Path) -> Result<Spool, Error> {
+        Spool::open_with(root, true)
+    }
+
+    /// [`Spool::open`]; `write_back: false` fdatasyncs every message, even
+    /// where the folder fsync's cache flush could cover it (`[spool]
+    /// write_back`).
+    pub fn open_with(root: &Path, write_back: bool) -> Result<Spool, Error> {
         let queue = root.join("queue");
         fs::create_dir_all(&queue).map_err(io_err(&queue))?;
         restrict_to_owner(root).map_err(io_err(root))?;
@@ -341,7 +348,10 @@ impl Spool {
             .and_then(|_| writeln!(lock, "{}", std::process::id()))
             .map_err(io_err(&lock_path))?;
         let queue_dir = File::open(&queue).map_err(io_err(&queue))?;
-        let durability = Durability::of(&queue_dir);
+        let durability = match write_back {
+            true => Durability::of(&queue_dir),
+            false => Durability::Fdatasync,
+        };
         let pool = Pool::open(root.join("pool"))?;
         let spool = Spool {
             inner: Arc::new(Inner {
@@ -999,6 +1009,9 @@ mod tests {
         // procfs is not a filesystem whose folder fsync is known to flush.
         let proc = File::open("/proc").unwrap();
         assert_eq!(Durability::of(&proc), Durability::Fdatasync);
+        // `[spool] write_back = false` never writes back.
+        let spool = Spool::open_with(&dir.path().join("spool"), false).unwrap();
+        assert_eq!(spool.inner.durability, Durability::Fdatasync);
     }
 
     #[tokio::test]
