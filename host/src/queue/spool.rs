@@ -464,27 +464,22 @@ impl Spool {
             let (file, allocated) = inner.pool.take();
             let how = inner.durability;
             write_synced(&file, allocated, how, &final_path, &header, &bytes)?;
-            let written = (header.len() + bytes.len()) as u64;
-            {
-                let mut known = inner.allocated();
-                if known.len() < ALLOCATED_REMEMBERED {
-                    known.insert(qid, written.max(allocated.unwrap_or(0)));
-                }
-            }
             inner
                 .dir_sync
                 .sync(&inner.queue_dir)
                 .map_err(io_err(&final_path))?;
+            let written = (header.len() + bytes.len()) as u64;
+            let mut known = inner.allocated();
+            if known.len() < ALLOCATED_REMEMBERED {
+                known.insert(qid, written.max(allocated.unwrap_or(0)));
+            }
             Ok(meta)
         })
         .await
         .map_err(|e| Error::Io {
             path,
             source: io::Error::other(e),
-        })?
-        .inspect_err(|_| {
-            self.inner.allocated().remove(id);
-        })?;
+        })??;
         crate::admin::metrics::metrics()
             .spool_fsync
             .observe(started.elapsed());

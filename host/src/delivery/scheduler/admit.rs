@@ -121,7 +121,8 @@ impl Shared {
                 // damaged record is.
                 let read = off_runtime(move || match stored.read_message() {
                     Err(crate::queue::Error::Damaged { reason, .. }) => {
-                        spool.set_aside(&qid, &reason).map(|()| None)
+                        set_aside(&spool, &qid, &reason);
+                        Ok(None)
                     }
                     other => other.map(Some),
                 });
@@ -427,6 +428,14 @@ impl Shared {
     }
 }
 
+/// Moves a damaged message file to `corrupt/`; a failure is only logged, as
+/// the message is not delivered either way.
+fn set_aside(spool: &Spool, id: &QueueId, reason: &str) {
+    if let Err(e) = spool.set_aside(id, reason) {
+        tracing::warn!(queue_id = %id, error = %e, "cannot set a damaged message aside");
+    }
+}
+
 /// A message's record and delivery state, as admission reads them: a
 /// damaged state is started over, a damaged record set aside.
 fn read_record(spool: &Spool, dir: &Path, id: &QueueId) -> Option<(StoredMessage, DeliveryState)> {
@@ -435,9 +444,7 @@ fn read_record(spool: &Spool, dir: &Path, id: &QueueId) -> Option<(StoredMessage
         Err(crate::queue::Error::NotFound(_)) => return None,
         // Never acknowledged (see `queue::spool_load`): not ours to deliver.
         Err(crate::queue::Error::Damaged { reason, .. }) => {
-            if let Err(e) = spool.set_aside(id, &reason) {
-                tracing::warn!(queue_id = %id, error = %e, "cannot set a damaged message aside");
-            }
+            set_aside(spool, id, &reason);
             return None;
         }
         Err(e) => {
